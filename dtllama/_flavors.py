@@ -1,0 +1,93 @@
+"""Named model shapes, copied from the published `config.json` of each model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .config import ModelConfig
+
+
+def _llama3(factor: float, **kw) -> ModelConfig:
+    scaling = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    return ModelConfig(
+        vocab_size=128256, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=scaling, max_position_embeddings=131072, bos_token_id=128000,
+        eos_token_id=128001, **kw,
+    )
+
+
+def _qwen25(**kw) -> ModelConfig:
+    return ModelConfig(
+        model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643,
+        eos_token_id=151643, **kw,
+    )
+
+
+_FLAVORS = {
+    "debug": lambda: ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, torch_dtype="float32",
+    ),
+    "smollm2-135m": lambda: ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2,
+    ),
+    "llama3.2-1b": lambda: _llama3(
+        32.0, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, head_dim=64, tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": lambda: _llama3(
+        32.0, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, head_dim=128, tie_word_embeddings=True,
+    ),
+    "llama3.1-8b": lambda: _llama3(
+        8.0, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    ),
+    "llama3.1-70b": lambda: _llama3(
+        8.0, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    ),
+    "llama3.1-405b": lambda: _llama3(
+        8.0, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+        num_attention_heads=128,
+    ),
+    "qwen2.5-0.5b": lambda: _qwen25(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": lambda: _qwen25(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+    ),
+}
+
+class UnknownFlavorError(KeyError, ValueError):
+    def __str__(self):
+        return self.args[0]
+
+
+class Flavors(Mapping):
+    """`dtllama.flavors[name]` is a fresh config (a new object each time, safe to modify)."""
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        if name not in _FLAVORS:
+            raise UnknownFlavorError(f"unknown flavor {name!r}; choose one of {list(_FLAVORS)}")
+        return _FLAVORS[name]()
+
+    def __iter__(self):
+        return iter(_FLAVORS)
+
+    def __len__(self):
+        return len(_FLAVORS)
+
+
+flavors = Flavors()

@@ -1,0 +1,176 @@
+"""Hugging Face checkpoints through DCP's `HuggingFaceStorageReader` / `HuggingFaceStorageWriter`.
+
+Parameter names are HF's, so the model's state dict is read and written with no key map. Before
+anything is read, the safetensors headers are checked against the config, so a wrong or damaged
+checkpoint is an error naming the file and tensor instead of a failure deep inside DCP. A saved
+folder appears only once complete: it is written beside the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+)
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors_index(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """`{tensor name: (file, shape)}` from the headers of every `*.safetensors` in `path`.
+
+    Checks that each file is complete (its size covers every tensor the header declares) and that
+    every file named by `model.safetensors.index.json` exists.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        for name, fname in weight_map.items():
+            if not os.path.exists(os.path.join(path, fname)):
+                raise FileNotFoundError(f"{index} maps {name!r} to {fname!r}, which is missing from {path!r}")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+    for fname in files:
+        full = os.path.join(path, fname)
+        size = os.path.getsize(full)
+        with open(full, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"{full} is truncated ({size} bytes): not a safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise ValueError(f"{full} is truncated: header of {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            end = info["data_offsets"][1]
+            if 8 + n + end > size:
+                raise ValueError(f"{full} is truncated: tensor {name!r} ends at byte {8 + n + end}, file has {size}")
+            out[name] = (full, tuple(info["shape"]))
+    return out
+
+
+def load_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = torch.float32):
+    """Build `cls` on the meta device, materialize it on `device`, and read the HF weights into it."""
+    path = os.fspath(path)
+    config = ModelConfig.from_hf(path)
+    with torch.device("meta"):
+        model = cls(config)
+    model.to_empty(device=device)
+    if dtype is not None:
+        model.to(dtype)
+    load_state_into(model, path)
+    return model
+
+
+@torch.no_grad()
+def load_state_into(model, path: str) -> None:
+    """Read an HF checkpoint into `model` (plain or DTensor parameters; each rank reads its slices)."""
+    ckpt = read_safetensors_index(path)
+    state = model.state_dict()
+    missing = []
+    for name, t in state.items():
+        if name not in ckpt:
+            missing.append(name)
+            continue
+        fname, shape = ckpt[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{fname}: tensor {name!r} has shape {list(shape)} but the config gives {list(t.shape)}; "
+                "the checkpoint and its config.json disagree"
+            )
+    heads = {n for n in missing if n.startswith("score.")}
+    if set(missing) - heads:
+        raise ValueError(f"checkpoint {path!r} lacks {sorted(set(missing) - heads)}")
+    if heads:
+        log.warning("checkpoint %s has no value head; initializing %s randomly", path, sorted(heads))
+        model.init_weights(names=heads)
+    wanted = {k: v for k, v in state.items() if k in ckpt}
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(path), no_dist=not dist.is_initialized())
+    model.reset_buffers()
+
+
+def _full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Unsharded state dict on CPU; with DTensor parameters every rank takes part, rank 0 gets it."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31, source: str | None = None) -> None:
+    """Write `model` as an HF folder: sharded safetensors, index, `config.json`, tokenizer files of `source`."""
+    path = os.fspath(path)
+    state = _full_state_dict(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return
+    try:
+        state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state.items()}
+        save_hf_state_dict(state, model.config, path, model.hf_architecture, source, max_shard_bytes)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def save_hf_state_dict(state, config: ModelConfig, path: str, architecture: str, source: str | None = None,
+                       max_shard_bytes: int = 2**31) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        index, used = {}, 0
+        shard = 1
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if used and used + nbytes > max_shard_bytes:
+                shard, used = shard + 1, 0
+            index[name] = shard
+            used += nbytes
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=index), no_dist=True)
+        cfg = config.to_hf(architecture)
+        dtypes = {t.dtype for t in state.values()}
+        if len(dtypes) == 1:
+            cfg["dtype"] = cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        if architecture == "ForSequenceClassification":
+            cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if source is not None:
+            for fname in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(source, fname)):
+                    shutil.copy(os.path.join(source, fname), tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

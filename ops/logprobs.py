@@ -1,0 +1,114 @@
+"""Per-token log-probs and entropy straight from hidden states, chunk by chunk over tokens.
+
+`linear_logprobs_entropy(hidden[T, H], weight[V, H], labels[T])` never holds more than
+`chunk_size x V` logits: the forward keeps only `[T]` results, and the backward recomputes each
+chunk's logits. This CPU/any-device implementation is the spec for the fused GPU kernel.
+
+Math per row, with z = hidden @ weight.T / temperature and p = softmax(z):
+  logprob = z[label] - logsumexp(z),   entropy = logsumexp(z) - sum(p * z)
+  d logprob / dz = onehot(label) - p,  d entropy / dz = -p * (z - sum(p * z))
+Rows whose label is -100 give 0 for both and receive no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .rmpad import IGNORE_INDEX
+
+
+def _chunk_stats(h: Tensor, weight: Tensor, temperature: float):
+    z = (h @ weight.t()).float() / temperature
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse[:, None])
+    mean_z = (p * z).sum(-1)
+    return z, lse, p, mean_z
+
+
+@torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
+def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    T = hidden.shape[0]
+    logprobs = hidden.new_zeros(T, dtype=torch.float32)
+    entropy = hidden.new_zeros(T, dtype=torch.float32)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        z, lse, _, mean_z = _chunk_stats(hidden[s:e], weight, temperature)
+        y = labels[s:e]
+        valid = y != IGNORE_INDEX
+        picked = z.gather(1, y.clamp_min(0).long()[:, None]).squeeze(1)
+        logprobs[s:e] = torch.where(valid, picked - lse, 0.0)
+        entropy[s:e] = torch.where(valid, lse - mean_z, 0.0)
+    return logprobs, entropy
+
+
+@_forward.register_fake
+def _(hidden, weight, labels, temperature, chunk_size):
+    T = hidden.shape[0]
+    return hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32)
+
+
+@torch.library.custom_op("dtllama::linear_logprobs_entropy_backward", mutates_args=())
+def _backward(
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
+    temperature: float, chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    T = hidden.shape[0]
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        h = hidden[s:e]
+        z, _, p, mean_z = _chunk_stats(h, weight, temperature)
+        y = labels[s:e]
+        valid = (y != IGNORE_INDEX).float()
+        g_lp = grad_logprobs[s:e].float() * valid
+        g_ent = grad_entropy[s:e].float() * valid
+        dz = -p * (g_lp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
+        dz.scatter_add_(1, y.clamp_min(0).long()[:, None], g_lp[:, None])
+        dz = (dz / temperature).to(hidden.dtype)
+        d_hidden[s:e] = dz @ weight
+        d_weight += (dz.t() @ h).float()
+    return d_hidden, d_weight.to(weight.dtype)
+
+
+@_backward.register_fake
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, temperature, chunk_size):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, temperature, chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, labels)
+    ctx.temperature, ctx.chunk_size = temperature, chunk_size
+
+
+def _autograd_backward(ctx, grad_logprobs, grad_entropy):
+    hidden, weight, labels = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros(hidden.shape[0], device=hidden.device)
+    if grad_entropy is None:
+        grad_entropy = torch.zeros(hidden.shape[0], device=hidden.device)
+    d_hidden, d_weight = _backward(
+        grad_logprobs.contiguous(), grad_entropy.contiguous(), hidden, weight, labels, ctx.temperature,
+        ctx.chunk_size,
+    )
+    return d_hidden, d_weight, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def linear_logprobs_entropy(
+    hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be [T]={hidden.shape[0]}")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    return _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))

@@ -1,0 +1,126 @@
+"""Padding-free ("RmPad") batches: pack a padded `[B, S]` batch into `[T]` tokens and back.
+
+A packed batch is `input_ids[T]`, `position_ids[T]` (restarting at 0 per sequence), `cu_seqlens[B+1]`
+(int32 offsets, 0 first and T last) and `max_seqlen`; `indices[T]` remembers where each packed token
+sat in the flattened `[B*S]` batch so that outputs can be scattered back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    indices: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def pack(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> Packed:
+    """Drop the padding of a `[B, S]` batch; any padding side works.
+
+    Position ids default to the running count of real tokens in each row, which is what a
+    left-padded generation batch needs (and equals `arange` for right padding).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"pack expects input_ids of shape [B, S], got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1, dtype=torch.int32)
+    indices = mask.flatten().nonzero().squeeze(-1)
+    if position_ids is None:
+        position_ids = mask.long().cumsum(-1) - 1
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return Packed(
+        input_ids=input_ids.flatten()[indices],
+        position_ids=position_ids.flatten()[indices],
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(lengths.max()) if lengths.numel() else 0,
+        indices=indices,
+        labels=None if labels is None else labels.flatten()[indices],
+    )
+
+
+def unpack(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int, fill: float = 0.0) -> torch.Tensor:
+    """Scatter packed `[T, ...]` back to `[B, S, ...]`, `fill` at padding."""
+    out = x.new_full((batch * seqlen, *x.shape[1:]), fill)
+    out[indices] = x
+    return out.view(batch, seqlen, *x.shape[1:])
+
+
+def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device=None) -> torch.Tensor:
+    lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions restarting at 0 at every sequence start."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
+def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Next-token labels of a packed batch: `labels[t] = input_ids[t+1]`, ignored at each sequence end."""
+    labels = torch.roll(input_ids, -1).clone()
+    labels[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
+    return labels
+
+
+def check_packed(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    vocab_size: int,
+    labels: torch.Tensor | None = None,
+) -> None:
+    """Raise a ValueError naming the bad value; run once per step before any kernel or collective."""
+    T = input_ids.shape[0]
+    if input_ids.dim() != 1:
+        raise ValueError(f"packed input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != T:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T={T} (the packed token count), got "
+            f"cu_seqlens[0]={first}, cu_seqlens[-1]={last}"
+        )
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    longest = int(lengths.max())
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+    if position_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}; "
+            "they must both be [T]"
+        )
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
+    if T:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check the tokenizer")

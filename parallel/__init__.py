@@ -1,0 +1,1 @@
+"""Parallelisms applied to a dtllama model from outside, one module and one `apply_*` each."""

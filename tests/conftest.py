@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the HF parity tests need transformers ([test] extra)")
+
+BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+# name -> (transformers config class, kwargs)
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(BASE, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama3.2-tied": ("LlamaConfig", dict(BASE, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True)),
+    "llama2-linear-rope-bias": ("LlamaConfig", dict(BASE, rope_scaling={"type": "linear", "factor": 2.0},
+                                                    attention_bias=True, mlp_bias=True)),
+    "qwen2": ("Qwen2Config", dict(BASE, rope_theta=1e6, tie_word_embeddings=True)),
+    "head-dim": ("LlamaConfig", dict(BASE, num_attention_heads=4, head_dim=16)),
+    "mistral": ("MistralConfig", dict(BASE, sliding_window=None)),
+}
+
+
+def hf_model(family: str, seed: int = 0, head: str = "ForCausalLM"):
+    """A tiny HF model of `family` with every parameter random (biases and norms too)."""
+    cls_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, cls_name)(**kwargs)
+    if head == "ForSequenceClassification":
+        config.num_labels = 1
+    arch = cls_name.removesuffix("Config") + head
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max-abs difference over max-abs of the reference `b`."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
