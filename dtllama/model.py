@@ -170,6 +170,7 @@ class _LlamaBase(nn.Module):
     def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
         """Run the decoder on packed tokens; returns hidden `[T, H]`, packed labels and how to re-pad."""
         padded = None
+        check = not torch.compiler.is_compiling()
         if input_ids.dim() == 2:
             B, S = input_ids.shape
             if cu_seqlens is not None:
@@ -184,14 +185,14 @@ class _LlamaBase(nn.Module):
                 raise ValueError("attention_mask is for a padded [B, S] batch; packed [T] input takes cu_seqlens")
             if cu_seqlens is None:
                 raise ValueError("packed [T] input_ids need cu_seqlens (see dtllama.ops.pack)")
-            if position_ids is None:
-                position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         else:
             raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
-        if not torch.compiler.is_compiling():
+        if check:
             check_packed(input_ids, position_ids, cu_seqlens, max_seqlen, self.config.vocab_size, labels)
+        if position_ids is None:
+            position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         h = self.model(input_ids, position_ids, cu_seqlens, max_seqlen)
         return h, labels, padded
 

@@ -5,8 +5,9 @@
 chunk's logits. This CPU/any-device implementation is the spec for the fused GPU kernel.
 
 Math per row, with z = hidden @ weight.T / temperature and p = softmax(z):
-  logprob = z[label] - logsumexp(z),   entropy = logsumexp(z) - sum(p * z)
-  d logprob / dz = onehot(label) - p,  d entropy / dz = -p * (z - sum(p * z))
+  logprob = log p[label],               entropy H = -sum(p * log p)
+  d logprob / dz = onehot(label) - p,   d H / dz = -p * (log p + H)
+(written with log p rather than z - logsumexp(z), which would cancel large terms in fp32).
 Rows whose label is -100 give 0 for both and receive no gradient.
 """
 
@@ -19,11 +20,9 @@ from .rmpad import IGNORE_INDEX
 
 
 def _chunk_stats(h: Tensor, weight: Tensor, temperature: float):
-    z = (h @ weight.t()).float() / temperature
-    lse = torch.logsumexp(z, -1)
-    p = torch.exp(z - lse[:, None])
-    mean_z = (p * z).sum(-1)
-    return z, lse, p, mean_z
+    logp = torch.log_softmax((h @ weight.t()).float() / temperature, -1)
+    p = logp.exp()
+    return logp, p, -(p * logp).sum(-1)
 
 
 @torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
@@ -33,12 +32,12 @@ def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float,
     entropy = hidden.new_zeros(T, dtype=torch.float32)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
-        z, lse, _, mean_z = _chunk_stats(hidden[s:e], weight, temperature)
+        logp, _, ent = _chunk_stats(hidden[s:e], weight, temperature)
         y = labels[s:e]
         valid = y != IGNORE_INDEX
-        picked = z.gather(1, y.clamp_min(0).long()[:, None]).squeeze(1)
-        logprobs[s:e] = torch.where(valid, picked - lse, 0.0)
-        entropy[s:e] = torch.where(valid, lse - mean_z, 0.0)
+        picked = logp.gather(1, y.clamp_min(0).long()[:, None]).squeeze(1)
+        logprobs[s:e] = torch.where(valid, picked, 0.0)
+        entropy[s:e] = torch.where(valid, ent, 0.0)
     return logprobs, entropy
 
 
@@ -59,12 +58,12 @@ def _backward(
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         h = hidden[s:e]
-        z, _, p, mean_z = _chunk_stats(h, weight, temperature)
+        logp, p, ent = _chunk_stats(h, weight, temperature)
         y = labels[s:e]
         valid = (y != IGNORE_INDEX).float()
         g_lp = grad_logprobs[s:e].float() * valid
         g_ent = grad_entropy[s:e].float() * valid
-        dz = -p * (g_lp[:, None] + g_ent[:, None] * (z - mean_z[:, None]))
+        dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))
         dz.scatter_add_(1, y.clamp_min(0).long()[:, None], g_lp[:, None])
         dz = (dz / temperature).to(hidden.dtype)
         d_hidden[s:e] = dz @ weight

@@ -88,13 +88,16 @@ def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Ten
 
 def check_packed(
     input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    max_seqlen: int | None,
     vocab_size: int,
     labels: torch.Tensor | None = None,
 ) -> None:
-    """Raise a ValueError naming the bad value; run once per step before any kernel or collective."""
+    """Raise a ValueError naming the bad value; run once per step before any kernel or collective.
+
+    `position_ids` and `max_seqlen` may be None (they are then derived from a valid `cu_seqlens`).
+    """
     T = input_ids.shape[0]
     if input_ids.dim() != 1:
         raise ValueError(f"packed input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
@@ -110,9 +113,9 @@ def check_packed(
     if bool((lengths < 0).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
     longest = int(lengths.max())
-    if max_seqlen < longest:
+    if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
-    if position_ids.shape != input_ids.shape:
+    if position_ids is not None and position_ids.shape != input_ids.shape:
         raise ValueError(
             f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}; "
             "they must both be [T]"

@@ -1,0 +1,104 @@
+"""HF folders written by dtllama load in transformers and come back bit for bit; bad input is a clear error."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import hf_model
+
+import dtllama
+from dtllama.ops import cu_seqlens_from_lengths
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama3.2-tied", "qwen2"])
+def test_save_transformers_save_load_is_bitwise(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = dtllama.ModelConfig.from_hf(hf_model(family).config.to_dict())
+    model = dtllama.LlamaForCausalLM(cfg)
+    model.init_weights(seed=7)
+    # Small shards so the index and several files are exercised.
+    model.save_pretrained(tmp_path / "a", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    hf.save_pretrained(tmp_path / "b")
+    back = dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "b")
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    hf_sd = hf.state_dict()
+    for k in ours:
+        assert torch.equal(ours[k], hf_sd[k]), k
+
+
+def test_bf16_save_and_value_model_round_trip(tmp_path):
+    cfg = dtllama.flavors["debug"]
+    critic = dtllama.LlamaForValue(cfg)
+    critic.init_weights(seed=1)
+    critic.save_pretrained(tmp_path / "v", dtype=torch.bfloat16)
+    saved = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"] and saved["dtype"] == "bfloat16"
+    back = dtllama.LlamaForValue.from_pretrained(tmp_path / "v", dtype=torch.bfloat16)
+    for k, v in critic.state_dict().items():
+        assert torch.equal(v.to(torch.bfloat16), back.state_dict()[k]), k
+
+
+def test_init_weights_is_deterministic_and_seeded():
+    cfg = dtllama.flavors["debug"]
+    a, b, c = (dtllama.LlamaForCausalLM(cfg) for _ in range(3))
+    a.init_weights(3), b.init_weights(3), c.init_weights(4)
+    for (k, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y), k
+        if k.endswith("proj.weight"):
+            assert not torch.equal(x, z), k
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = dtllama.LlamaForCausalLM(dtllama.flavors["debug"])
+    model.init_weights(0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.arange(10), cu_seqlens=cu_seqlens_from_lengths([4, 5])), r"end at T=10.*cu_seqlens\[-1\]=9"),
+        (dict(input_ids=torch.arange(10), cu_seqlens=cu_seqlens_from_lengths([4, 6]), position_ids=torch.arange(9)),
+         r"position_ids has shape \(9,\) but input_ids has \(10,\)"),
+        (dict(input_ids=torch.tensor([1, 2, 512]), cu_seqlens=cu_seqlens_from_lengths([3])), r"token id 512 .*\[0, 512\)"),
+        (dict(input_ids=torch.tensor([1, -3]), cu_seqlens=cu_seqlens_from_lengths([2])), r"token id -3"),
+        (dict(input_ids=torch.arange(4)), "need cu_seqlens"),
+        (dict(input_ids=torch.arange(4), cu_seqlens=torch.tensor([0, 3, 2, 4], dtype=torch.int32)), "non-decreasing"),
+        (dict(input_ids=torch.arange(4).view(2, 2), attention_mask=torch.ones(2, 3)), "attention_mask shape"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    model = dtllama.LlamaForCausalLM(dtllama.flavors["debug"])
+    model.init_weights(0)
+    model.save_pretrained(tmp_path / "ok")
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    # Config disagrees with the tensors.
+    os.system(f"cp -r {tmp_path / 'ok'} {tmp_path / 'shape'}")
+    (tmp_path / "shape" / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))
+    with pytest.raises(ValueError, match=r"model-00001-of-00001.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight'"):
+        dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "shape")
+    # Truncated file.
+    os.system(f"cp -r {tmp_path / 'ok'} {tmp_path / 'cut'}")
+    f = tmp_path / "cut" / "model-00001-of-00001.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "cut")
+    # Unsupported architecture.
+    os.system(f"cp -r {tmp_path / 'ok'} {tmp_path / 'arch'}")
+    (tmp_path / "arch" / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "arch")
