@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtllama.ops import IGNORE_INDEX, check_packed, linear_logprobs_entropy, pack, position_ids_from_cu_seqlens
+from dtllama.ops import IGNORE_INDEX, check_packed, linear_logits, linear_logprobs_entropy, pack
+from dtllama.ops import position_ids_from_cu_seqlens
 from dtllama.ops import rms_norm, unpack, varlen_attention
 
 from .config import ModelConfig
@@ -202,9 +203,14 @@ class _LlamaBase(nn.Module):
 
         Each parameter draws from its own generator seeded by `(seed, name)` and every rank copies
         its own slice of that full tensor, so the values do not depend on the later sharding.
+        `names` limits the init to those parameters (e.g. a value head missing from a checkpoint).
         """
         std = self.config.initializer_range
         for name, p in self.named_parameters():
+            # Wrappers (activation checkpointing, compile) add prefixes the HF name does not have.
+            name = name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+            if names is not None and name not in names:
+                continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             if name.endswith("norm.weight"):
                 full = torch.ones(p.shape)
@@ -257,7 +263,7 @@ class LlamaForCausalLM(_LlamaBase):
         """
         h, labels, padded = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         if labels is None:
-            out = CausalLMOutput(logits=F.linear(h, self.output_weight) / temperature)
+            out = CausalLMOutput(logits=linear_logits(h, self.output_weight, temperature))
         else:
             lp, ent = linear_logprobs_entropy(h, self.output_weight, labels, temperature, chunk_size)
             out = CausalLMOutput(logprobs=lp, entropy=ent)

@@ -110,4 +110,107 @@ def linear_logprobs_entropy(
         raise ValueError(f"temperature={temperature} must be positive")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size)
     return _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
+
+
+# Vocab-parallel variant: the output weight is a DTensor sharded on the vocab dim (tensor parallel).
+# Each rank holds logits of its vocab slice only; max, sum-exp, the picked log-prob and the entropy
+# are combined with all-reduces, and d_hidden, partial over the vocab slices, is all-reduced once.
+
+
+def _vocab_shard(weight):
+    """`(local weight, process group, first vocab row of this rank)` of a vocab-sharded DTensor."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or weight.placements[0] != Shard(0):
+        raise ValueError(f"output weight must be sharded on vocab over a 1-D mesh, got {weight.placements} on {mesh}")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    return weight.to_local(), mesh.get_group(), offset[0]
+
+
+def _all_tokens(hidden, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return hidden.redistribute(mesh, [Replicate()]).to_local() if isinstance(hidden, DTensor) else hidden
+
+
+class _VocabParallelLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, group, start):
+        import torch.distributed as dist
+
+        T, V = hidden.shape[0], weight.shape[0]
+        lse = hidden.new_zeros(T, dtype=torch.float32)
+        logprobs, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
+        for s in range(0, T, chunk_size):
+            e = min(s + chunk_size, T)
+            z = (hidden[s:e] @ weight.t()).float() / temperature
+            m = z.amax(-1) if V else z.new_full((e - s,), float("-inf"))
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            se = torch.exp(z - m[:, None]).sum(-1)
+            dist.all_reduce(se, group=group)
+            lse[s:e] = m + se.log()
+            logp = z - lse[s:e, None]
+            y = labels[s:e].long() - start
+            mine = (y >= 0) & (y < V)
+            picked = torch.where(mine, logp.gather(1, y.clamp(0, max(V - 1, 0))[:, None]).squeeze(1) if V else 0.0, 0.0)
+            both = torch.stack([picked, -(logp.exp() * logp).sum(-1)])
+            dist.all_reduce(both, group=group)
+            valid = labels[s:e] != IGNORE_INDEX
+            logprobs[s:e] = torch.where(valid, both[0], 0.0)
+            entropy[s:e] = torch.where(valid, both[1], 0.0)
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
+        ctx.args = (temperature, chunk_size, group, start)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        import torch.distributed as dist
+
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        temperature, chunk_size, group, start = ctx.args
+        T, V = hidden.shape[0], weight.shape[0]
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, T, chunk_size):
+            e = min(s + chunk_size, T)
+            h = hidden[s:e]
+            logp = (h @ weight.t()).float() / temperature - lse[s:e, None]
+            p = logp.exp()
+            valid = (labels[s:e] != IGNORE_INDEX).float()
+            g_lp = grad_logprobs[s:e].float() * valid
+            g_ent = grad_entropy[s:e].float() * valid
+            dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[s:e, None]))
+            y = labels[s:e].long() - start
+            mine = (y >= 0) & (y < V)
+            if V:
+                dz.scatter_add_(1, y.clamp(0, V - 1)[:, None], (g_lp * mine)[:, None])
+            dz = (dz / temperature).to(hidden.dtype)
+            d_hidden[s:e] = dz @ weight
+            d_weight += (dz.t() @ h).float()
+        dist.all_reduce(d_hidden, group=group)
+        return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None
+
+
+def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size):
+    local_w, group, start = _vocab_shard(weight)
+    h = _all_tokens(hidden, weight.device_mesh)
+    return _VocabParallelLogprobsEntropy.apply(h, local_w, labels, float(temperature), int(chunk_size), group, start)
+
+
+def linear_logits(hidden: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
+    """Full logits `hidden @ weight.T / temperature`; a vocab-sharded weight gives gathered logits."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(weight, DTensor):
+        mesh = weight.device_mesh
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
+        return (torch.nn.functional.linear(hidden.redistribute(mesh, [Replicate()]), weight) / temperature).full_tensor()
+    return torch.nn.functional.linear(hidden, weight) / temperature

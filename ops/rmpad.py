@@ -127,3 +127,27 @@ def check_packed(
         if lo < 0 or hi >= vocab_size:
             bad = hi if hi >= vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check the tokenizer")
+
+
+def pad_to_multiple(
+    input_ids: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> Packed:
+    """Append a dummy tail sequence so that T is a multiple of `multiple` (tp*cp splits T evenly).
+
+    The tail's labels are ignored, and, being its own sequence, it attends to nothing else; so real
+    tokens' outputs are unchanged.
+    """
+    T = input_ids.shape[0]
+    pad = -T % multiple
+    if position_ids is None:
+        position_ids = position_ids_from_cu_seqlens(cu_seqlens, T)
+    if labels is None:
+        labels = torch.full_like(input_ids, IGNORE_INDEX) if pad else None
+    if pad:
+        input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
+        position_ids = torch.cat([position_ids, torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype)])
+        labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([T + pad])])
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return Packed(input_ids, position_ids, cu_seqlens, int(lengths.max()) if lengths.numel() else 0, None, labels)

@@ -1,0 +1,96 @@
+"""The parallel layout: degrees of each mesh dimension, validated before any collective runs.
+
+Mesh dims, outer to inner: `pp, dp_replicate, dp_shard, cp, tp`; their product is the world size and
+`dp_shard=-1` takes what is left. Flattened views: `dp_shard_cp` (FSDP shards over it: CP ranks hold
+the same parameters) and `dp` = `dp_replicate x dp_shard x cp` (batch reductions: loss, token counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from dtllama.config import ModelConfig
+
+DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def valid_tp_degrees(config: ModelConfig) -> list[int]:
+    """TP degrees the plan supports: whole query heads per rank, KV heads split or replicated evenly."""
+    q, kv = config.num_attention_heads, config.num_key_value_heads
+    return [
+        t for t in range(1, q + 1)
+        if q % t == 0 and (kv % t == 0 or t % kv == 0) and config.intermediate_size % t == 0
+    ]
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    def resolve(self, world_size: int, config: ModelConfig | None = None) -> "ParallelDims":
+        """A copy with `dp_shard` resolved, or a ValueError naming the bad degree and the fix."""
+        for name in DIM_NAMES:
+            v = getattr(self, name)
+            if not isinstance(v, int) or (v < 1 and not (name == "dp_shard" and v == -1)):
+                raise ValueError(f"{name}={v!r} must be a positive integer" + (" or -1" if name == "dp_shard" else ""))
+        fixed = self.dp_replicate * self.cp * self.tp * self.pp
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise ValueError(
+                    f"world size {world_size} is not divisible by pp*dp_replicate*cp*tp = {fixed}; "
+                    "choose degrees whose product divides the world size"
+                )
+            dp_shard = world_size // fixed
+        if fixed * dp_shard != world_size:
+            raise ValueError(
+                f"pp*dp_replicate*dp_shard*cp*tp = {fixed * dp_shard} != world size {world_size}; "
+                "set dp_shard=-1 to take the remaining ranks"
+            )
+        dims = ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp)
+        if config is not None:
+            dims.check_model(config)
+        return dims
+
+    def check_model(self, config: ModelConfig) -> None:
+        if self.tp > 1 and self.tp not in valid_tp_degrees(config):
+            raise ValueError(
+                f"tp={self.tp} does not fit num_attention_heads={config.num_attention_heads}, "
+                f"num_key_value_heads={config.num_key_value_heads}, intermediate_size={config.intermediate_size}; "
+                f"choose tp in {valid_tp_degrees(config)}"
+            )
+        if self.pp > config.num_hidden_layers:
+            raise ValueError(f"pp={self.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def token_multiple(self) -> int:
+        """Packed token counts must be a multiple of this (sequence parallel and Ulysses split T)."""
+        return self.tp * self.cp
+
+    def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
+        """The named mesh of all five dims plus the flattened `dp_shard_cp` and `dp` views.
+
+        Call on every rank after `resolve`; the process group must be initialized.
+        """
+        if self.dp_shard == -1:
+            raise ValueError("call ParallelDims.resolve(world_size) before build_mesh (dp_shard is still -1)")
+        world = torch.distributed.get_world_size()
+        if world != self.world_size:
+            raise ValueError(f"the layout needs {self.world_size} ranks but the world size is {world}")
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        shape = tuple(getattr(self, n) for n in DIM_NAMES)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIM_NAMES)
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp")
+        return mesh

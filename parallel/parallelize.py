@@ -1,0 +1,45 @@
+"""`parallelize`: the one function that applies every parallelism, in the order of the design."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from .ac import apply_ac
+from .compile import apply_compile
+from .dims import ParallelDims
+from .fsdp import apply_fsdp
+from .tp import apply_tp
+
+
+def parallelize(
+    model: torch.nn.Module,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    *,
+    ac: str = "none",
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> torch.nn.Module:
+    """Apply TP/SP -> activation checkpointing -> per-block compile -> FSDP2/HSDP, in place.
+
+    Build the model on the meta device, call this, then `to_empty(device=...)` and `init_weights`
+    (or load a checkpoint): nothing full-size is ever materialized.
+    """
+    dims.check_model(model.config)
+    if dims.pp > 1 or dims.cp > 1:
+        raise ValueError(f"pp={dims.pp}, cp={dims.cp}: pipeline and context parallelism are not available yet; use 1")
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
+    apply_ac(model, ac)
+    if compile:
+        apply_compile(model, compile_backend)
+    if dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+        fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
+    return model

@@ -1,0 +1,115 @@
+"""Tensor + sequence parallelism with `parallelize_module`, over the packed token dim.
+
+Between blocks the residual stream is sharded on tokens (`Shard(0)` of `[T, hidden]`, sequence
+parallel): norms run on T/tp tokens, and each attention/MLP all-gathers its input, runs column-wise
+q/k/v/gate/up and row-wise o/down projections on its own heads / hidden slice, and reduce-scatters
+the output back to tokens. Embedding and output head are vocab-parallel (`Shard(0)` of the vocab);
+the head's log-probs, entropy and loss are computed without gathering full-vocab logits
+(`dtllama.ops.linear_logprobs_entropy` sees the DTensor weight). When `tp` exceeds the KV heads,
+each rank computes all KV heads and keeps the one its query heads use (`ReplicatedKV`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from dtllama.model import LlamaForCausalLM, LlamaForValue
+
+from .dims import valid_tp_degrees
+
+
+class ReplicatedKV(ParallelStyle):
+    """k/v projection with fewer KV heads than TP ranks: weight replicated, output one KV head per rank.
+
+    The full `[T, kv*d]` output is expanded to one head per rank and redistributed `Replicate -> Shard`,
+    a local slice whose backward all-gathers the per-rank gradients, so the replicated weight
+    receives the same, complete gradient on every rank.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        d = self.head_dim
+
+        def input_fn(mod, inputs, mesh):
+            x = inputs[0]
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False) if not isinstance(x, DTensor) else x
+
+        def output_fn(mod, out, mesh):
+            T, tp = out.shape[0], mesh.size()
+            kv = out.shape[1] // d
+            heads = out.view(T, kv, 1, d).expand(T, kv, tp // kv, d).reshape(T, tp, d)
+            return heads.redistribute(mesh, [Shard(1)]).to_local().reshape(T, d)
+
+        return distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+class ReplicatedHead(ParallelStyle):
+    """A small head (the value `score`) replicated on every TP rank, fed all tokens."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def input_fn(mod, inputs, mesh):
+            return inputs[0].redistribute(mesh, [Replicate()])
+
+        def output_fn(mod, out, mesh):
+            return out.to_local()
+
+        return distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` in place over the 1-D `tp_mesh` (tensor + sequence parallel)."""
+    config, tp = model.config, tp_mesh.size()
+    if tp not in valid_tp_degrees(config):
+        raise ValueError(
+            f"tp={tp} does not fit num_attention_heads={config.num_attention_heads}, num_key_value_heads="
+            f"{config.num_key_value_heads}, intermediate_size={config.intermediate_size}; "
+            f"choose tp in {valid_tp_degrees(config)}"
+        )
+    kv = ColwiseParallel() if config.num_key_value_heads % tp == 0 else ReplicatedKV(config.head_dim)
+    def to_all_tokens(n_args: int) -> PrepareModuleInput:
+        rest = (None,) * (n_args - 1)  # cos, sin, cu_seqlens, max_seqlen pass through untouched
+        return PrepareModuleInput(
+            input_layouts=(Shard(0), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
+        )
+
+    layer_plan = {
+        "input_layernorm": SequenceParallel(sequence_dim=0),
+        "self_attn": to_all_tokens(5),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": kv,
+        "self_attn.v_proj": kv,
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
+        "post_attention_layernorm": SequenceParallel(sequence_dim=0),
+        "mlp": to_all_tokens(1),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(0)),
+    }
+    for layer in model.model.layers.values():
+        parallelize_module(layer, tp_mesh, layer_plan)
+    plan = {"model.norm": SequenceParallel(sequence_dim=0)}
+    if model.model.embed_tokens is not None:
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    if isinstance(model, LlamaForValue):
+        plan["score"] = ReplicatedHead()
+    elif getattr(model, "lm_head", None) is not None:
+        # Only its weight is used (by the head op), so the style just places it: vocab rows sharded.
+        plan["lm_head"] = ColwiseParallel()
+    parallelize_module(model, tp_mesh, plan)
+
+
+__all__ = ["ReplicatedHead", "ReplicatedKV", "apply_tp"]
