@@ -1,0 +1,260 @@
+"""A persistent pool of torch.distributed (gloo) worker processes for property-based tests.
+
+Why: hypothesis draws many examples inside the one pytest process, and spawning W processes and
+joining a process group costs seconds per example. `WorkerPool` starts W "spawn" processes once.
+Each joins one gloo process group and then runs any number of tasks: `run(fn, *args, **kwargs)`
+calls `fn(*args, **kwargs)` on every rank and returns the results as a list in rank order.
+
+A failing task must fail the test, never hang it, and must not break later tasks. After any remote
+exception, dead worker or timeout, the pool kills its workers and starts fresh ones (new port, new
+process group) before it raises. Ranks may be out of step by then: one rank skipped a collective
+that the others entered.
+
+Usage (tests/ is not a package; pytest puts it on sys.path):
+
+    from pool import get_pool
+    outs = get_pool(2).run(my_task, x, n=3)   # [result of rank 0, result of rank 1]
+
+`fn` must be a module-level function that the workers can import by name. They get the parent's
+sys.path, so a test module works. Every worker imports fn's module, though, so put tasks in a light
+module (not one that imports transformers or conftest). Use hypothesis `settings(deadline=None)`.
+The first run() after a failure waits for the new workers to start (a few seconds).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+_CTX = mp.get_context("spawn")
+GRACE = 5.0  # once one rank has failed, wait at most this long for the rest (they may hang in a collective)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _add_paths(paths: list[str]) -> None:
+    for p in reversed(paths):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+def _exit_with_parent() -> None:
+    """Watchdog thread: if the parent dies without closing the pool (SIGKILL), exit even when a task hangs."""
+    mp.connection.wait([mp.parent_process().sentinel])
+    os._exit(1)
+
+
+def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: list[str], task_q, result_q) -> None:
+    """A worker's main loop. It sets the environment before importing torch, because OpenMP reads it at load time."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; no traceback per worker
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all ranks are local; don't depend on hostname resolution
+    _add_paths(paths)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    try:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+    except BaseException:
+        result_q.put((rank, 0, False, traceback.format_exc()))
+        return
+    result_q.put((rank, 0, True, None))  # task id 0 means "ready"
+    while True:
+        msg = task_q.get()
+        if msg is None:
+            break
+        task_id, paths, blob = msg
+        try:
+            _add_paths(paths)
+            fn, args, kwargs = pickle.loads(blob)
+            # Pickle here, by value: a bad result is reported as this rank's error, and tensors don't travel
+            # through torch's shared-memory reductions, which would need file descriptors kept alive.
+            reply = (True, pickle.dumps(fn(*args, **kwargs)))
+        except BaseException:  # pytest.skip/fail outcomes are BaseExceptions too
+            reply = (False, traceback.format_exc())
+        result_q.put((rank, task_id, *reply))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+class WorkerPool:
+    """`world_size` worker processes in one gloo process group. They stay up across run() calls."""
+
+    def __init__(self, world_size: int, timeout: float = 120.0, start_timeout: float = 120.0):
+        # start_timeout is separate: on a loaded 2-core machine, starting 4 workers that import torch takes 5-15 s
+        self.world_size, self.timeout, self.start_timeout = world_size, timeout, start_timeout
+        self.closed = False
+        self._procs: list = []
+        self._queues: list = []
+        self._task_id = 0
+        self._start()
+        self._wait_ready()  # so the first test doesn't pay the start-up cost, and so start-up errors show here
+
+    def _start(self) -> None:
+        """Start fresh workers without waiting for them, so that a failing run() raises at once."""
+        self.port = _free_port()  # a new port on every start: the old one may still be in TIME_WAIT
+        self._task_qs = [_CTX.Queue() for _ in range(self.world_size)]
+        self._result_q = _CTX.Queue()
+        self._queues = [*self._task_qs, self._result_q]
+        # The gloo timeout only bounds rendezvous and collectives; a hung task is killed by run() after `timeout`.
+        pg_timeout = max(self.timeout, self.start_timeout)
+        self._procs = [_CTX.Process(target=_worker, name=f"pool{self.world_size}-rank{r}", daemon=True,
+                                    args=(r, self.world_size, self.port, pg_timeout, list(sys.path),
+                                          self._task_qs[r], self._result_q))
+                       for r in range(self.world_size)]
+        for p in self._procs:
+            p.start()
+        self._ready = False
+
+    def _kill(self) -> None:
+        """SIGKILL the workers: they may be stuck in a C++ collective and have no state worth saving."""
+        procs, self._procs = self._procs, []
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(5)
+            if p.exitcode is not None:
+                p.close()
+        for q in self._queues:  # a worker killed while writing may leave a queue unusable: always use new ones
+            q.cancel_join_thread()  # never block interpreter exit on data that no one will read
+            q.close()
+        self._queues = []
+
+    def _restart(self) -> None:
+        self._kill()
+        self._start()
+
+    def _collect(self, task_id: int, timeout: float) -> tuple[dict, dict, list]:
+        """Gather replies to `task_id`: ({rank: payload}, {rank: traceback text}, [ranks that did not answer])."""
+        ok: dict = {}
+        failed: dict = {}
+        deadline = time.monotonic() + timeout
+        while len(ok) + len(failed) < self.world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            had_failed = bool(failed)
+            try:
+                msg = self._result_q.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                msg = None
+            # Look for dead workers before recording a failure: when a rank dies, its peers' "connection closed"
+            # errors arrive soon after, and the death is the error to report first.
+            for r, p in enumerate(self._procs):
+                if r not in ok and r not in failed and not p.is_alive():
+                    failed[r] = f"worker process of rank {r} died (exit code {p.exitcode})\n"
+            if msg is not None and msg[1] == task_id:  # a reply to an earlier task is stale
+                rank, _, good, payload = msg
+                (ok if good else failed).setdefault(rank, payload)
+            if failed and not had_failed:
+                deadline = min(deadline, time.monotonic() + GRACE)
+        return ok, failed, [r for r in range(self.world_size) if r not in ok and r not in failed]
+
+    def _wait_ready(self) -> None:
+        __tracebackhide__ = True
+        ok, failed, missing = self._collect(0, self.start_timeout)
+        if failed or missing:
+            self._kill()  # the next run() starts fresh workers
+            detail = "".join(f"--- rank {r} ---\n{tb}" for r, tb in failed.items())
+            raise RuntimeError(f"gloo worker pool (world {self.world_size}, port {self.port}) failed to start; "
+                               f"failed ranks {sorted(failed)}, no answer from {missing}\n{detail}")
+        self._ready = True
+
+    def run(self, fn, *args, **kwargs) -> list:
+        """Call fn(*args, **kwargs) on every rank; return the results in rank order.
+
+        It raises RuntimeError with the first failing rank's traceback, or TimeoutError naming the ranks that
+        did not answer in `timeout` seconds. Either way the pool has been restarted and stays usable.
+        """
+        __tracebackhide__ = True  # pytest: show the remote traceback, not this frame's locals
+        if self.closed:
+            raise RuntimeError("WorkerPool is closed")
+        blob = pickle.dumps((fn, args, kwargs))  # a pickling error shows here, not as a silent hang
+        if not self._procs:
+            self._start()
+        if not self._ready:
+            self._wait_ready()
+        self._task_id += 1
+        name = getattr(fn, "__qualname__", repr(fn))
+        try:
+            for q in self._task_qs:
+                q.put((self._task_id, list(sys.path), blob))
+            ok, failed, missing = self._collect(self._task_id, self.timeout)
+        except BaseException:  # e.g. KeyboardInterrupt while ranks are mid-task: their state is unknown
+            self._kill()
+            raise
+        if failed:
+            self._restart()
+            first = next(iter(failed))
+            others = "".join(f"\nrank {r} also failed: {tb.strip().splitlines()[-1]}"
+                             for r, tb in failed.items() if r != first)
+            hung = f"\nranks {missing} did not answer within {GRACE:g} s after the failure" if missing else ""
+            raise RuntimeError(f"{name} failed on rank {first} of world {self.world_size} "
+                               f"(pool restarted){others}{hung}\n--- remote traceback (rank {first}) ---\n"
+                               f"{failed[first]}")
+        if missing:
+            self._restart()
+            raise TimeoutError(f"{name} timed out after {self.timeout:g} s on world {self.world_size}: "
+                               f"ranks {missing} did not answer (pool restarted)")
+        return [pickle.loads(ok[r]) for r in range(self.world_size)]
+
+    def close(self) -> None:
+        """Ask the workers to leave, give them a few seconds, then kill whatever is left."""
+        if self._procs:
+            for q in self._task_qs:
+                try:
+                    q.put(None)
+                except (ValueError, OSError):
+                    pass
+            deadline = time.monotonic() + 5.0
+            for p in self._procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        self._kill()
+        self.closed = True
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_POOLS: dict[int, WorkerPool] = {}
+
+
+def get_pool(world_size: int) -> WorkerPool:
+    """The pool for `world_size`, started on first use and kept for the whole session (closed at exit)."""
+    pool = _POOLS.get(world_size)
+    if pool is None or pool.closed:
+        pool = _POOLS[world_size] = WorkerPool(world_size)
+    return pool
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
