@@ -38,7 +38,8 @@ def parallelize(
     apply_ac(model, ac)
     if compile:
         apply_compile(model, compile_backend)
-    if dims.dp_replicate * dims.dp_shard * dims.cp > 1:
+    # FSDP also carries mixed precision: with a param dtype it is applied even on a single dp rank.
+    if dims.dp_replicate * dims.dp_shard * dims.cp > 1 or param_dtype is not None:
         fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)

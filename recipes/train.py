@@ -1,7 +1,13 @@
 """Fine-tune a Llama-family model with FSDP2 on packed batches; run under torchrun.
 
-    torchrun --nproc-per-node 2 recipes/train.py                 # SmolLM2-135M-Instruct, built-in corpus
-    torchrun --nproc-per-node 2 recipes/train.py --flavor debug  # random tiny model, byte tokens
+    torchrun --standalone --nproc-per-node 2 recipes/train.py          # SmolLM2-135M-Instruct, built-in corpus
+    torchrun --standalone --nproc-per-node 2 recipes/train.py --flavor debug   # random tiny model, bytes
+    torchrun --standalone --nproc-per-node 4 recipes/train.py --flavor debug --dp-shard 2 --tp 2 --ac full
+
+The model is built on the meta device, parallelized (TP/SP, activation checkpointing, compile,
+FSDP2/HSDP), then materialized and initialized or loaded from the HF folder, each rank reading only
+its own shards. A step's global batch is the same for every layout: sequences are drawn in one
+global order up to `--batch-tokens`, and data-parallel rank r takes every dp-th of them.
 
 Each step prints the loss (mean over all real tokens of all ranks), tokens/s and peak memory. At the
 end the model is exported as a Hugging Face folder, which `transformers` then loads to print a
@@ -22,8 +28,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import dtllama
-from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, shift_labels
-from dtllama.parallel import apply_fsdp
+from dtllama.hf_io import load_state_into
+from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
+from dtllama.parallel import AC_MODES, ParallelDims, clip_grad_norm_, parallelize
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instructions.txt")
 
@@ -35,7 +42,13 @@ def parse_args(argv=None):
     src.add_argument("--flavor", choices=list(dtllama.flavors), help="train a randomly initialized flavor instead")
     p.add_argument("--data", default=DATA, help="text file, documents separated by blank lines")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--tokens-per-rank", type=int, default=512, help="packed tokens per rank per step")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per step over all data-parallel ranks")
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--dp-replicate", type=int, default=1)
+    p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ac", choices=list(AC_MODES), default="none", help="activation checkpointing per layer")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fullgraph)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-hf", default="out/finetuned", help="folder for the exported HF checkpoint ('' to skip)")
@@ -63,19 +76,18 @@ def load_documents(path: str, tokenizer, max_len: int) -> list[list[int]]:
     return [(tokenizer.encode(d) + [eos])[:max_len] for d in docs]
 
 
-def batches(docs, tokens_per_rank: int, rank: int, world: int, seed: int):
-    """Endless packed batches: each rank fills its budget from its own share of a shuffled epoch."""
+def batches(docs, batch_tokens: int, seed: int):
+    """Endless global batches (lists of documents) of at most `batch_tokens` tokens, epoch-shuffled."""
     epoch = 0
     while True:
         order = list(range(len(docs)))
         random.Random(seed + epoch).shuffle(order)
-        mine = [docs[i] for i in order[rank::world]]
         batch = []
-        for doc in mine:
-            if batch and sum(map(len, batch)) + len(doc) > tokens_per_rank:
+        for i in order:
+            if batch and sum(map(len, batch)) + len(docs[i]) > batch_tokens:
                 yield batch
                 batch = []
-            batch.append(doc)
+            batch.append(docs[i])
         if batch:
             yield batch
         epoch += 1
@@ -100,11 +112,9 @@ def main(argv=None):
 
     if args.flavor:
         config = dtllama.flavors[args.flavor]
-        model = dtllama.LlamaForCausalLM(config).to(device)
-        model.init_weights(args.seed)
-        tokenizer, source = ByteTokenizer(), None
         if config.vocab_size < 256:
             raise ValueError(f"flavor {args.flavor!r} has vocab_size={config.vocab_size} < 256 byte tokens")
+        tokenizer, source = ByteTokenizer(), None
     else:
         from transformers import AutoTokenizer
 
@@ -117,42 +127,50 @@ def main(argv=None):
             dist.barrier()
             source = smollm2_135m_instruct()
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = dtllama.LlamaForCausalLM.from_pretrained(source, device=device)
-    config = model.config
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
-    apply_fsdp(model, mesh, param_dtype=torch.bfloat16 if cuda else None)
-    n_params = config.num_params()
-    log(f"model: {n_params / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; world {world} on {device.type}")
+        config = dtllama.ModelConfig.from_hf(source)
+    # Validate the layout against world size and model before any collective can hang on it.
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp).resolve(world, config)
+    mesh = dims.build_mesh(device.type)
+    with torch.device("meta"):
+        model = dtllama.LlamaForCausalLM(config)
+    parallelize(model, dims, mesh, ac=args.ac, compile=args.compile, param_dtype=torch.bfloat16 if cuda else None)
+    model.to_empty(device=device)
+    if source is None:
+        model.init_weights(args.seed)
+    else:
+        load_state_into(model, source)
+    log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
+        f"world {world} on {device.type}: {dims}")
 
-    docs = load_documents(args.data, tokenizer, args.tokens_per_rank)
-    data = batches(docs, args.tokens_per_rank, rank, world, args.seed)
+    dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    docs = load_documents(args.data, tokenizer, args.max_seq_len)
+    data = batches(docs, args.batch_tokens, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     metrics = open(args.metrics, "w") if args.metrics and rank == 0 else None
 
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        seqs = next(data)
+        batch = next(data)
+        n_global = sum(len(d) - 1 for d in batch)  # next-token targets of the whole global batch
+        seqs = batch[dp_rank::dp] or [[tokenizer.eos_token_id]]  # a rank with no sequence still steps
         ids = torch.tensor([t for s in seqs for t in s], device=device)
         cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=device)
         labels = shift_labels(ids, cu)
-        n_local = (labels != IGNORE_INDEX).sum()
-        n_global = n_local.clone().float()
-        dist.all_reduce(n_global)
-        out = model(ids, cu_seqlens=cu, labels=labels)
-        # Sum over this rank's tokens / global token count: FSDP's gradient averaging over ranks is
-        # undone by the world factor, so every token weighs the same whatever rank holds it.
-        loss = -out.logprobs.sum() / n_global * world
+        p = pad_to_multiple(ids, cu, dims.token_multiple, labels)  # sequence parallel splits T evenly
+        out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+        # Sum over this rank's tokens / global token count, times dp: FSDP averages gradients over
+        # the dp ranks, so every token weighs the same whatever rank holds it.
+        loss = -out.logprobs.sum() / n_global * dp
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        reported = loss.detach() / world
-        dist.all_reduce(reported)
-        tokens = torch.tensor(float(ids.numel()), device=device)
-        dist.all_reduce(tokens)
+        reported = loss.detach() / dp
+        dist.all_reduce(reported, group=mesh["dp"].get_group())
+        tokens = sum(len(d) for d in batch)
         dt = time.perf_counter() - t0
-        row = dict(step=step, loss=float(reported), grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   tokens_per_s=float(tokens) / dt, peak_mem_gib=peak_memory_gib(device))
+        row = dict(step=step, loss=float(reported), grad_norm=float(grad_norm), tokens_per_s=tokens / dt,
+                   peak_mem_gib=peak_memory_gib(device))
         log(f"step {step:3d}  loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  "
             f"tokens/s {row['tokens_per_s']:8.1f}  peak mem {row['peak_mem_gib']:.2f} GiB")
         if metrics:

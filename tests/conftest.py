@@ -47,3 +47,13 @@ def family(request):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max-abs difference over max-abs of the reference `b`."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def pytest_collection_modifyitems(config, items):
+    """`tests/gpu` needs CUDA (run `python -m pytest tests/gpu` on a GPU machine); elsewhere it skips, saying so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `python -m pytest tests/gpu` on a GPU machine")
+    for item in items:
+        if "/tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)

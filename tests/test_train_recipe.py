@@ -14,16 +14,21 @@ from dtllama.ops import cu_seqlens_from_lengths
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def train(tmp_path, nproc: int, *args: str) -> list[dict]:
+    """Run the main job under torchrun; returns its per-step metrics."""
+    metrics = tmp_path / f"metrics-{len(list(tmp_path.glob('metrics-*')))}.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", "--metrics", str(metrics), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
 def test_train_recipe_loss_falls_and_export_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    metrics, export = tmp_path / "metrics.jsonl", tmp_path / "export"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", "--steps", "8",
-           "--tokens-per-rank", "384", "--lr", "3e-3", "--metrics", str(metrics), "--export-hf", str(export)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    export = tmp_path / "export"
+    rows = train(tmp_path, 2, "--steps", "8", "--batch-tokens", "768", "--lr", "3e-3", "--export-hf", str(export))
     assert len(rows) == 8
     # Random init starts near ln(512) = 6.2; eight AdamW steps on a tiny corpus bring it well down.
     assert abs(rows[0]["loss"] - 6.24) < 0.5, rows[0]
@@ -35,3 +40,14 @@ def test_train_recipe_loss_falls_and_export_loads_in_transformers(tmp_path):
         ref = hf(input_ids=ids).logits[0]
         got = ours(ids[0], cu_seqlens=cu_seqlens_from_lengths([20])).logits
     assert rel_err(got, ref) <= 1e-5  # fp32, same checkpoint (see test_hf_parity)
+
+
+def test_tp_and_fsdp_run_gives_the_one_process_losses(tmp_path):
+    """`--dp-shard 2 --tp 2` on 4 processes vs 1 process: same global batches, same losses."""
+    common = ("--steps", "5", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf", "")
+    one = train(tmp_path, 1, *common)
+    four = train(tmp_path, 4, "--dp-shard", "2", "--tp", "2", "--ac", "selective", *common)
+    for a, b in zip(one, four):
+        # fp32 sums in another order (sharded matmuls, reduce-scatters), grown over 5 AdamW steps.
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+    assert len(one) == len(four) == 5

@@ -1,0 +1,37 @@
+"""bf16 on NCCL: 2-GPU FSDP and 2-GPU TP runs of the main job agree with the 1-GPU run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FLAVOR = os.environ.get("DTLLAMA_GPU_FLAVOR", "llama3.2-1b")
+
+
+def train(tmp_path, nproc, *args):
+    metrics = tmp_path / f"metrics-{len(list(tmp_path.glob('metrics-*')))}.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           os.path.join(ROOT, "recipes", "train.py"), "--flavor", FLAVOR, "--steps", "8", "--batch-tokens", "8192",
+           "--max-seq-len", "2048", "--lr", "3e-4", "--export-hf", "", "--metrics", str(metrics), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_fsdp_and_tp_on_two_gpus_match_one_gpu_in_bf16(tmp_path):
+    one = train(tmp_path, 1)
+    fsdp = train(tmp_path, 2, "--dp-shard", "2")
+    tp = train(tmp_path, 2, "--tp", "2")
+    report = {"one_gpu": [r["loss"] for r in one], "fsdp2": [r["loss"] for r in fsdp], "tp2": [r["loss"] for r in tp]}
+    print(json.dumps(report))
+    for a, b, c in zip(one, fsdp, tp):
+        # bf16 compute (8 mantissa bits) with fp32 reductions: 1e-2 relative is the usual bound.
+        assert abs(a["loss"] - b["loss"]) <= 1e-2 * a["loss"], report
+        assert abs(a["loss"] - c["loss"]) <= 1e-2 * a["loss"], report
