@@ -17,7 +17,7 @@ def train(tmp_path, nproc, *args):
     metrics = tmp_path / f"metrics-{len(list(tmp_path.glob('metrics-*')))}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            os.path.join(ROOT, "recipes", "train.py"), "--flavor", FLAVOR, "--steps", "8", "--batch-tokens", "8192",
-           "--max-seq-len", "2048", "--lr", "3e-4", "--export-hf", "", "--metrics", str(metrics), *args]
+           "--max-seq-len", "2048", "--lr", "2e-5", "--export-hf", "", "--metrics", str(metrics), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -32,6 +32,8 @@ def test_fsdp_and_tp_on_two_gpus_match_one_gpu_in_bf16(tmp_path):
     report = {"one_gpu": [r["loss"] for r in one], "fsdp2": [r["loss"] for r in fsdp], "tp2": [r["loss"] for r in tp]}
     print(json.dumps(report))
     for a, b, c in zip(one, fsdp, tp):
-        # bf16 compute (8 mantissa bits) with fp32 reductions: 1e-2 relative is the usual bound.
+        # bf16 compute (8 mantissa bits) with fp32 reductions: 1e-2 relative is the usual bound. The
+        # small lr keeps the run out of the chaotic regime (at 3e-4 a random 1B model's loss jumps
+        # between steps and runs in any two precisions drift apart after 3 steps).
         assert abs(a["loss"] - b["loss"]) <= 1e-2 * a["loss"], report
         assert abs(a["loss"] - c["loss"]) <= 1e-2 * a["loss"], report
