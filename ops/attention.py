@@ -56,7 +56,8 @@ def varlen_attention(
     `Hq` must be a multiple of `Hkv` (grouped-query attention; KV is not repeated in memory).
     """
     name = attention_backend(q.device)
-    _announce(name)
+    if not torch.compiler.is_compiling():
+        _announce(name)
     fn = _flex if name == "flex" else _sdpa
     return fn(q, k, v, cu_seqlens, causal)
 
