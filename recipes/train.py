@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import dtllama
+from dtllama.checkpoint import Checkpointer, TrainState
 from dtllama.hf_io import load_state_into
 from dtllama.ops import IGNORE_INDEX, attention_backend, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
 from dtllama.parallel import AC_MODES, ParallelDims, clip_grad_norm_, parallelize
@@ -38,7 +39,8 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instruc
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="Hugging Face folder to fine-tune (default: SmolLM2-135M-Instruct)")
+    src.add_argument("--model", "--init-from-hf", dest="model",
+                     help="Hugging Face folder to fine-tune (default: SmolLM2-135M-Instruct)")
     src.add_argument("--flavor", choices=list(dtllama.flavors), help="train a randomly initialized flavor instead")
     p.add_argument("--data", default=DATA, help="text file, documents separated by blank lines")
     p.add_argument("--steps", type=int, default=12)
@@ -50,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--ac", choices=list(AC_MODES), default="none", help="activation checkpointing per layer")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fullgraph)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=2, help="linear LR warmup, then constant")
+    p.add_argument("--checkpoint-dir", help="folder of sharded training-state checkpoints (DCP)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
+    p.add_argument("--async-checkpoint", action="store_true", help="save in the background (dcp.async_save)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-hf", default="out/finetuned", help="folder for the exported HF checkpoint ('' to skip)")
     p.add_argument("--prompt", default="Question: What is the capital of France?\nAnswer:")
@@ -146,9 +154,21 @@ def main(argv=None):
     docs = load_documents(args.data, tokenizer, args.max_seq_len)
     data = batches(docs, args.batch_tokens, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    metrics = open(args.metrics, "w") if args.metrics and rank == 0 else None
+    warmup = max(args.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    state = TrainState(model, opt, sched, {"step": 0})
+    ckpt = Checkpointer(args.checkpoint_dir, args.keep_last, args.async_checkpoint) if args.checkpoint_dir else None
+    if args.resume:
+        if ckpt is None:
+            raise ValueError("--resume needs --checkpoint-dir")
+        found = ckpt.load_latest(state)
+        log(f"resumed from {ckpt.path(found)}" if found is not None else "no checkpoint to resume from: starting at step 1")
+    start = state.extra["step"]
+    for _ in range(start):  # the data position: the global batches already consumed
+        next(data)
+    metrics = open(args.metrics, "a" if start else "w") if args.metrics and rank == 0 else None
 
-    for step in range(1, args.steps + 1):
+    for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
         batch = next(data)
         n_global = sum(len(d) - 1 for d in batch)  # next-token targets of the whole global batch
@@ -164,6 +184,7 @@ def main(argv=None):
         loss.backward()
         grad_norm = clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         reported = loss.detach() / dp
         dist.all_reduce(reported, group=mesh["dp"].get_group())
@@ -176,6 +197,11 @@ def main(argv=None):
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+        state.extra["step"] = step
+        if ckpt is not None and (step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0)):
+            ckpt.save(step, state)
+    if ckpt is not None:
+        ckpt.wait()
 
     if args.export_hf:
         model.save_pretrained(args.export_hf, dtype=torch.float32, source=source)

@@ -1,0 +1,145 @@
+"""Sharded training-state checkpoints through DCP: model, optimizer, LR schedule, data position, RNG.
+
+Each rank writes only its shards; loading reshards onto whatever mesh the new run has (DTensor
+placements are in the checkpoint metadata). A checkpoint is written into `step-N.partial` and
+renamed to `step-N` by rank 0 only once every rank's data and the metadata are on disk, so a crash
+mid-save leaves the previous checkpoints as they were and the partial folder is never loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from concurrent.futures import Future
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger(__name__)
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class TrainState(Stateful):
+    """What DCP saves: sharded model and optimizer, plus the small state every rank holds."""
+
+    def __init__(self, model, optimizer, scheduler=None, extra: dict | None = None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.extra = extra if extra is not None else {}
+        self.with_rng = True  # False when loading a checkpoint written by another world size
+
+    def _rng_key(self) -> str:
+        return f"rng.{_rank()}of{dist.get_world_size() if dist.is_initialized() else 1}"
+
+    def state_dict(self):
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        out = {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "extra": dict(self.extra),
+        }
+        if self.with_rng:
+            # RNG streams are per rank: kept under the rank's own key, restored on the same world size.
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            out[self._rng_key()] = rng
+        return out
+
+    def load_state_dict(self, state):
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.extra.clear()
+        self.extra.update(state.get("extra", {}))
+        rng = state.get(self._rng_key())
+        if rng:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+
+class Checkpointer:
+    """`save(step, state)` and `load_latest(state)` in `folder`, keeping the last `keep_last` checkpoints."""
+
+    def __init__(self, folder: str, keep_last: int = 2, async_save: bool = False):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be at least 1")
+        self.folder, self.keep_last, self.async_save = os.fspath(folder), keep_last, async_save
+        self._pending: Future | None = None
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints (partial ones are ignored)."""
+        if not os.path.isdir(self.folder):
+            return []
+        found = []
+        for name in os.listdir(self.folder):
+            m = _STEP.match(name)
+            if m and os.path.exists(os.path.join(self.folder, name, ".metadata")):
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"step-{step}")
+
+    def save(self, step: int, state: TrainState) -> None:
+        self.wait()
+        partial = self.path(step) + ".partial"
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash: never complete
+            os.makedirs(partial)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.async_save:
+            fut = dcp.async_save({"train": state}, checkpoint_id=partial)
+            self._pending = fut
+            fut.add_done_callback(lambda f: self._commit(step) if f.exception() is None else None)
+        else:
+            dcp.save({"train": state}, checkpoint_id=partial)
+            self._commit(step)
+
+    def wait(self) -> None:
+        """Block until an async save in flight is committed (call before exiting)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+            if dist.is_initialized():
+                dist.barrier()
+
+    def _commit(self, step: int) -> None:
+        # dcp.save returns on rank 0 after every rank's data and the metadata are written.
+        if _rank() == 0:
+            final = self.path(step)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(self.path(step) + ".partial", final)
+            for old in self.steps()[: -self.keep_last]:
+                shutil.rmtree(self.path(old), ignore_errors=True)
+            log.info("checkpoint %s complete", final)
+        if dist.is_initialized() and not self.async_save:
+            dist.barrier()
+
+    def load_latest(self, state: TrainState) -> int | None:
+        """Load the newest complete checkpoint into `state` (resharding as needed); its step, or None."""
+        steps = self.steps()
+        if not steps:
+            return None
+        path = self.path(steps[-1])
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        state.with_rng = any(k.startswith(f"train.{state._rng_key()}.") for k in saved)
+        if not state.with_rng:
+            log.warning("%s was written by another world size: RNG states are not restored", path)
+        try:
+            dcp.load({"train": state}, checkpoint_id=path)
+        finally:
+            state.with_rng = True
+        return steps[-1]
