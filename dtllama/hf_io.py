@@ -115,62 +115,69 @@ def load_state_into(model, path: str) -> None:
     model.reset_buffers()
 
 
-def _full_state_dict(model) -> dict[str, torch.Tensor]:
-    """Unsharded state dict on CPU; with DTensor parameters every rank takes part, rank 0 gets it."""
-    from torch.distributed.tensor import DTensor
+def _shard_index(state: dict, max_shard_bytes: int) -> dict[str, int]:
+    """File number (1..N) of each tensor, filling files up to `max_shard_bytes` in state-dict order."""
+    index, used, shard = {}, 0, 1
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()  # global size, also for a DTensor
+        if used and used + nbytes > max_shard_bytes:
+            shard, used = shard + 1, 0
+        index[name] = shard
+        used += nbytes
+    return index
 
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31,
+                    source: str | None = None) -> None:
+    """Write `model` (any layout) as an HF folder: sharded safetensors + index, `config.json`, and the
+    tokenizer files of `source`.
 
-
-def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31, source: str | None = None) -> None:
-    """Write `model` as an HF folder: sharded safetensors, index, `config.json`, tokenizer files of `source`."""
+    Under a process group every rank writes its own slices and rank 0 consolidates them
+    (`HuggingFaceStorageWriter(save_distributed=True, enable_consolidation=True)`): no rank gathers
+    the whole model. The folder appears only once complete.
+    """
     path = os.fspath(path)
-    state = _full_state_dict(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
-        return
+    distributed = dist.is_initialized()
+    rank0 = not distributed or dist.get_rank() == 0
+    state = {k: (v.to(dtype) if dtype is not None else v) for k, v in model.state_dict().items()}
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = [None]
+    if rank0:
+        os.makedirs(parent, exist_ok=True)
+        tmp[0] = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    if distributed:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
     try:
-        state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state.items()}
-        save_hf_state_dict(state, model.config, path, model.hf_architecture, source, max_shard_bytes)
+        writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=_shard_index(state, max_shard_bytes),
+                                          save_distributed=distributed, enable_consolidation=distributed)
+        dcp.save(state, storage_writer=writer, no_dist=not distributed)
+        if rank0:
+            shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)
+            dtypes = {t.dtype for t in state.values()}
+            _write_metadata(tmp, model.config, model.hf_architecture, dtypes.pop() if len(dtypes) == 1 else None, source)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    except BaseException:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
-        if dist.is_initialized():
+        if distributed:
             dist.barrier()
 
 
-def save_hf_state_dict(state, config: ModelConfig, path: str, architecture: str, source: str | None = None,
-                       max_shard_bytes: int = 2**31) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        index, used = {}, 0
-        shard = 1
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if used and used + nbytes > max_shard_bytes:
-                shard, used = shard + 1, 0
-            index[name] = shard
-            used += nbytes
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=index), no_dist=True)
-        cfg = config.to_hf(architecture)
-        dtypes = {t.dtype for t in state.values()}
-        if len(dtypes) == 1:
-            cfg["dtype"] = cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-        if architecture == "ForSequenceClassification":
-            cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        if source is not None:
-            for fname in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(source, fname)):
-                    shutil.copy(os.path.join(source, fname), tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write_metadata(folder: str, config: ModelConfig, architecture: str, dtype: torch.dtype | None,
+                    source: str | None) -> None:
+    cfg = config.to_hf(architecture)
+    if dtype is not None:
+        cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if architecture == "ForSequenceClassification":
+        cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    if source is not None:
+        for fname in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(source, fname)):
+                shutil.copy(os.path.join(source, fname), folder)

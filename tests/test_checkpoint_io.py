@@ -102,3 +102,63 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "arch" / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "arch")
+
+
+def test_smollm2_through_a_parallel_layout_round_trips_bitwise(tmp_path):
+    """SmolLM2 -> dtllama on tp=3 x dp_shard=2 (its 9 heads rule out tp=2) -> export: every tensor
+    bitwise equal to the source, and transformers gives the source's logits on the export."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dtllama.pretrained import smollm2_135m_instruct
+
+    src = smollm2_135m_instruct()
+    dst = tmp_path / "export"
+    job = os.path.join(os.path.dirname(__file__), "hf_layout_job.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "6", job, src, str(dst),
+           json.dumps({"dp_shard": 2, "tp": 3})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = sorted(f for f in os.listdir(dst) if f.endswith(".safetensors"))
+    assert len(files) > 1 and (dst / "tokenizer.json").exists()
+    exported = {k: v for f in files for k, v in load_file(dst / f).items()}
+    source = load_file(os.path.join(src, "model.safetensors"))
+    assert exported.keys() == source.keys()
+    for k in source:
+        assert torch.equal(exported[k], source[k]), k
+    ids = torch.randint(0, 49152, (1, 24))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)(input_ids=ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_convert_cli_round_trip_and_bad_sources_write_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from dtllama.convert import dcp_to_hf, hf_to_dcp
+
+    src = tmp_path / "hf"
+    model = dtllama.LlamaForCausalLM(dtllama.flavors["debug"])
+    model.init_weights(5)
+    model.save_pretrained(src, max_shard_bytes=300_000)
+    proc = subprocess.run([sys.executable, "-m", "dtllama.convert", "hf-to-dcp", str(src), str(tmp_path / "dcp")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "writing DCP [" in proc.stderr, proc.stderr[-2000:]
+    dcp_to_hf(str(tmp_path / "dcp"), str(tmp_path / "back"))
+    back = {k: v for f in (tmp_path / "back").glob("*.safetensors") for k, v in load_file(f).items()}
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+    # A missing shard file: a clear error naming it, and no destination folder.
+    shards = sorted(src.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=shards[-1].name):
+        hf_to_dcp(str(src), str(tmp_path / "dcp2"))
+    assert not (tmp_path / "dcp2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
