@@ -1,0 +1,139 @@
+"""Benchmark: loading a Hugging Face checkpoint straight into FSDP2 vs reading its files raw.
+
+    python bench/load_hf.py write DIR [FLAVOR]                   # a random bf16 checkpoint (llama3.1-8b)
+    python bench/load_hf.py raw DIR                              # read every tensor of every file
+    torchrun --standalone --nproc-per-node 2 bench/load_hf.py load DIR   # meta -> FSDP2 -> DCP HF read
+    python bench/load_hf.py report OUT_DIR                       # table + JSON of the runs above
+
+Each mode appends a JSON line to `$BENCH_OUT/load_hf.jsonl` (default: the current folder) with its
+time and peak host memory (max RSS) per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+import dtllama
+
+
+def _record(row: dict) -> None:
+    out = os.path.join(os.environ.get("BENCH_OUT", "."), "load_hf.jsonl")
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write(folder: str, flavor: str = "llama3.1-8b", shard_bytes: int = 5 * 2**30) -> None:
+    """Random bf16 weights with the flavor's shapes, written tensor by tensor (never the whole model)."""
+    from safetensors.torch import save_file
+
+    config = dtllama.flavors[flavor]
+    config.torch_dtype = "bfloat16"
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in dtllama.LlamaForCausalLM(config).state_dict().items()}
+    os.makedirs(folder, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    files, current, used = [], {}, 0
+    weight_map = {}
+
+    def flush():
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(current, os.path.join(folder, name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update(dict.fromkeys(current, name))
+
+    for k, shape in shapes.items():
+        t = (torch.randn(shape, device=dev, dtype=torch.bfloat16) * 0.02).cpu()
+        if used and used + t.numel() * 2 > shard_bytes:
+            flush()
+            current, used = {}, 0
+        current[k] = t
+        used += t.numel() * 2
+    flush()
+    total = sum(s.numel() for s in shapes.values()) * 2
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f)
+    _record({"mode": "write", "flavor": flavor, "bytes": total, "files": len(files)})
+
+
+def raw(folder: str) -> None:
+    """The floor: read every tensor of every file into host memory, one process."""
+    from safetensors import safe_open
+
+    t0, nbytes = time.perf_counter(), 0
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                nbytes += t.numel() * t.element_size()
+                del t
+    _record({"mode": "raw", "seconds": time.perf_counter() - t0, "bytes": nbytes, "peak_host_gib": _rss_gib()})
+
+
+def load(folder: str) -> None:
+    """Meta-device model -> FSDP2 over all ranks -> each rank reads its slices into GPU memory."""
+    import torch.distributed as dist
+
+    from dtllama.hf_io import load_state_into
+    from dtllama.parallel import ParallelDims, parallelize
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    config = dtllama.ModelConfig.from_hf(folder)
+    dims = ParallelDims().resolve(dist.get_world_size(), config)
+    mesh = dims.build_mesh(device.type)
+    dist.barrier()
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = dtllama.LlamaForCausalLM(config)
+    parallelize(model, dims, mesh, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model.to_empty(device=device)  # fp32 master weights; the bf16 file values are cast on copy
+    load_state_into(model, folder)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, _rss_gib())
+    if rank == 0:
+        _record({"mode": "load_fsdp", "world": dist.get_world_size(), "seconds": seconds,
+                 "peak_host_gib_per_rank": peaks})
+    dist.destroy_process_group()
+
+
+def report(out_dir: str) -> None:
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "load_hf.jsonl"))]
+    by = {r["mode"]: r for r in rows}
+    size = by["write"]["bytes"] / 2**30
+    raw_s, load_s = by["raw"]["seconds"], by["load_fsdp"]["seconds"]
+    table = [
+        ("checkpoint", f"{by['write']['flavor']}, bf16, {size:.1f} GiB in {by['write']['files']} files"),
+        ("raw read (1 process)", f"{raw_s:.1f} s ({size / raw_s:.2f} GiB/s), peak host {by['raw']['peak_host_gib']:.1f} GiB"),
+        (f"load into FSDP2 ({by['load_fsdp']['world']} GPUs)", f"{load_s:.1f} s = {load_s / raw_s:.2f}x raw"),
+        ("peak host memory per rank", ", ".join(f"{g:.1f} GiB" for g in by["load_fsdp"]["peak_host_gib_per_rank"])),
+    ]
+    for k, v in table:
+        print(f"| {k} | {v} |")
+    print(json.dumps({"gib": size, "raw_s": raw_s, "load_s": load_s, "ratio": load_s / raw_s,
+                      "peak_host_gib_per_rank": by["load_fsdp"]["peak_host_gib_per_rank"]}))
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1], sys.argv[2]
+    {"write": lambda: write(folder, *sys.argv[3:]), "raw": lambda: raw(folder), "load": lambda: load(folder),
+     "report": lambda: report(folder)}[mode]()
