@@ -111,7 +111,10 @@ def load_state_into(model, path: str) -> None:
         log.warning("checkpoint %s has no value head; initializing %s randomly", path, sorted(heads))
         model.init_weights(names=heads)
     wanted = {k: v for k, v in state.items() if k in ckpt}
-    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(path), no_dist=not dist.is_initialized())
+    # One reader thread per file (up to 8): slicing and host-to-device copies of different files overlap.
+    threads = min(8, len({f for f, _ in ckpt.values()}))
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(path, thread_count=threads),
+             no_dist=not dist.is_initialized())
     model.reset_buffers()
 
 
