@@ -12,13 +12,14 @@ import logging
 import os
 import re
 import shutil
-from concurrent.futures import Future
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+
+from .hf_io import replace_dir
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
@@ -75,7 +76,7 @@ class Checkpointer:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last} must be at least 1")
         self.folder, self.keep_last, self.async_save = os.fspath(folder), keep_last, async_save
-        self._pending: Future | None = None
+        self._pending = None  # (future, step) of an async save not yet committed
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints (partial ones are ignored)."""
@@ -100,32 +101,28 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         if self.async_save:
-            fut = dcp.async_save({"train": state}, checkpoint_id=partial)
-            self._pending = fut
-            fut.add_done_callback(lambda f: self._commit(step) if f.exception() is None else None)
+            self._pending = (dcp.async_save({"train": state}, checkpoint_id=partial), step)
         else:
             dcp.save({"train": state}, checkpoint_id=partial)
             self._commit(step)
 
     def wait(self) -> None:
-        """Block until an async save in flight is committed (call before exiting)."""
+        """Block until an async save in flight is written and committed (call before exiting)."""
         if self._pending is not None:
-            self._pending.result()
+            fut, step = self._pending
             self._pending = None
-            if dist.is_initialized():
-                dist.barrier()
+            fut.result()
+            self._commit(step)
 
     def _commit(self, step: int) -> None:
         # dcp.save returns on rank 0 after every rank's data and the metadata are written.
         if _rank() == 0:
-            final = self.path(step)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(self.path(step) + ".partial", final)
-            for old in self.steps()[: -self.keep_last]:
+            replace_dir(self.path(step) + ".partial", self.path(step))
+            older = [s for s in self.steps() if s < step]  # never a newer one, e.g. of an earlier run
+            for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
-            log.info("checkpoint %s complete", final)
-        if dist.is_initialized() and not self.async_save:
+            log.info("checkpoint %s complete", self.path(step))
+        if dist.is_initialized():
             dist.barrier()
 
     def load_latest(self, state: TrainState) -> int | None:

@@ -70,6 +70,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")) == "default":
+            self.rope_scaling = None
         if self.rope_scaling is not None:
             self.rope_scaling = _check_rope(dict(self.rope_scaling))
 

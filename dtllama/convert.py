@@ -3,6 +3,9 @@
     python -m dtllama.convert hf-to-dcp SRC_HF_FOLDER DST_DCP_FOLDER
     python -m dtllama.convert dcp-to-hf SRC_DCP_FOLDER DST_HF_FOLDER [--dtype bfloat16]
 
+`dcp-to-hf` reads the folders `hf-to-dcp` writes (model state dict + config.json); a training
+checkpoint (`step-N`, whose model sits under `train.model.`) is exported by the recipe's --export-hf.
+
 A DCP folder holds the model's state dict (HF names) plus the `config.json` it came with. Either
 direction checks the source before anything is written, writes beside the destination and renames
 into place, so a failed conversion leaves nothing behind. Runs in one process; the model is held once.
@@ -23,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
 from .config import ModelConfig
-from .hf_io import load_state_into
+from .hf_io import load_state_into, replace_dir
 from .model import LlamaForCausalLM, LlamaForValue
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,9 +107,7 @@ def hf_to_dcp(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
         dcp.save(state, checkpoint_id=tmp, planner=_ProgressSavePlanner(_Progress("writing DCP", _nbytes(model))),
                  no_dist=not dist.is_initialized())
         shutil.copy(os.path.join(src, "config.json"), tmp)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,6 +35,18 @@ _ST_DTYPES = {
 }
 
 
+def replace_dir(src: str, dst: str) -> None:
+    """Move the complete folder `src` to `dst`; an existing `dst` is moved aside first and deleted
+    last, so a crash at any point leaves a complete folder (old or new) at or beside `dst`."""
+    old = None
+    if os.path.exists(dst):
+        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(dst) + "-", dir=os.path.dirname(os.path.abspath(dst)))
+        os.replace(dst, os.path.join(old, "x"))
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def read_safetensors_index(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """`{tensor name: (file, shape)}` from the headers of every `*.safetensors` in `path`.
 
@@ -159,9 +171,7 @@ def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_byt
             shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)
             dtypes = {t.dtype for t in state.values()}
             _write_metadata(tmp, model.config, model.hf_architecture, dtypes.pop() if len(dtypes) == 1 else None, source)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_dir(tmp, path)
     except BaseException:
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)

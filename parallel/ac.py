@@ -1,5 +1,6 @@
 """Activation checkpointing per decoder layer: `none`, `full` (recompute the whole layer in
-backward) or `selective` (keep matmul and attention outputs, recompute the cheap elementwise ops)."""
+backward) or `selective` (keep matmul and SDPA outputs, recompute the cheap elementwise ops;
+FlexAttention, a higher-order op, is recomputed)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ _SAVE = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_mm.default,
 }

@@ -110,7 +110,8 @@ def peak_memory_gib(device: torch.device) -> float:
 def main(argv=None):
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # NCCL for the GPUs, gloo beside it: async checkpointing stages and coordinates on the CPU.
+    dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -158,6 +159,9 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     state = TrainState(model, opt, sched, {"step": 0})
     ckpt = Checkpointer(args.checkpoint_dir, args.keep_last, args.async_checkpoint) if args.checkpoint_dir else None
+    if ckpt is not None and not args.resume and ckpt.steps():
+        raise ValueError(f"--checkpoint-dir {args.checkpoint_dir!r} already holds checkpoints {ckpt.steps()}; "
+                         "pass --resume to continue from them, or choose an empty folder")
     if args.resume:
         if ckpt is None:
             raise ValueError("--resume needs --checkpoint-dir")

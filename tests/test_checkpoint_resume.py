@@ -14,7 +14,8 @@ COMMON = ("--steps", "6", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf"
 def test_resume_on_the_same_mesh_is_bitwise_and_on_another_within_1e6(tmp_path):
     straight = train(tmp_path, 2, *COMMON, "--dp-shard", "2")
     ckpt = str(tmp_path / "ckpt")
-    first = train(tmp_path, 2, *COMMON[:1], "3", *COMMON[2:], "--dp-shard", "2", "--checkpoint-dir", ckpt)
+    first = train(tmp_path, 2, *COMMON[:1], "3", *COMMON[2:], "--dp-shard", "2", "--checkpoint-dir", ckpt,
+                  "--async-checkpoint")  # dcp.async_save, committed by wait() before exit
     assert sorted(os.listdir(ckpt)) == ["step-3"]
     ckpt4 = str(tmp_path / "ckpt4")
     os.system(f"cp -r {ckpt} {ckpt4}")
