@@ -19,14 +19,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .hf_io import replace_dir
+from .fsutil import _rank, on_rank0, replace_dir
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class TrainState(Stateful):
@@ -95,11 +91,12 @@ class Checkpointer:
     def save(self, step: int, state: TrainState) -> None:
         self.wait()
         partial = self.path(step) + ".partial"
-        if _rank() == 0:
+
+        def fresh():
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash: never complete
             os.makedirs(partial)
-        if dist.is_initialized():
-            dist.barrier()
+
+        on_rank0(fresh)
         if self.async_save:
             self._pending = (dcp.async_save({"train": state}, checkpoint_id=partial), step)
         else:
@@ -116,14 +113,14 @@ class Checkpointer:
 
     def _commit(self, step: int) -> None:
         # dcp.save returns on rank 0 after every rank's data and the metadata are written.
-        if _rank() == 0:
+        def commit():
             replace_dir(self.path(step) + ".partial", self.path(step))
             older = [s for s in self.steps() if s < step]  # never a newer one, e.g. of an earlier run
             for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             log.info("checkpoint %s complete", self.path(step))
-        if dist.is_initialized():
-            dist.barrier()
+
+        on_rank0(commit)
 
     def load_latest(self, state: TrainState) -> int | None:
         """Load the newest complete checkpoint into `state` (resharding as needed); its step, or None."""

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from .config import ModelConfig
+from .fsutil import on_rank0, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,6 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-def replace_dir(src: str, dst: str) -> None:
-    """Move the complete folder `src` to `dst`; an existing `dst` is moved aside first and deleted
-    last, so a crash at any point leaves a complete folder (old or new) at or beside `dst`."""
-    old = None
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(dst) + "-", dir=os.path.dirname(os.path.abspath(dst)))
-        os.replace(dst, os.path.join(old, "x"))
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_safetensors_index(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -157,9 +146,12 @@ def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_byt
     state = {k: (v.to(dtype) if dtype is not None else v) for k, v in model.state_dict().items()}
     parent = os.path.dirname(os.path.abspath(path))
     tmp = [None]
-    if rank0:
+
+    def make_tmp():
         os.makedirs(parent, exist_ok=True)
         tmp[0] = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+
+    on_rank0(make_tmp)
     if distributed:
         dist.broadcast_object_list(tmp, src=0)
     tmp = tmp[0]

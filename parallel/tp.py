@@ -11,7 +11,6 @@ each rank computes all KV heads and keeps the one its query heads use (`Replicat
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module

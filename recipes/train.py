@@ -25,12 +25,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 import dtllama
 from dtllama.checkpoint import Checkpointer, TrainState
 from dtllama.hf_io import load_state_into
-from dtllama.ops import IGNORE_INDEX, attention_backend, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
+from dtllama.ops import attention_backend, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
 from dtllama.parallel import AC_MODES, ParallelDims, clip_grad_norm_, parallelize
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instructions.txt")
