@@ -28,7 +28,8 @@ def parallelize(
     """Apply TP/SP -> activation checkpointing -> per-block compile -> FSDP2/HSDP, in place.
 
     Build the model on the meta device, call this, then `to_empty(device=...)` and `init_weights`
-    (or load a checkpoint): nothing full-size is ever materialized.
+    (or load a checkpoint): no rank ever holds the whole model (`init_weights` builds one full
+    parameter at a time on the host and keeps this rank's slice).
     """
     dims.check_model(model.config)
     if dims.pp > 1 or dims.cp > 1:
