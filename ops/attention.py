@@ -74,17 +74,30 @@ def _sdpa(q, k, v, cu_seqlens, causal):
     return out.squeeze(0).transpose(0, 1)
 
 
-def _flex(q, k, v, cu_seqlens, causal):
+_block_mask_cache: list = [None, None]  # [(cu_seqlens tensor, T, causal), BlockMask]
+
+
+def _document_block_mask(cu_seqlens, T: int, causal: bool, device):
+    """The BlockMask of a batch, built once and reused by every layer that gets the same `cu_seqlens`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    T = q.shape[0]
+    key = _block_mask_cache[0]
+    if key is not None and key[0] is cu_seqlens and key[1:] == (T, causal):
+        return _block_mask_cache[1]
     doc = document_ids(cu_seqlens, T)
 
     def mask_mod(b, h, q_idx, kv_idx):
         same = doc[q_idx] == doc[kv_idx]
         return same & (q_idx >= kv_idx) if causal else same
 
-    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+    mask = create_block_mask(mask_mod, None, None, T, T, device=device)
+    _block_mask_cache[:] = [(cu_seqlens, T, causal), mask]
+    return mask
+
+
+def _flex(q, k, v, cu_seqlens, causal):
+    T = q.shape[0]
+    block_mask = _document_block_mask(cu_seqlens, T, causal, q.device)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     out = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
     return out.squeeze(0).transpose(0, 1)
