@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
 from .config import ModelConfig
-from .hf_io import load_state_into, replace_dir
+from .hf_io import load_pretrained, replace_dir
 from .model import LlamaForCausalLM, LlamaForValue
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,13 +80,6 @@ def _model_class(config_json: dict):
         else LlamaForCausalLM
 
 
-def _build(cls, config: ModelConfig, dtype: torch.dtype):
-    with torch.device("meta"):
-        model = cls(config)
-    model.to_empty(device="cpu")
-    return model.to(dtype)
-
-
 def _nbytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -96,9 +89,8 @@ def hf_to_dcp(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
 
     with open(os.path.join(src, "config.json")) as f:
         raw = json.load(f)
-    config = ModelConfig.from_hf(raw)
-    model = _build(_model_class(raw), config, dtype or getattr(torch, config.torch_dtype))
-    load_state_into(model, src)  # validates shapes, files and truncation before anything is written
+    dtype = dtype or getattr(torch, ModelConfig.from_hf(raw).torch_dtype)
+    model = load_pretrained(_model_class(raw), src, dtype=dtype)  # validates shapes, files, truncation first
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
@@ -122,7 +114,9 @@ def dcp_to_hf(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
     with open(cfg_path) as f:
         raw = json.load(f)
     config = ModelConfig.from_hf(raw)
-    model = _build(_model_class(raw), config, torch.float32)
+    with torch.device("meta"):
+        model = _model_class(raw)(config)
+    model.to_empty(device="cpu")
     saved = dcp.FileSystemReader(src).read_metadata().state_dict_metadata
     for name, t in model.state_dict().items():
         if name not in saved:

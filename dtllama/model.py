@@ -141,11 +141,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
-        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
+        x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers.values():
             x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.norm(x) if self.norm is not None else x
+        return self.norm(x)
 
 
 @dataclass

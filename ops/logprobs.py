@@ -7,7 +7,8 @@ chunk's logits. This CPU/any-device implementation is the spec for the fused GPU
 Math per row, with z = hidden @ weight.T / temperature and p = softmax(z):
   logprob = log p[label],               entropy H = -sum(p * log p)
   d logprob / dz = onehot(label) - p,   d H / dz = -p * (log p + H)
-(written with log p rather than z - logsumexp(z), which would cancel large terms in fp32).
+(the forward forms log p as (z - max) - log sum exp(z - max), as log_softmax does, so large logits do
+not cancel; the backward recomputes z and subtracts the saved logsumexp).
 Rows whose label is -100 give 0 for both and receive no gradient.
 """
 
@@ -19,78 +20,107 @@ from torch import Tensor
 from .rmpad import IGNORE_INDEX
 
 
-def _chunk_stats(h: Tensor, weight: Tensor, temperature: float):
-    logp = torch.log_softmax((h @ weight.t()).float() / temperature, -1)
-    p = logp.exp()
-    return logp, p, -(p * logp).sum(-1)
+def _all_reduce(x: Tensor, group, op=None) -> None:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
 
 
-@torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
-def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int) -> tuple[Tensor, Tensor]:
-    T = hidden.shape[0]
-    logprobs = hidden.new_zeros(T, dtype=torch.float32)
-    entropy = hidden.new_zeros(T, dtype=torch.float32)
+def _chunked_forward(hidden, weight, labels, temperature, chunk_size, group=None, start=0):
+    """`(logprobs, entropy, logsumexp)` over token chunks. With a `group`, `weight` holds the vocab rows
+    `[start, start + V)` of a vocab-sharded head and max, sum-exp, picked log-prob and entropy are
+    all-reduced over it; without, it is the whole vocabulary."""
+    import torch.distributed as dist
+
+    T, V = hidden.shape[0], weight.shape[0]
+    lse = hidden.new_zeros(T, dtype=torch.float32)
+    logprobs, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
-        logp, _, ent = _chunk_stats(hidden[s:e], weight, temperature)
-        y = labels[s:e]
-        valid = y != IGNORE_INDEX
-        picked = logp.gather(1, y.clamp_min(0).long()[:, None]).squeeze(1)
-        logprobs[s:e] = torch.where(valid, picked, 0.0)
-        entropy[s:e] = torch.where(valid, ent, 0.0)
-    return logprobs, entropy
+        z = (hidden[s:e] @ weight.t()).float() / temperature
+        m = z.amax(-1) if V else z.new_full((e - s,), float("-inf"))
+        _all_reduce(m, group, dist.ReduceOp.MAX)
+        se = torch.exp(z - m[:, None]).sum(-1)
+        _all_reduce(se, group)
+        logp = (z - m[:, None]) - se.log()[:, None]  # as log_softmax rounds: no large z - lse cancellation
+        lse[s:e] = m + se.log()
+        y = labels[s:e].long() - start
+        mine = (y >= 0) & (y < V)
+        picked = logp.gather(1, y.clamp(0, max(V - 1, 0))[:, None]).squeeze(1) if V else logp.new_zeros(e - s)
+        both = torch.stack([torch.where(mine, picked, 0.0), -(logp.exp() * logp).sum(-1)])
+        _all_reduce(both, group)
+        valid = labels[s:e] != IGNORE_INDEX
+        logprobs[s:e] = torch.where(valid, both[0], 0.0)
+        entropy[s:e] = torch.where(valid, both[1], 0.0)
+    return logprobs, entropy, lse
 
 
-@_forward.register_fake
-def _(hidden, weight, labels, temperature, chunk_size):
-    T = hidden.shape[0]
-    return hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32)
-
-
-@torch.library.custom_op("dtllama::linear_logprobs_entropy_backward", mutates_args=())
-def _backward(
-    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor,
-    temperature: float, chunk_size: int,
-) -> tuple[Tensor, Tensor]:
-    T = hidden.shape[0]
+def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size,
+                      group=None, start=0):
+    """`(d_hidden, d_weight)`, recomputing each chunk's logits; d_hidden is summed over the vocab shards."""
+    T, V = hidden.shape[0], weight.shape[0]
     d_hidden = torch.empty_like(hidden)
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         h = hidden[s:e]
-        logp, p, ent = _chunk_stats(h, weight, temperature)
-        y = labels[s:e]
-        valid = (y != IGNORE_INDEX).float()
+        logp = (h @ weight.t()).float() / temperature - lse[s:e, None]
+        p = logp.exp()
+        valid = (labels[s:e] != IGNORE_INDEX).float()
         g_lp = grad_logprobs[s:e].float() * valid
         g_ent = grad_entropy[s:e].float() * valid
-        dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None]))
-        dz.scatter_add_(1, y.clamp_min(0).long()[:, None], g_lp[:, None])
+        dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[s:e, None]))
+        y = labels[s:e].long() - start
+        mine = (y >= 0) & (y < V)
+        if V:
+            dz.scatter_add_(1, y.clamp(0, V - 1)[:, None], (g_lp * mine)[:, None])
         dz = (dz / temperature).to(hidden.dtype)
         d_hidden[s:e] = dz @ weight
         d_weight += (dz.t() @ h).float()
+    _all_reduce(d_hidden, group)
     return d_hidden, d_weight.to(weight.dtype)
 
 
+@torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
+def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    return _chunked_forward(hidden, weight, labels, temperature, chunk_size)
+
+
+@_forward.register_fake
+def _(hidden, weight, labels, temperature, chunk_size):
+    T = hidden.shape[0]
+    return tuple(hidden.new_empty(T, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("dtllama::linear_logprobs_entropy_backward", mutates_args=())
+def _backward(
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
+    entropy: Tensor, temperature: float, chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    return _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature,
+                             chunk_size)
+
+
 @_backward.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, labels, temperature, chunk_size):
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, temperature, chunk_size = inputs
-    ctx.save_for_backward(hidden, weight, labels)
+    ctx.save_for_backward(hidden, weight, labels, output[2], output[1])
     ctx.temperature, ctx.chunk_size = temperature, chunk_size
 
 
-def _autograd_backward(ctx, grad_logprobs, grad_entropy):
-    hidden, weight, labels = ctx.saved_tensors
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros(hidden.shape[0], device=hidden.device)
-    if grad_entropy is None:
-        grad_entropy = torch.zeros(hidden.shape[0], device=hidden.device)
+def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, labels, lse, entropy = ctx.saved_tensors
+    zeros = torch.zeros(hidden.shape[0], device=hidden.device)
     d_hidden, d_weight = _backward(
-        grad_logprobs.contiguous(), grad_entropy.contiguous(), hidden, weight, labels, ctx.temperature,
-        ctx.chunk_size,
+        (zeros if grad_logprobs is None else grad_logprobs).contiguous(),
+        (zeros if grad_entropy is None else grad_entropy).contiguous(),
+        hidden, weight, labels, lse, entropy, ctx.temperature, ctx.chunk_size,
     )
     return d_hidden, d_weight, None, None, None
 
@@ -114,12 +144,12 @@ def linear_logprobs_entropy(
 
     if isinstance(weight, DTensor):
         return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size)
-    return _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
+    logprobs, entropy, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
+    return logprobs, entropy
 
 
-# Vocab-parallel variant: the output weight is a DTensor sharded on the vocab dim (tensor parallel).
-# Each rank holds logits of its vocab slice only; max, sum-exp, the picked log-prob and the entropy
-# are combined with all-reduces, and d_hidden, partial over the vocab slices, is all-reduced once.
+# Vocab-parallel dispatch: the output weight is a DTensor sharded on the vocab dim (tensor parallel);
+# each rank holds logits of its vocab slice only (see `_chunked_forward` / `_chunked_backward`).
 
 
 def _vocab_shard(weight):
@@ -141,61 +171,23 @@ def _all_tokens(hidden, mesh):
 
 
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
+    """The same chunked computation with the statistics all-reduced over the TP group (a process group
+    cannot be a custom-op argument, hence an autograd.Function)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_size, group, start):
-        import torch.distributed as dist
-
-        T, V = hidden.shape[0], weight.shape[0]
-        lse = hidden.new_zeros(T, dtype=torch.float32)
-        logprobs, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
-        for s in range(0, T, chunk_size):
-            e = min(s + chunk_size, T)
-            z = (hidden[s:e] @ weight.t()).float() / temperature
-            m = z.amax(-1) if V else z.new_full((e - s,), float("-inf"))
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            se = torch.exp(z - m[:, None]).sum(-1)
-            dist.all_reduce(se, group=group)
-            lse[s:e] = m + se.log()
-            logp = z - lse[s:e, None]
-            y = labels[s:e].long() - start
-            mine = (y >= 0) & (y < V)
-            picked = torch.where(mine, logp.gather(1, y.clamp(0, max(V - 1, 0))[:, None]).squeeze(1) if V else 0.0, 0.0)
-            both = torch.stack([picked, -(logp.exp() * logp).sum(-1)])
-            dist.all_reduce(both, group=group)
-            valid = labels[s:e] != IGNORE_INDEX
-            logprobs[s:e] = torch.where(valid, both[0], 0.0)
-            entropy[s:e] = torch.where(valid, both[1], 0.0)
+        logprobs, entropy, lse = _chunked_forward(hidden, weight, labels, temperature, chunk_size, group, start)
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.args = (temperature, chunk_size, group, start)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        import torch.distributed as dist
-
         hidden, weight, labels, lse, entropy = ctx.saved_tensors
         temperature, chunk_size, group, start = ctx.args
-        T, V = hidden.shape[0], weight.shape[0]
-        d_hidden = torch.empty_like(hidden)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, T, chunk_size):
-            e = min(s + chunk_size, T)
-            h = hidden[s:e]
-            logp = (h @ weight.t()).float() / temperature - lse[s:e, None]
-            p = logp.exp()
-            valid = (labels[s:e] != IGNORE_INDEX).float()
-            g_lp = grad_logprobs[s:e].float() * valid
-            g_ent = grad_entropy[s:e].float() * valid
-            dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[s:e, None]))
-            y = labels[s:e].long() - start
-            mine = (y >= 0) & (y < V)
-            if V:
-                dz.scatter_add_(1, y.clamp(0, V - 1)[:, None], (g_lp * mine)[:, None])
-            dz = (dz / temperature).to(hidden.dtype)
-            d_hidden[s:e] = dz @ weight
-            d_weight += (dz.t() @ h).float()
-        dist.all_reduce(d_hidden, group=group)
-        return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None
+        d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy,
+                                               temperature, chunk_size, group, start)
+        return d_hidden, d_weight, None, None, None, None, None
 
 
 def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size):

@@ -26,6 +26,15 @@ def valid_tp_degrees(config: ModelConfig) -> list[int]:
     ]
 
 
+def check_tp(config: ModelConfig, tp: int) -> None:
+    if tp > 1 and tp not in valid_tp_degrees(config):
+        raise ValueError(
+            f"tp={tp} does not fit num_attention_heads={config.num_attention_heads}, "
+            f"num_key_value_heads={config.num_key_value_heads}, intermediate_size={config.intermediate_size}; "
+            f"choose tp in {valid_tp_degrees(config)}"
+        )
+
+
 @dataclass
 class ParallelDims:
     dp_replicate: int = 1
@@ -60,12 +69,7 @@ class ParallelDims:
         return dims
 
     def check_model(self, config: ModelConfig) -> None:
-        if self.tp > 1 and self.tp not in valid_tp_degrees(config):
-            raise ValueError(
-                f"tp={self.tp} does not fit num_attention_heads={config.num_attention_heads}, "
-                f"num_key_value_heads={config.num_key_value_heads}, intermediate_size={config.intermediate_size}; "
-                f"choose tp in {valid_tp_degrees(config)}"
-            )
+        check_tp(config, self.tp)
         if self.pp > config.num_hidden_layers:
             raise ValueError(f"pp={self.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
 

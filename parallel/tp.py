@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import (
 
 from dtllama.model import LlamaForCausalLM, LlamaForValue
 
-from .dims import valid_tp_degrees
+from .dims import check_tp
 
 
 class ReplicatedKV(ParallelStyle):
@@ -72,12 +72,7 @@ class ReplicatedHead(ParallelStyle):
 def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> None:
     """Shard `model` in place over the 1-D `tp_mesh` (tensor + sequence parallel)."""
     config, tp = model.config, tp_mesh.size()
-    if tp not in valid_tp_degrees(config):
-        raise ValueError(
-            f"tp={tp} does not fit num_attention_heads={config.num_attention_heads}, num_key_value_heads="
-            f"{config.num_key_value_heads}, intermediate_size={config.intermediate_size}; "
-            f"choose tp in {valid_tp_degrees(config)}"
-        )
+    check_tp(config, tp)
     kv = ColwiseParallel() if config.num_key_value_heads % tp == 0 else ReplicatedKV(config.head_dim)
     def to_all_tokens(n_args: int) -> PrepareModuleInput:
         rest = (None,) * (n_args - 1)  # cos, sin, cu_seqlens, max_seqlen pass through untouched
@@ -100,9 +95,10 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> No
     }
     for layer in model.model.layers.values():
         parallelize_module(layer, tp_mesh, layer_plan)
-    plan = {"model.norm": SequenceParallel(sequence_dim=0)}
-    if model.model.embed_tokens is not None:
-        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    plan = {
+        "model.norm": SequenceParallel(sequence_dim=0),
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
+    }
     if isinstance(model, LlamaForValue):
         plan["score"] = ReplicatedHead()
     elif getattr(model, "lm_head", None) is not None:
