@@ -1,23 +1,29 @@
 """One dispatch for causal attention over a packed batch (`cu_seqlens` marks the documents).
 
-Backends, best first: `flex` (FlexAttention with a document mask; CUDA) and `sdpa` (block-diagonal
-causal mask for SDPA: O(T^2) memory, the CPU reference and the spec every other backend is tested
-against). `set_attention_backend` or the `DTLLAMA_ATTENTION` environment variable pick one;
-`auto` takes the best one available for the device of the inputs.
+Backends, best first:
+- `flash`: flash-attn's `flash_attn_varlen_func` (when installed; CUDA, fp16/bf16);
+- `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (the same FlashAttention-2 kernels
+  inside torch; CUDA, fp16/bf16);
+- `flex`: FlexAttention with a document mask (CUDA, any float dtype);
+- `sdpa`: a block-diagonal causal mask for SDPA, O(T^2) memory: the CPU reference and the spec every
+  other backend is tested against.
+All take grouped-query KV as is (no repeated KV in memory), except `varlen` on a torch whose
+`varlen_attn` has no `enable_gqa`. Each backend is an op torch.compile traces without a graph break
+(flash-attn's and PyTorch's varlen functions are custom ops, FlexAttention a higher-order op).
+`set_attention_backend` or the `DTLLAMA_ATTENTION` environment variable pick one; `auto` takes the
+best one available for the inputs' device and dtype. The backend in use is printed once.
 """
 
 from __future__ import annotations
 
-import logging
+import inspect
 import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "flex", "sdpa")
+BACKENDS = ("auto", "flash", "varlen", "flex", "sdpa")
 _backend = os.environ.get("DTLLAMA_ATTENTION", "auto")
 
 
@@ -26,20 +32,48 @@ def set_attention_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {list(BACKENDS)}")
     _backend = name
-    _announce.cache_clear()
 
 
-def attention_backend(device: torch.device) -> str:
+@lru_cache(maxsize=None)
+def _has_flash_attn() -> bool:
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend `varlen_attention` uses for inputs on `device` of `dtype`."""
     if _backend not in BACKENDS:
         raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
     if _backend != "auto":
         return _backend
-    return "flex" if device.type == "cuda" else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    if dtype in (torch.float16, torch.bfloat16):
+        if _has_flash_attn():
+            return "flash"
+        if _has_torch_varlen():
+            return "varlen"
+    return "flex"
 
 
 @lru_cache(maxsize=None)
 def _announce(name: str) -> None:
-    log.info("dtllama attention backend: %s", name)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"dtllama attention backend: {name}", flush=True)
 
 
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -53,16 +87,49 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention of packed `q[T, Hq, D]` over `k, v[T, Hkv, D]` within each sequence; returns `[T, Hq, D]`.
 
-    `Hq` must be a multiple of `Hkv` (grouped-query attention; KV is not repeated in memory).
+    `Hq` must be a multiple of `Hkv` (grouped-query attention).
     """
-    name = attention_backend(q.device)
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    name = attention_backend(q.device, q.dtype)
     if not torch.compiler.is_compiling():
         _announce(name)
-    fn = _flex if name == "flex" else _sdpa
-    return fn(q, k, v, cu_seqlens, causal)
+    return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen), causal)
 
 
-def _sdpa(q, k, v, cu_seqlens, causal):
+def _flash(q, k, v, cu_seqlens, max_seqlen, causal):
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal)
+
+
+@lru_cache(maxsize=None)
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
+    """`varlen_attn` took `is_causal` (torch 2.10/2.11); later versions take `window_size` and `enable_gqa`."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, params, gqa = cu_seqlens.to(torch.int32), _varlen_params(), k.shape[1] != q.shape[1]
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = gqa
+    elif gqa:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+def _sdpa(q, k, v, cu_seqlens, max_seqlen, causal):
     T = q.shape[0]
     doc = document_ids(cu_seqlens, T)
     mask = doc[:, None] == doc[None, :]
@@ -95,7 +162,7 @@ def _document_block_mask(cu_seqlens, T: int, causal: bool, device):
     return mask
 
 
-def _flex(q, k, v, cu_seqlens, causal):
+def _flex(q, k, v, cu_seqlens, max_seqlen, causal):
     T = q.shape[0]
     block_mask = _document_block_mask(cu_seqlens, T, causal, q.device)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -109,3 +176,6 @@ def _compiled_flex():
 
     # Eager FlexAttention materializes the scores; compiled it is a fused kernel.
     return torch.compile(flex_attention, dynamic=True)
+
+
+_IMPLS = {"flash": _flash, "varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}

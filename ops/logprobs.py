@@ -1,18 +1,23 @@
-"""Per-token log-probs and entropy straight from hidden states, chunk by chunk over tokens.
+"""Per-token log-probs and entropy straight from hidden states, without the `[T, vocab]` logits.
 
-`linear_logprobs_entropy(hidden[T, H], weight[V, H], labels[T])` never holds more than
-`chunk_size x V` logits: the forward keeps only `[T]` results, and the backward recomputes each
-chunk's logits. This CPU/any-device implementation is the spec for the fused GPU kernel.
-
-Math per row, with z = hidden @ weight.T / temperature and p = softmax(z):
-  logprob = log p[label],               entropy H = -sum(p * log p)
-  d logprob / dz = onehot(label) - p,   d H / dz = -p * (log p + H)
-(the forward forms log p as (z - max) - log sum exp(z - max), as log_softmax does, so large logits do
-not cancel; the backward recomputes z and subtracts the saved logsumexp).
-Rows whose label is -100 give 0 for both and receive no gradient.
+`linear_logprobs_entropy(hidden[T, H], weight[V, H], labels[T])` holds at most about
+`chunk_size x V` fp32 logits at a time. The forward walks token chunks and keeps per-row statistics
+of z = hidden @ weight.T / temperature (over the vocabulary, relative to the row max m):
+  s = sum exp(z - m),   t = sum exp(z - m) * (z - m),   the label's logit z_y
+from which lse = m + log s, logprob = (z_y - m) - log s and entropy = log s - t / s. The statistics of
+disjoint vocabulary slices merge exactly (rescale by exp(m_i - max m)), which is all tensor
+parallelism needs: each rank computes its vocab shard and they all-reduce max, then sums. The
+backward walks vocabulary tiles over all tokens, recomputing each tile's logits, so each tile's
+weight gradient is one full matmul (no accumulation in low precision):
+  d logprob / dz = onehot(label) - p,   d entropy / dz = -p * (log p + entropy).
+Rows whose label is -100 give 0 for both and receive no gradient. On CUDA the row statistics and
+the logits gradient are Triton kernels (`_logprobs_triton.py`) between cuBLAS matmuls with fp32
+output; elsewhere they are the torch expressions below, the spec the kernels are tested against.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -27,59 +32,124 @@ def _all_reduce(x: Tensor, group, op=None) -> None:
         dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
 
 
-def _chunked_forward(hidden, weight, labels, temperature, chunk_size, group=None, start=0):
-    """`(logprobs, entropy, logsumexp)` over token chunks. With a `group`, `weight` holds the vocab rows
-    `[start, start + V)` of a vocab-sharded head and max, sum-exp, picked log-prob and entropy are
-    all-reduced over it; without, it is the whole vocabulary."""
+def _triton(x: Tensor) -> bool:
+    from ._triton import available
+
+    return x.is_cuda and available()
+
+
+@lru_cache(maxsize=None)
+def _has_mm_out_dtype() -> bool:
+    a = torch.ones(1, 1, dtype=torch.bfloat16, device="cuda")
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b` in fp32; low-precision CUDA inputs get fp32 straight from the matmul's accumulator."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype():
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(m, s, t, z_y)` of each row of the fp32 logits `z * inv_t`; `z_y` is 0 where the local label
+    `y` is outside `[0, V)`."""
+    if _triton(z):
+        from ._logprobs_triton import row_stats
+
+        return row_stats(z, y, inv_t)
+    z = z * inv_t
+    V = z.shape[1]
+    if V == 0:
+        zero = z.new_zeros(z.shape[0])
+        return z.new_full((z.shape[0],), float("-inf")), zero, zero, zero
+    m = z.amax(-1)
+    d = z - m[:, None]
+    e = d.exp()
+    mine = (y >= 0) & (y < V)
+    picked = z.gather(1, y.clamp(0, V - 1)[:, None].long()).squeeze(1)
+    return m, e.sum(-1), (e * d).sum(-1), torch.where(mine, picked, 0.0)
+
+
+def _dlogits(z: Tensor, y: Tensor, lse: Tensor, entropy: Tensor, g_lp: Tensor, g_ent: Tensor, inv_t: float,
+             dtype: torch.dtype) -> Tensor:
+    """Gradient of `sum(g_lp * logprob + g_ent * entropy)` w.r.t. the raw logits `z` (one vocab tile)."""
+    if _triton(z):
+        from ._logprobs_triton import dlogits
+
+        return dlogits(z, y, lse, entropy, g_lp, g_ent, inv_t, dtype)
+    logp = z * inv_t - lse[:, None]
+    p = logp.exp()
+    dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[:, None]))
+    V = z.shape[1]
+    mine = (y >= 0) & (y < V)
+    if V:
+        dz.scatter_add_(1, y.clamp(0, V - 1)[:, None].long(), (g_lp * mine)[:, None])
+    return (dz * inv_t).to(dtype)
+
+
+def _merge(m, s, t, picked, group):
+    """Combine the row statistics of the vocab shards of `group` (identity without a group)."""
     import torch.distributed as dist
 
-    T, V = hidden.shape[0], weight.shape[0]
+    if group is None:
+        return m, s, t, picked
+    top = m.clone()
+    _all_reduce(top, group, dist.ReduceOp.MAX)
+    scale = torch.where(s > 0, (m - top).exp(), 0.0)
+    both = torch.stack([s * scale, torch.where(s > 0, t + (m - top) * s, 0.0) * scale, picked])
+    _all_reduce(both, group)
+    return top, both[0], both[1], both[2]
+
+
+def _chunked_forward(hidden, weight, labels, temperature, chunk_size, group=None, start=0):
+    """`(logprobs, entropy, logsumexp)` over token chunks. With a `group`, `weight` holds the vocab rows
+    `[start, start + V)` of a vocab-sharded head and the row statistics are merged over the group."""
+    T = hidden.shape[0]
+    inv_t = 1.0 / temperature
     lse = hidden.new_zeros(T, dtype=torch.float32)
     logprobs, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
-        z = (hidden[s:e] @ weight.t()).float() / temperature
-        m = z.amax(-1) if V else z.new_full((e - s,), float("-inf"))
-        _all_reduce(m, group, dist.ReduceOp.MAX)
-        se = torch.exp(z - m[:, None]).sum(-1)
-        _all_reduce(se, group)
-        logp = (z - m[:, None]) - se.log()[:, None]  # as log_softmax rounds: no large z - lse cancellation
-        lse[s:e] = m + se.log()
-        y = labels[s:e].long() - start
-        mine = (y >= 0) & (y < V)
-        picked = logp.gather(1, y.clamp(0, max(V - 1, 0))[:, None]).squeeze(1) if V else logp.new_zeros(e - s)
-        both = torch.stack([torch.where(mine, picked, 0.0), -(logp.exp() * logp).sum(-1)])
-        _all_reduce(both, group)
+        z = _mm_f32(hidden[s:e], weight.t())
+        m, se, t, picked = _merge(*_row_stats(z, labels[s:e] - start, inv_t), group)
+        log_se = se.log()
         valid = labels[s:e] != IGNORE_INDEX
-        logprobs[s:e] = torch.where(valid, both[0], 0.0)
-        entropy[s:e] = torch.where(valid, both[1], 0.0)
+        lse[s:e] = m + log_se
+        logprobs[s:e] = torch.where(valid, (picked - m) - log_se, 0.0)
+        entropy[s:e] = torch.where(valid, log_se - t / se, 0.0)
     return logprobs, entropy, lse
+
+
+def _vocab_tile(T: int, V: int, chunk_size: int) -> int:
+    """Vocab rows per backward tile: `T x tile` logits are about `chunk_size x V` (a multiple of 128
+    where that large, for aligned matmuls)."""
+    tile = max(1, min(V, chunk_size * V // max(T, 1)))
+    return tile if tile < 128 or tile == V else tile // 128 * 128
 
 
 def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size,
                       group=None, start=0):
-    """`(d_hidden, d_weight)`, recomputing each chunk's logits; d_hidden is summed over the vocab shards."""
+    """`(d_hidden, d_weight)` over vocab tiles; d_hidden is summed over the vocab shards of `group`."""
     T, V = hidden.shape[0], weight.shape[0]
-    d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    for s in range(0, T, chunk_size):
-        e = min(s + chunk_size, T)
-        h = hidden[s:e]
-        logp = (h @ weight.t()).float() / temperature - lse[s:e, None]
-        p = logp.exp()
-        valid = (labels[s:e] != IGNORE_INDEX).float()
-        g_lp = grad_logprobs[s:e].float() * valid
-        g_ent = grad_entropy[s:e].float() * valid
-        dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[s:e, None]))
-        y = labels[s:e].long() - start
-        mine = (y >= 0) & (y < V)
-        if V:
-            dz.scatter_add_(1, y.clamp(0, V - 1)[:, None], (g_lp * mine)[:, None])
-        dz = (dz / temperature).to(hidden.dtype)
-        d_hidden[s:e] = dz @ weight
-        d_weight += (dz.t() @ h).float()
+    inv_t = 1.0 / temperature
+    valid = labels != IGNORE_INDEX
+    g_lp = torch.where(valid, grad_logprobs.float(), 0.0)
+    g_ent = torch.where(valid, grad_entropy.float(), 0.0)
+    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    d_weight = torch.empty_like(weight)
+    tile = _vocab_tile(T, V, chunk_size)
+    for v0 in range(0, V, tile):
+        w = weight[v0:v0 + tile]
+        z = _mm_f32(hidden, w.t())
+        dz = _dlogits(z, labels - (start + v0), lse, entropy, g_lp, g_ent, inv_t, hidden.dtype)
+        d_weight[v0:v0 + tile] = dz.t() @ hidden
+        d_hidden += _mm_f32(dz, w)
     _all_reduce(d_hidden, group)
-    return d_hidden, d_weight.to(weight.dtype)
+    return d_hidden.to(hidden.dtype), d_weight
 
 
 @torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import dtllama
 from dtllama.checkpoint import Checkpointer, TrainState
 from dtllama.hf_io import load_state_into
-from dtllama.ops import attention_backend, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
+from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
 from dtllama.parallel import AC_MODES, ParallelDims, clip_grad_norm_, parallelize
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instructions.txt")
@@ -148,7 +148,7 @@ def main(argv=None):
     else:
         load_state_into(model, source)
     log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
-        f"world {world} on {device.type}: {dims}; attention: {attention_backend(device)}")
+        f"world {world} on {device.type}: {dims}")
 
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     docs = load_documents(args.data, tokenizer, args.max_seq_len)

@@ -1,0 +1,78 @@
+"""Triton kernels of the fused log-probs/entropy (see `logprobs.py` for the math and the torch spec).
+
+`row_stats`: one program per row streams its fp32 logits once, keeping per-lane online max, sum of
+exp and sum of exp * (z - max), merged across lanes at the end. `dlogits`: an elementwise pass over a
+`[T, tile]` logits tile writing the logits gradient in the matmul dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 2048
+
+
+@triton.jit
+def _row_stats_kernel(Z, Y, M, S, TT, P, V, stride, inv_t, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = Z + row * stride
+    lane = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    t = tl.zeros([BLOCK], tl.float32)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + lane
+        mask = cols < V
+        z = tl.load(base + cols, mask=mask, other=float("-inf")) * inv_t
+        new = tl.maximum(m, z)
+        ref = tl.where(new == float("-inf"), 0.0, new)  # lanes that have seen nothing yet
+        a = tl.exp(m - ref)
+        e = tl.exp(z - ref)
+        t = a * (t + tl.where(s > 0, (m - ref) * s, 0.0)) + tl.where(mask, e * (z - ref), 0.0)
+        s = a * s + e
+        m = new
+    top = tl.max(m, axis=0)
+    a = tl.where(s > 0, tl.exp(m - top), 0.0)
+    s_row = tl.sum(a * s, axis=0)
+    t_row = tl.sum(a * (t + tl.where(s > 0, (m - top) * s, 0.0)), axis=0)
+    y = tl.load(Y + row)
+    mine = (y >= 0) & (y < V)
+    picked = tl.load(base + tl.where(mine, y, 0), mask=mine, other=0.0) * inv_t
+    tl.store(M + row, top)
+    tl.store(S + row, s_row)
+    tl.store(TT + row, t_row)
+    tl.store(P + row, tl.where(mine, picked, 0.0))
+
+
+@triton.jit
+def _dlogits_kernel(Z, DZ, Y, LSE, ENT, GLP, GENT, V, inv_t, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    z = tl.load(Z + row * V + cols, mask=mask, other=0.0)
+    logp = z * inv_t - tl.load(LSE + row)
+    g_lp = tl.load(GLP + row)
+    p = tl.exp(logp)
+    dz = -p * (g_lp + tl.load(GENT + row) * (logp + tl.load(ENT + row)))
+    dz = tl.where(cols == tl.load(Y + row), dz + g_lp, dz) * inv_t
+    tl.store(DZ + row * V + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+def row_stats(z: torch.Tensor, y: torch.Tensor, inv_t: float):
+    rows, V = z.shape
+    out = [torch.empty(rows, dtype=torch.float32, device=z.device) for _ in range(4)]
+    if rows:
+        _row_stats_kernel[(rows,)](z, y.contiguous(), *out, V, z.stride(0), inv_t, BLOCK=_BLOCK, num_warps=8)
+    return tuple(out)
+
+
+def dlogits(z, y, lse, entropy, g_lp, g_ent, inv_t: float, dtype: torch.dtype) -> torch.Tensor:
+    rows, V = z.shape
+    dz = torch.empty(z.shape, dtype=dtype, device=z.device)
+    if rows and V:
+        grid = (rows, triton.cdiv(V, _BLOCK))
+        _dlogits_kernel[grid](z, dz, y.contiguous(), lse, entropy, g_lp.contiguous(), g_ent.contiguous(), V, inv_t,
+                              BLOCK=_BLOCK, num_warps=8)
+    return dz
