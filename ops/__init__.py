@@ -1,7 +1,7 @@
 """Custom ops of dtllama: padding-free batches, attention dispatch, RMSNorm, fused log-probs."""
 
 from .attention import BACKENDS, attention_backend, set_attention_backend, varlen_attention
-from .logprobs import linear_logits, linear_logprobs_entropy
+from .logprobs import linear_cross_entropy, linear_logits, linear_logprobs_entropy
 from .rmpad import (
     IGNORE_INDEX,
     Packed,
@@ -17,6 +17,6 @@ from .rms_norm import rms_norm
 
 __all__ = [
     "BACKENDS", "IGNORE_INDEX", "Packed", "attention_backend", "check_packed", "cu_seqlens_from_lengths",
-    "linear_logits", "linear_logprobs_entropy", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "rms_norm", "set_attention_backend",
+    "linear_cross_entropy", "linear_logits", "linear_logprobs_entropy", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "rms_norm", "set_attention_backend",
     "shift_labels", "unpack", "varlen_attention",
 ]

@@ -34,8 +34,7 @@ def set_attention_backend(name: str) -> None:
     _backend = name
 
 
-@lru_cache(maxsize=None)
-def _has_flash_attn() -> bool:
+def _probe_flash_attn() -> bool:
     try:
         from flash_attn import flash_attn_varlen_func  # noqa: F401
     except ImportError:
@@ -43,13 +42,26 @@ def _has_flash_attn() -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
-def _has_torch_varlen() -> bool:
+def _probe_torch_varlen() -> frozenset[str] | None:
+    """The parameter names of `varlen_attn`, or None when this torch has none."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Probed once at import, so that compiled code reads constants instead of tracing imports.
+_FLASH_ATTN = _probe_flash_attn()
+_VARLEN_PARAMS = _probe_torch_varlen()
+
+
+def _has_flash_attn() -> bool:
+    return _FLASH_ATTN
+
+
+def _has_torch_varlen() -> bool:
+    return _VARLEN_PARAMS is not None
 
 
 def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -104,18 +116,11 @@ def _flash(q, k, v, cu_seqlens, max_seqlen, causal):
     return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal)
 
 
-@lru_cache(maxsize=None)
-def _varlen_params() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
     """`varlen_attn` took `is_causal` (torch 2.10/2.11); later versions take `window_size` and `enable_gqa`."""
     from torch.nn.attention.varlen import varlen_attn
 
-    cu, params, gqa = cu_seqlens.to(torch.int32), _varlen_params(), k.shape[1] != q.shape[1]
+    cu, params, gqa = cu_seqlens.to(torch.int32), _VARLEN_PARAMS, k.shape[1] != q.shape[1]
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)

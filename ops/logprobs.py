@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.experimental import register_sharding
 
 from .rmpad import IGNORE_INDEX
 
@@ -52,6 +54,14 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype():
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
+
+
+def _add_mm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """`acc += a @ b` into the fp32 `acc`, in the matmul's epilogue where the GPU supports it."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
 
 
 def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -146,8 +156,11 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, 
         w = weight[v0:v0 + tile]
         z = _mm_f32(hidden, w.t())
         dz = _dlogits(z, labels - (start + v0), lse, entropy, g_lp, g_ent, inv_t, hidden.dtype)
-        d_weight[v0:v0 + tile] = dz.t() @ hidden
-        d_hidden += _mm_f32(dz, w)
+        if d_weight.dtype == dz.dtype:
+            torch.mm(dz.t(), hidden, out=d_weight[v0:v0 + tile])
+        else:
+            d_weight[v0:v0 + tile] = dz.t() @ hidden
+        _add_mm_f32_(d_hidden, dz, w)
     _all_reduce(d_hidden, group)
     return d_hidden.to(hidden.dtype), d_weight
 
@@ -186,7 +199,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, labels, lse, entropy = ctx.saved_tensors
-    zeros = torch.zeros(hidden.shape[0], device=hidden.device)
+    zeros = torch.zeros_like(lse)  # a DTensor when the inputs are
     d_hidden, d_weight = _backward(
         (zeros if grad_logprobs is None else grad_logprobs).contiguous(),
         (zeros if grad_entropy is None else grad_entropy).contiguous(),
@@ -210,12 +223,38 @@ def linear_logprobs_entropy(
         raise ValueError(f"temperature={temperature} must be positive")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    if isinstance(weight, DTensor):
+    if isinstance(weight, DTensor) and any(p == Shard(0) for p in weight.placements):
         return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size)
+    if isinstance(hidden, DTensor) and not isinstance(labels, DTensor):
+        # Labels come whole; their slices follow the tokens of `hidden` (a local split, no communication).
+        labels = DTensor.from_local(labels, hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim,
+                                    run_check=False).redistribute(hidden.device_mesh, hidden.placements)
     logprobs, entropy, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
     return logprobs, entropy
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Mean next-token cross-entropy over the labels that are not -100 (SFT / pretraining loss), on the
+    same chunked machinery: no `[T, vocab]` logits. Sum it yourself from `linear_logprobs_entropy`
+    when the normalizer spans several ranks or micro-batches."""
+    logprobs, _ = linear_logprobs_entropy(hidden, weight, labels, 1.0, chunk_size)
+    return -logprobs.sum() / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+# Sequence / data parallel: tokens are independent rows, so `Shard(0)` of hidden, labels and the
+# per-token outputs is exact with a replicated weight, whose gradient is then a partial sum.
+@register_sharding(torch.ops.dtllama.linear_logprobs_entropy.default)
+def _(hidden, weight, labels, temperature, chunk_size):
+    return [([Shard(0)] * 3, [Shard(0), Replicate(), Shard(0), None, None]),
+            ([Replicate()] * 3, [Replicate()] * 3 + [None, None])]
+
+
+@register_sharding(torch.ops.dtllama.linear_logprobs_entropy_backward.default)
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size):
+    return [([Shard(0), Partial()], [Shard(0), Shard(0), Shard(0), Replicate(), Shard(0), Shard(0), Shard(0), None, None]),
+            ([Replicate(), Replicate()], [Replicate()] * 7 + [None, None])]
 
 
 # Vocab-parallel dispatch: the output weight is a DTensor sharded on the vocab dim (tensor parallel);

@@ -105,3 +105,63 @@ def test_pack_unpack_roundtrip_and_positions():
     labels = shift_labels(p.input_ids, p.cu_seqlens)
     assert labels[[2, 6, 12]].tolist() == [IGNORE_INDEX] * 3
     assert torch.equal(labels[:2], p.input_ids[1:3])
+
+
+def test_custom_ops_take_sequence_sharded_dtensors():
+    """Registered sharding strategies: tokens `Shard(0)` over 2 ranks, weights replicated; outputs stay
+    sharded and weight gradients (partial sums) reduce to the single-process ones. Tolerance: fp32
+    rounding of sums taken in a different order (1e-6 relative); the head's gradient sums signed
+    per-token terms over differently sized vocab tiles and cancels more (1e-5)."""
+    from pool import get_pool
+    from torch.distributed.tensor import Replicate, Shard
+
+    from ops_dtensor_job import run_rank
+
+    for rank_out in get_pool(2).run(run_rank, 0, 10, 24, 33):
+        assert rank_out["rms_norm placements"] == ((Shard(0),), (Replicate(),))
+        assert rank_out["logprobs placements"] == (Shard(0),)
+        assert max(rank_out["rms_norm"]) <= 1e-6, rank_out["rms_norm"]
+        assert max(rank_out["logprobs"][:3]) <= 1e-6 and rank_out["logprobs"][3] <= 1e-5, rank_out["logprobs"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), H=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
+def test_rms_norm_op_matches_autograd_of_hf_formula(rows, H, seed):
+    """The op's explicit backward against autograd through HF's formula, fp32. Tolerance: 1e-5 of the
+    terms that dx subtracts (dy * w * rstd; they cancel when a row is nearly one element)."""
+    from dtllama.ops import rms_norm
+
+    g = torch.Generator().manual_seed(seed)
+    x, w, dy = torch.randn(rows, H, generator=g), torch.rand(H, generator=g) + 0.5, torch.randn(rows, H, generator=g)
+    a, b = (x.clone().requires_grad_() for _ in range(2))
+    wa, wb = (w.clone().requires_grad_() for _ in range(2))
+    rms_norm(a, wa, 1e-6).backward(dy)
+    h = b * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + 1e-6)
+    ref = wb * h
+    ref.backward(dy)
+    terms = float((dy.abs() * w * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).max())
+    for got, want, scale in ((rms_norm(x, w, 1e-6), ref, 1.0), (a.grad, b.grad, terms), (wa.grad, wb.grad, 1.0)):
+        assert float((got - want).abs().max()) <= 1e-5 * max(scale, float(want.abs().max()))
+
+
+def test_rms_norm_and_linear_cross_entropy_compile_fullgraph():
+    from dtllama.ops import linear_cross_entropy, rms_norm
+
+    torch._dynamo.reset()
+    x, w = torch.randn(9, 8, requires_grad=True), torch.rand(8, requires_grad=True)
+    head, y = torch.randn(30, 8, requires_grad=True), torch.randint(0, 30, (9,))
+
+    def f(x, w, head, y):
+        return linear_cross_entropy(rms_norm(x, w, 1e-5), head, y, chunk_size=4)
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, head, y)
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, w, head)]
+    for t in (x, w, head):
+        t.grad = None
+    lp, _ = naive_logprobs_entropy(rms_norm(x, w, 1e-5), head, y)
+    ref = -lp.mean()
+    ref.backward()
+    assert abs(float(loss - ref)) <= 1e-6 * max(1.0, abs(float(ref)))
+    for got, t in zip(grads, (x, w, head)):
+        assert float((got - t.grad).abs().max()) <= 1e-5 * max(1.0, float(t.grad.abs().max()))

@@ -1,0 +1,156 @@
+"""CUDA paths of the custom ops (Triton kernels, varlen attention backends) against their CPU specs."""
+
+import pytest
+import torch
+
+from dtllama.ops import (
+    IGNORE_INDEX, cu_seqlens_from_lengths, linear_cross_entropy, linear_logprobs_entropy, rms_norm,
+    set_attention_backend, varlen_attention,
+)
+from dtllama.ops.attention import _has_flash_attn, _has_torch_varlen
+
+pytestmark = pytest.mark.gpu
+
+# bf16 keeps 8 bits of mantissa: one rounding of an output is up to 2^-8 relative to it, a few
+# roundings of the inputs of a reduction stay within 1e-2 of its largest value.
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def rel(a, b, floor=1e-30):
+    """Max error over the largest reference value (at least `floor`, for references that are ~0)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(floor))
+
+
+def fro(a, b):
+    """Relative error in the Frobenius norm."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def fp32_reference(x, w, dy, eps):
+    xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    h = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + eps)
+    y = wr * h
+    y.backward(dy.float())
+    return y, xr.grad, wr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 1000), (3000, 2048), (4096, 4096), (513, 8192), (64, 16384)])
+def test_rms_norm_triton_matches_fp32_reference(dtype, rows, hidden):
+    g = torch.Generator(device="cuda").manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype)
+    y = rms_norm(x, w, 1e-5)
+    y.backward(dy)
+    ref_y, ref_dx, ref_dw = fp32_reference(x, w, dy, 1e-5)
+    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == dtype
+    errs = [rel(y, ref_y), rel(x.grad, ref_dx), rel(w.grad, ref_dw)]
+    assert max(errs) <= TOL[dtype], errs
+
+
+def test_rms_norm_compiles_fullgraph_on_cuda():
+    torch._dynamo.reset()
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    f = torch.compile(lambda x, w: rms_norm(x * 2, w, 1e-5).sum(), fullgraph=True)
+    f(x, w).backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    rms_norm(x * 2, w, 1e-5).sum().backward()
+    assert rel(grads[0], x.grad) <= 1e-2 and rel(grads[1], w.grad) <= 1e-2
+
+
+def _backends():
+    return [b for b, ok in (("flash", _has_flash_attn()), ("varlen", _has_torch_varlen()), ("flex", True)) if ok]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("lengths", [[1], [1, 1, 1], [37, 1, 200, 5, 64], [2048]])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+def test_varlen_backends_match_sdpa_reference(backend, lengths, heads):
+    g = torch.Generator(device="cuda").manual_seed(len(lengths))
+    T, (hq, hkv) = sum(lengths), heads
+    q = torch.randn(T, hq, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(T, hkv, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    do = torch.randn(T, hq, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    cu = cu_seqlens_from_lengths(lengths, device="cuda")
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    try:
+        set_attention_backend("sdpa")
+        ref = varlen_attention(*ref_in, cu, max(lengths))
+        ref.backward(do.float())
+        set_attention_backend(backend)
+        out = varlen_attention(q, k, v, cu, max(lengths))
+        out.backward(do)
+    finally:
+        set_attention_backend("auto")
+    # bf16 inputs and outputs; gradients sum over up to 2048 keys. Length-1 sequences have exactly zero
+    # query/key gradients, so errors are relative to at least 1 (the scale of the random inputs).
+    errs = [rel(out, ref)] + [rel(t.grad, r.grad, floor=1.0) for t, r in zip((q, k, v), ref_in)]
+    assert max(errs) <= 2e-2, errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,V,chunk", [(300, 5000, 64), (1000, 32000, 1024), (7, 128256, 3)])
+def test_fused_logprobs_match_naive_fp32(dtype, T, V, chunk):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(T)
+    h = (torch.randn(T, 256, device="cuda", generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+    y[torch.rand(T, device="cuda", generator=g) < 0.2] = IGNORE_INDEX
+    g_lp, g_ent = torch.randn(T, device="cuda", generator=g), torch.randn(T, device="cuda", generator=g)
+    lp, ent = linear_logprobs_entropy(h, w, y, temperature=0.7, chunk_size=chunk)
+    (lp * g_lp + ent * g_ent).sum().backward()
+
+    hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    logp = torch.log_softmax(hr @ wr.t() / 0.7, -1)
+    valid = y != IGNORE_INDEX
+    ref_lp = torch.where(valid, logp.gather(1, y.clamp_min(0)[:, None]).squeeze(1), 0.0)
+    ref_ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    (ref_lp * g_lp + ref_ent * g_ent).sum().backward()
+    # Against naive fp32 on the same (rounded) inputs. Log-probs and entropy are fp32 from fp32 logits
+    # (straight from the matmul accumulator): 1e-3 (max error over max value) in bf16, 1e-5 in fp32
+    # (summation order on the GPU). Gradients come back in the inputs' dtype, and no bf16 tensor is
+    # within 1e-3 of fp32 elementwise (one rounding is up to 2^-8), so in bf16 they are held to 1e-3
+    # relative in the Frobenius norm on top of what rounding the exact gradient to bf16 costs.
+    tol = 1e-3 if dtype == torch.bfloat16 else 1e-5
+    assert rel(lp, ref_lp) <= tol and rel(ent, ref_ent) <= tol, (rel(lp, ref_lp), rel(ent, ref_ent))
+    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        if dtype == torch.float32:
+            assert rel(got, want) <= tol, rel(got, want)
+        else:
+            floor = fro(want.to(dtype), want)
+            assert fro(got, want) <= floor + tol, (fro(got, want), floor, rel(got, want))
+    assert bool((lp[~valid] == 0).all() and (ent[~valid] == 0).all())
+
+
+def test_ops_compile_fullgraph_on_cuda():
+    """All three ops in one `torch.compile(fullgraph=True)` (inductor): no graph break."""
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [100, 3, 400]
+    cu = cu_seqlens_from_lengths(lengths, device="cuda")
+    T = sum(lengths)
+    x = torch.randn(T, 512, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(512, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.randn(1000, 512, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 1000, (T,), device="cuda", generator=g)
+
+    def f(x, w, head, y):
+        h = rms_norm(x, w, 1e-5)
+        q = h.view(T, 8, 64)
+        a = varlen_attention(q, q[:, :2], q[:, :2], cu, max(lengths)).reshape(T, 512)
+        return linear_cross_entropy(a + x, head, y)
+
+    loss = torch.compile(f, fullgraph=True)(x, w, head, y)
+    loss.backward()
+    grads = [t.grad.clone() for t in (x, w, head)]
+    for t in (x, w, head):
+        t.grad = None
+    ref = f(x, w, head, y)
+    ref.backward()
+    assert abs(float(loss - ref)) <= 1e-2 * abs(float(ref))
+    assert max(rel(a, t.grad) for a, t in zip(grads, (x, w, head))) <= 2e-2
