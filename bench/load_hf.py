@@ -106,11 +106,12 @@ def load(folder: str) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
-    seconds, read_seconds = time.perf_counter() - t0, time.perf_counter() - t_read
+    seconds, read_seconds, setup_seconds = time.perf_counter() - t0, time.perf_counter() - t_read, t_read - t0
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, _rss_gib())
     if rank == 0:
-        _record({"mode": "load_fsdp", "world": dist.get_world_size(), "seconds": seconds, "read_seconds": read_seconds,
+        _record({"mode": "load_fsdp", "world": dist.get_world_size(), "seconds": seconds, "setup_seconds": setup_seconds,
+                 "read_seconds": read_seconds,
                  "peak_host_gib_per_rank": peaks})
     dist.destroy_process_group()
 
@@ -123,7 +124,8 @@ def report(out_dir: str) -> None:
     table = [
         ("checkpoint", f"{by['write']['flavor']}, bf16, {size:.1f} GiB in {by['write']['files']} files"),
         ("raw read (1 process)", f"{raw_s:.1f} s ({size / raw_s:.2f} GiB/s), peak host {by['raw']['peak_host_gib']:.1f} GiB"),
-        (f"load into FSDP2 ({by['load_fsdp']['world']} GPUs)", f"{load_s:.1f} s = {load_s / raw_s:.2f}x raw"),
+        (f"load into FSDP2 ({by['load_fsdp']['world']} GPUs)", f"{load_s:.1f} s = {load_s / raw_s:.2f}x raw "
+         f"(meta -> FSDP2 -> GPU memory {by['load_fsdp']['setup_seconds']:.1f} s, read {by['load_fsdp']['read_seconds']:.1f} s)"),
         ("peak host memory per rank", ", ".join(f"{g:.1f} GiB" for g in by["load_fsdp"]["peak_host_gib_per_rank"])),
     ]
     for k, v in table:
