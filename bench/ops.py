@@ -181,7 +181,7 @@ def step_bench(batch: int = 8, seq: int = 2048, flavor: str = "llama3.2-1b") -> 
     import transformers
 
     import dtllama
-    from dtllama.ops import set_attention_backend, shift_labels
+    from dtllama.ops import attention_backend, set_attention_backend, shift_labels
 
     config = dtllama.flavors[flavor]
     lengths = _padded_lengths(batch, seq, seed=1)
@@ -218,6 +218,14 @@ def step_bench(batch: int = 8, seq: int = 2048, flavor: str = "llama3.2-1b") -> 
                     "real tok/s": real / ms * 1e3, "MFU %": 100 * model_flops / ms / 1e9 / PEAK_TFLOPS,
                     "peak GiB": torch.cuda.max_memory_allocated() / GiB})
     set_attention_backend("auto")
+    from dtllama.parallel.compile import apply_compile
+
+    apply_compile(model)  # the recipe's --compile: each decoder layer compiled with fullgraph=True
+    torch.cuda.reset_peak_memory_stats()
+    ms = bench(packed_step, iters=10)
+    out.append({"Llama-3.2-1B step, 50% padding": f"dtllama packed, {attention_backend(torch.device('cuda'))}, "
+                "compiled layers", "ms": ms, "real tok/s": real / ms * 1e3,
+                "MFU %": 100 * model_flops / ms / 1e9 / PEAK_TFLOPS, "peak GiB": torch.cuda.max_memory_allocated() / GiB})
     del model, opt
     torch.cuda.empty_cache()
 
