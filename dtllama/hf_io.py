@@ -139,8 +139,8 @@ class PinnedHFReader(HuggingFaceStorageReader):
     vocab shard, a whole tensor) is read with `preadv` straight into a pinned host buffer and copied
     to the GPU asynchronously on the reader thread's own stream, then cast there. The stock path
     (safetensors slice -> pageable CPU tensor -> synchronous copy) serves the rest: CPU targets and
-    column shards. Each reader thread cycles two pinned buffers of `piece_bytes`, so host memory stays
-    at a few hundred MiB whatever the model size.
+    column shards. Each reader thread (up to 8) cycles two pinned buffers of `piece_bytes` (64 MiB), so
+    host memory stays at most 1 GiB whatever the model size.
     """
 
     def __init__(self, path: str, entries: dict[str, TensorEntry], thread_count: int = 1,
@@ -148,7 +148,6 @@ class PinnedHFReader(HuggingFaceStorageReader):
         super().__init__(path, thread_count=thread_count)
         self.entries = entries
         self.piece_bytes = piece_bytes
-        self._local = threading.local()
 
     def _process_read_request(self, f, req, planner) -> None:
         entry = self.entries.get(req.storage_index.fqn)
@@ -168,18 +167,25 @@ class PinnedHFReader(HuggingFaceStorageReader):
             _pread_into(self._fds[entry.file], buf.tensor[: n * row].numpy(), start + r * row, entry.file)
             with torch.cuda.stream(self._local.stream):
                 src = buf.tensor[: n * row].view(entry.dtype).view(n, *target.shape[1:])
-                target.narrow(0, r, n).copy_(src.to(target.device, non_blocking=True))
+                if src.dtype != target.dtype:
+                    src = src.to(target.device, non_blocking=True)  # cast on the GPU, not on the host
+                target.narrow(0, r, n).copy_(src, non_blocking=True)
                 buf.done.record()
+        # The default planner's commit does nothing with `target`; the copies land before read_data returns.
         planner.commit_tensor(req, target)
 
     def _buffer(self, device):
         """The next of this thread's two pinned buffers, once the copy out of it has finished."""
         local = self._local
         if not hasattr(local, "buffers"):
-            torch.cuda.set_device(device)  # a new thread starts on device 0, whatever the rank's device
-            local.stream = torch.cuda.Stream(device)
-            local.buffers = [_Pinned(self.piece_bytes) for _ in range(2)]
+            with torch.cuda.device(device):  # a new thread starts on device 0, whatever the target's device
+                local.stream = torch.cuda.Stream()
+                # After whatever the caller queued on the targets (allocation, casts): the default stream.
+                local.stream.wait_stream(torch.cuda.default_stream())
+                local.buffers = [_Pinned(self.piece_bytes) for _ in range(2)]
             local.turn = 0
+            with self._lock:
+                self._streams.append(local.stream)
         local.turn ^= 1
         buf = local.buffers[local.turn]
         buf.done.synchronize()
@@ -187,10 +193,11 @@ class PinnedHFReader(HuggingFaceStorageReader):
 
     def read_data(self, plan, planner):
         self._fds = {f: os.open(f, os.O_RDONLY) for f in {e.file for e in self.entries.values()}}
+        self._local, self._streams, self._lock = threading.local(), [], threading.Lock()
         try:
             fut = super().read_data(plan, planner)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # every reader stream's copies have landed
+            for stream in self._streams:
+                stream.synchronize()  # every reader's copies have landed
         finally:
             for fd in self._fds.values():
                 os.close(fd)

@@ -17,6 +17,11 @@ def available() -> bool:
     return True
 
 
+def use_triton(x) -> bool:
+    """Whether the CUDA kernels serve a tensor: it is on a CUDA device and Triton is available."""
+    return x.is_cuda and available()
+
+
 @lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     import torch

@@ -21,9 +21,10 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
+from ._triton import use_triton
 from .rmpad import IGNORE_INDEX
 
 
@@ -32,12 +33,6 @@ def _all_reduce(x: Tensor, group, op=None) -> None:
         import torch.distributed as dist
 
         dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
-
-
-def _triton(x: Tensor) -> bool:
-    from ._triton import available
-
-    return x.is_cuda and available()
 
 
 @lru_cache(maxsize=None)
@@ -67,7 +62,7 @@ def _add_mm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
 def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`(m, s, t, z_y)` of each row of the fp32 logits `z * inv_t`; `z_y` is 0 where the local label
     `y` is outside `[0, V)`."""
-    if _triton(z):
+    if use_triton(z):
         from ._logprobs_triton import row_stats
 
         return row_stats(z, y, inv_t)
@@ -87,7 +82,7 @@ def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tens
 def _dlogits(z: Tensor, y: Tensor, lse: Tensor, entropy: Tensor, g_lp: Tensor, g_ent: Tensor, inv_t: float,
              dtype: torch.dtype) -> Tensor:
     """Gradient of `sum(g_lp * logprob + g_ent * entropy)` w.r.t. the raw logits `z` (one vocab tile)."""
-    if _triton(z):
+    if use_triton(z):
         from ._logprobs_triton import dlogits
 
         return dlogits(z, y, lse, entropy, g_lp, g_ent, inv_t, dtype)
@@ -223,8 +218,9 @@ def linear_logprobs_entropy(
         raise ValueError(f"temperature={temperature} must be positive")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    if not torch.compiler.is_compiling():
+        _check_labels(labels, weight.shape[0])
     if isinstance(weight, DTensor) and any(p == Shard(0) for p in weight.placements):
         return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size)
     if isinstance(hidden, DTensor) and not isinstance(labels, DTensor):
@@ -233,6 +229,15 @@ def linear_logprobs_entropy(
                                     run_check=False).redistribute(hidden.device_mesh, hidden.placements)
     logprobs, entropy, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
     return logprobs, entropy
+
+
+def _check_labels(labels: Tensor, vocab_size: int) -> None:
+    """Labels are token ids in `[0, vocab)` or -100 (ignored); anything else would read a wrong log-prob."""
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"label {value} is outside the vocabulary [0, {vocab_size}) and is not {IGNORE_INDEX} "
+                         "(ignored); check the tokenizer or the label shift")
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -263,7 +268,6 @@ def _(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, tempera
 
 def _vocab_shard(weight):
     """`(local weight, process group, first vocab row of this rank)` of a vocab-sharded DTensor."""
-    from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = weight.device_mesh
@@ -274,7 +278,6 @@ def _vocab_shard(weight):
 
 
 def _all_tokens(hidden, mesh):
-    from torch.distributed.tensor import DTensor, Replicate
 
     return hidden.redistribute(mesh, [Replicate()]).to_local() if isinstance(hidden, DTensor) else hidden
 
@@ -307,7 +310,6 @@ def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size):
 
 def linear_logits(hidden: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
     """Full logits `hidden @ weight.T / temperature`; a vocab-sharded weight gives gathered logits."""
-    from torch.distributed.tensor import DTensor, Replicate
 
     if isinstance(weight, DTensor):
         mesh = weight.device_mesh

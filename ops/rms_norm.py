@@ -15,20 +15,16 @@ from torch import Tensor
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
+from ._triton import use_triton
+
 
 def _out_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _use_triton(x: Tensor) -> bool:
-    from ._triton import available
-
-    return x.is_cuda and available()
-
-
 @torch.library.custom_op("dtllama::rms_norm", mutates_args=())
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    if _use_triton(x):
+    if use_triton(x):
         from ._rms_norm_triton import forward
 
         return forward(x, weight, eps)
@@ -44,7 +40,7 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("dtllama::rms_norm_backward", mutates_args=())
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    if _use_triton(x):
+    if use_triton(x):
         from ._rms_norm_triton import backward
 
         return backward(dy, x, weight, rstd)

@@ -118,7 +118,7 @@ def test_custom_ops_take_sequence_sharded_dtensors():
     from ops_dtensor_job import run_rank
 
     for rank_out in get_pool(2).run(run_rank, 0, 10, 24, 33):
-        assert rank_out["rms_norm placements"] == ((Shard(0),), (Replicate(),))
+        assert rank_out["rms_norm placements"] == ((Shard(0),), (Shard(0),))  # output and input gradient
         assert rank_out["logprobs placements"] == (Shard(0),)
         assert max(rank_out["rms_norm"]) <= 1e-6, rank_out["rms_norm"]
         assert max(rank_out["logprobs"][:3]) <= 1e-6 and rank_out["logprobs"][3] <= 1e-5, rank_out["logprobs"]
@@ -165,3 +165,12 @@ def test_rms_norm_and_linear_cross_entropy_compile_fullgraph():
     assert abs(float(loss - ref)) <= 1e-6 * max(1.0, abs(float(ref)))
     for got, t in zip(grads, (x, w, head)):
         assert float((got - t.grad).abs().max()) <= 1e-5 * max(1.0, float(t.grad.abs().max()))
+
+
+def test_labels_outside_the_vocabulary_are_an_error():
+    import pytest
+
+    hidden, weight = torch.randn(3, 8), torch.randn(30, 8)
+    for bad in (30, 5000, -7):
+        with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary \\[0, 30\\)"):
+            linear_logprobs_entropy(hidden, weight, torch.tensor([1, bad, IGNORE_INDEX]))

@@ -7,14 +7,15 @@ import transformers
 from safetensors.torch import load_file
 
 import dtllama
-from dtllama.hf_io import PinnedHFReader, read_safetensors_index
+from dtllama import hf_io
+from dtllama.hf_io import PinnedHFReader, _pread_into, read_safetensors_index
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("piece_bytes", [4096, 64 * 2**20])  # many pieces per tensor, or whole tensors
-def test_pinned_reader_loads_bitwise_on_gpu(tmp_path, dtype, piece_bytes):
+def test_pinned_reader_loads_bitwise_on_gpu(tmp_path, monkeypatch, dtype, piece_bytes):
     config = transformers.LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -23,11 +24,14 @@ def test_pinned_reader_loads_bitwise_on_gpu(tmp_path, dtype, piece_bytes):
         model = dtllama.LlamaForCausalLM(dtllama.ModelConfig.from_hf(str(tmp_path)))
     model.to_empty(device="cuda").to(dtype)
     state = model.state_dict()
+    reads = []
+    monkeypatch.setattr(hf_io, "_pread_into", lambda *a: (reads.append(a[2]), _pread_into(*a)))
     dcp.load(state, storage_reader=PinnedHFReader(str(tmp_path), read_safetensors_index(str(tmp_path)), 4, piece_bytes),
              no_dist=True)
     files = {}
     for f in tmp_path.glob("*.safetensors"):
         files.update(load_file(f))
     assert set(files) == set(state)
+    assert len(reads) >= len(state)  # every tensor went through the pinned fast path
     for name, t in state.items():
         assert torch.equal(t.cpu(), files[name].to(dtype)), name
