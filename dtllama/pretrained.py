@@ -45,8 +45,11 @@ def smollm2_135m_instruct() -> str:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if not os.path.exists(dst):
-            os.replace(tmp, dst)
+        try:
+            os.rename(tmp, dst)  # atomic; fails if another process's conversion got there first
+        except OSError:
+            if not os.path.exists(os.path.join(dst, "config.json")):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
