@@ -112,7 +112,7 @@ def load_state_into(model, path: str) -> None:
         if name not in ckpt:
             missing.append(name)
             continue
-        fname, shape = ckpt[name][:2]
+        fname, shape = ckpt[name].file, ckpt[name].shape
         if tuple(t.shape) != shape:
             raise ValueError(
                 f"{fname}: tensor {name!r} has shape {list(shape)} but the config gives {list(t.shape)}; "

@@ -171,7 +171,6 @@ class _LlamaBase(nn.Module):
     def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
         """Run the decoder on packed tokens; returns hidden `[T, H]`, packed labels and how to re-pad."""
         padded = None
-        check = not torch.compiler.is_compiling()
         if input_ids.dim() == 2:
             B, S = input_ids.shape
             if cu_seqlens is not None:
@@ -188,7 +187,7 @@ class _LlamaBase(nn.Module):
                 raise ValueError("packed [T] input_ids need cu_seqlens (see dtllama.ops.pack)")
         else:
             raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
-        if check:
+        if not torch.compiler.is_compiling():
             check_packed(input_ids, position_ids, cu_seqlens, max_seqlen, self.config.vocab_size, labels)
         if position_ids is None:
             position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
@@ -265,7 +264,8 @@ class LlamaForCausalLM(_LlamaBase):
         if labels is None:
             out = CausalLMOutput(logits=linear_logits(h, self.output_weight, temperature))
         else:
-            lp, ent = linear_logprobs_entropy(h, self.output_weight, labels, temperature, chunk_size)
+            # check_packed already validated the labels
+            lp, ent = linear_logprobs_entropy(h, self.output_weight, labels, temperature, chunk_size, check=False)
             out = CausalLMOutput(logprobs=lp, entropy=ent)
         if padded is not None:
             for k in ("logits", "logprobs", "entropy"):

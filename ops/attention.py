@@ -117,7 +117,8 @@ def _flash(q, k, v, cu_seqlens, max_seqlen, causal):
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
-    """`varlen_attn` took `is_causal` (torch 2.10/2.11); later versions take `window_size` and `enable_gqa`."""
+    """Early `varlen_attn` took `is_causal`, torch 2.11 takes `window_size` (no `enable_gqa`: KV heads are
+    repeated for it), torch 2.13 takes both."""
     from torch.nn.attention.varlen import varlen_attn
 
     cu, params, gqa = cu_seqlens.to(torch.int32), _VARLEN_PARAMS, k.shape[1] != q.shape[1]

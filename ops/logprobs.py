@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 
 from ._triton import use_triton
-from .rmpad import IGNORE_INDEX
+from .rmpad import IGNORE_INDEX, check_labels
 
 
 def _all_reduce(x: Tensor, group, op=None) -> None:
@@ -44,16 +44,21 @@ def _has_mm_out_dtype() -> bool:
         return False
 
 
+def _fp32_epilogue(a: Tensor) -> bool:
+    """Whether a matmul of `a` can write fp32 straight from its accumulator (low precision on CUDA)."""
+    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype()
+
+
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """`a @ b` in fp32; low-precision CUDA inputs get fp32 straight from the matmul's accumulator."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype():
+    """`a @ b` in fp32."""
+    if _fp32_epilogue(a):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
 
 def _add_mm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """`acc += a @ b` into the fp32 `acc`, in the matmul's epilogue where the GPU supports it."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype():
+    """`acc += a @ b` into the fp32 `acc`."""
+    if _fp32_epilogue(a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += (a @ b).float()
@@ -207,9 +212,14 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def linear_logprobs_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024
+    hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`."""
+    """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`.
+
+    `check=False` skips validating the labels (one device sync), for callers that already did
+    (the model's `check_packed`).
+    """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
     if labels.shape != hidden.shape[:1]:
@@ -219,8 +229,8 @@ def linear_logprobs_entropy(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
 
-    if not torch.compiler.is_compiling():
-        _check_labels(labels, weight.shape[0])
+    if check and not torch.compiler.is_compiling():
+        check_labels(labels, weight.shape[0])
     if isinstance(weight, DTensor) and any(p == Shard(0) for p in weight.placements):
         return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size)
     if isinstance(hidden, DTensor) and not isinstance(labels, DTensor):
@@ -229,15 +239,6 @@ def linear_logprobs_entropy(
                                     run_check=False).redistribute(hidden.device_mesh, hidden.placements)
     logprobs, entropy, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
     return logprobs, entropy
-
-
-def _check_labels(labels: Tensor, vocab_size: int) -> None:
-    """Labels are token ids in `[0, vocab)` or -100 (ignored); anything else would read a wrong log-prob."""
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(f"label {value} is outside the vocabulary [0, {vocab_size}) and is not {IGNORE_INDEX} "
-                         "(ignored); check the tokenizer or the label shift")
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -278,7 +279,6 @@ def _vocab_shard(weight):
 
 
 def _all_tokens(hidden, mesh):
-
     return hidden.redistribute(mesh, [Replicate()]).to_local() if isinstance(hidden, DTensor) else hidden
 
 
@@ -310,7 +310,6 @@ def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size):
 
 def linear_logits(hidden: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
     """Full logits `hidden @ weight.T / temperature`; a vocab-sharded weight gives gathered logits."""
-
     if isinstance(weight, DTensor):
         mesh = weight.device_mesh
         if not isinstance(hidden, DTensor):

@@ -127,6 +127,17 @@ def check_packed(
         if lo < 0 or hi >= vocab_size:
             bad = hi if hi >= vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check the tokenizer")
+    if labels is not None:
+        check_labels(labels, vocab_size)
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Labels are token ids in `[0, vocab)` or -100 (ignored); anything else would read a wrong log-prob."""
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"label {value} is outside the vocabulary [0, {vocab_size}) and is not {IGNORE_INDEX} "
+                         "(ignored); check the tokenizer or the label shift")
 
 
 def pad_to_multiple(

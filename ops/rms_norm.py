@@ -88,6 +88,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim of `x` (any leading dims; DTensors must be 2-D `[T, hidden]`)."""
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} features but the norm weight has {weight.shape[0]}")
-    if x.dim() == 2:
+    if x.dim() == 2:  # the model's packed tokens, also as DTensors: no reshape to dispatch
         return _rms_norm(x.contiguous(), weight, float(eps))[0]
     return _rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, float(eps))[0].view(x.shape)

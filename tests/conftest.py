@@ -44,9 +44,14 @@ def family(request):
     return request.param
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max-abs difference over max-abs of the reference `b`."""
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """max|a - b| / max|b|, with `max|b|` raised to `floor` for values that are (near) zero by nature
+    (the absolute error where both are 0)."""
+    if not b.numel():
+        return 0.0
+    err = float((a.detach().double() - b.detach().double()).abs().max())
+    scale = max(float(b.detach().double().abs().max()), floor)
+    return err / scale if scale else err
 
 
 def pytest_collection_modifyitems(config, items):

@@ -71,6 +71,8 @@ def tiny():
          r"position_ids has shape \(9,\) but input_ids has \(10,\)"),
         (dict(input_ids=torch.tensor([1, 2, 512]), cu_seqlens=cu_seqlens_from_lengths([3])), r"token id 512 .*\[0, 512\)"),
         (dict(input_ids=torch.tensor([1, -3]), cu_seqlens=cu_seqlens_from_lengths([2])), r"token id -3"),
+        (dict(input_ids=torch.tensor([1, 2]), cu_seqlens=cu_seqlens_from_lengths([2]), labels=torch.tensor([600, -100])),
+         r"label 600 is outside the vocabulary \[0, 512\)"),
         (dict(input_ids=torch.arange(4)), "need cu_seqlens"),
         (dict(input_ids=torch.arange(4), cu_seqlens=torch.tensor([0, 3, 2, 4], dtype=torch.int32)), "non-decreasing"),
         (dict(input_ids=torch.arange(4).view(2, 2), attention_mask=torch.ones(2, 3)), "attention_mask shape"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
+from conftest import rel_err as rel
 from hypothesis import strategies as st
 from parallel_cases import reference, run_rank, validate_rank
 from pool import get_pool
@@ -26,15 +27,6 @@ from dtllama.parallel import ParallelDims, valid_tp_degrees
 # relative to the largest value leaves ~100 ulps of headroom (DESIGN: "rel. error ~1e-5").
 TOL = 1e-5
 PROPERTY_SETTINGS = settings(max_examples=160, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
-    """max|a - b| / max|b|, with `max|b|` raised to `floor` for values that are (near) zero by nature."""
-    if not b.numel():
-        return 0.0
-    scale = max(float(b.abs().max()), floor)
-    err = float((a - b).abs().max())
-    return err / scale if scale else err
 
 
 @st.composite

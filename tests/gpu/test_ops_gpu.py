@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import rel_err as rel
 
 from dtllama.ops import (
     IGNORE_INDEX, cu_seqlens_from_lengths, linear_cross_entropy, linear_logprobs_entropy, rms_norm,
@@ -14,11 +15,6 @@ pytestmark = pytest.mark.gpu
 # bf16 keeps 8 bits of mantissa: one rounding of an output is up to 2^-8 relative to it, a few
 # roundings of the inputs of a reduction stay within 1e-2 of its largest value.
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def rel(a, b, floor=1e-30):
-    """Max error over the largest reference value (at least `floor`, for references that are ~0)."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(floor))
 
 
 def fro(a, b):
