@@ -11,6 +11,7 @@ time and peak host memory (max RSS) per process.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -87,15 +88,23 @@ def load(folder: str) -> None:
     from dtllama.hf_io import load_state_into
     from dtllama.parallel import ParallelDims, parallelize
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    rank = dist.get_rank()
     config = dtllama.ModelConfig.from_hf(folder)
     dims = ParallelDims().resolve(dist.get_world_size(), config)
     mesh = dims.build_mesh(device.type)
-    dist.barrier()
+    # Process start-up is not loading, so it happens before the clock and is reported apart:
+    # - torch 2.11 imports torch._dynamo lazily, at the first call of a function wrapped in
+    #   `torch._disable_dynamo` (about 2 s, while the model is built); torch 2.13 imports it with torch.
+    # - the first NCCL collective sets up the communicator and returns before it finishes, so every
+    #   rank waits for a completed barrier.
+    t_start = time.perf_counter()
+    importlib.import_module("torch._dynamo")
+    _barrier(cuda)
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config)
@@ -103,17 +112,25 @@ def load(folder: str) -> None:
     model.to_empty(device=device)  # fp32 master weights; the bf16 file values are cast on copy
     t_read = time.perf_counter()
     load_state_into(model, folder)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier()
+    _barrier(cuda)
     seconds, read_seconds, setup_seconds = time.perf_counter() - t0, time.perf_counter() - t_read, t_read - t0
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, _rss_gib())
     if rank == 0:
         _record({"mode": "load_fsdp", "world": dist.get_world_size(), "seconds": seconds, "setup_seconds": setup_seconds,
-                 "read_seconds": read_seconds,
-                 "peak_host_gib_per_rank": peaks})
+                 "read_seconds": read_seconds, "startup_seconds": t0 - t_start, "peak_host_gib_per_rank": peaks})
     dist.destroy_process_group()
+
+
+def _barrier(cuda: bool) -> None:
+    """A barrier that has completed on the GPU too, so the clock brackets only finished work."""
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    if cuda:
+        torch.cuda.synchronize()
 
 
 def report(out_dir: str) -> None:
@@ -126,11 +143,14 @@ def report(out_dir: str) -> None:
         ("raw read (1 process)", f"{raw_s:.1f} s ({size / raw_s:.2f} GiB/s), peak host {by['raw']['peak_host_gib']:.1f} GiB"),
         (f"load into FSDP2 ({by['load_fsdp']['world']} GPUs)", f"{load_s:.1f} s = {load_s / raw_s:.2f}x raw "
          f"(meta -> FSDP2 -> GPU memory {by['load_fsdp']['setup_seconds']:.1f} s, read {by['load_fsdp']['read_seconds']:.1f} s)"),
+        ("process start-up before the clock", f"{by['load_fsdp']['startup_seconds']:.1f} s (import torch._dynamo, first barrier); "
+         f"counted in: {(load_s + by['load_fsdp']['startup_seconds']) / raw_s:.2f}x raw"),
         ("peak host memory per rank", ", ".join(f"{g:.1f} GiB" for g in by["load_fsdp"]["peak_host_gib_per_rank"])),
     ]
     for k, v in table:
         print(f"| {k} | {v} |")
     print(json.dumps({"gib": size, "raw_s": raw_s, "load_s": load_s, "ratio": load_s / raw_s,
+                      "startup_s": by["load_fsdp"]["startup_seconds"],
                       "peak_host_gib_per_rank": by["load_fsdp"]["peak_host_gib_per_rank"]}))
 
 
