@@ -76,10 +76,15 @@ def test_any_layout_matches_single_device(case):
     outs, grads, params, norm = reference(config, seqs, labels, seed, value)
     dims = ParallelDims(**layout).resolve(world, dtllama.ModelConfig(**config))
     for rank, r in enumerate(results):
-        # (a) forward outputs of this rank's sequences.
+        # (a) forward outputs of this rank's sequences. A value is one dot product of a unit-RMS
+        # hidden state with the head's weights, which can cancel to far below its terms (a value of
+        # 0.01 from terms of 0.2): values are compared at the scale of their spread at init,
+        # initializer_range * sqrt(hidden_size).
+        value_floor = config["initializer_range"] * config["hidden_size"] ** 0.5
         for key, per_seq in r["outs"].items():
             for j, i in enumerate(r["indices"]):
-                assert rel(per_seq[j], outs[key][i]) <= TOL, (rank, key, i)
+                floor = value_floor if key == "values" else 0.0
+                assert rel(per_seq[j], outs[key][i], floor) <= TOL, (rank, key, i)
         # (b) gradients and parameters after one AdamW step, gathered with full_tensor().
         # Some gradients are zero in exact arithmetic (q and k when no labelled token attends to
         # more than one key; k biases up to RoPE), leaving only rounding noise of the backward's
