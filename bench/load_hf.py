@@ -35,38 +35,30 @@ def _rss_gib() -> float:
 
 
 def write(folder: str, flavor: str = "llama3.1-8b", shard_bytes: int = 5 * 2**30) -> None:
-    """Random bf16 weights with the flavor's shapes, written tensor by tensor (never the whole model)."""
+    """Random bf16 weights with the flavor's shapes, written file by file (never the whole model), laid
+    out as `save_pretrained` lays them out."""
     from safetensors.torch import save_file
 
+    from dtllama.hf_io import _shard_index, _write_metadata
+
     config = dtllama.flavors[flavor]
-    config.torch_dtype = "bfloat16"
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in dtllama.LlamaForCausalLM(config).state_dict().items()}
+        model = dtllama.LlamaForCausalLM(config).to(torch.bfloat16)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    index = _shard_index(model.state_dict(), shard_bytes)
+    n_files = max(index.values())
+    weight_map = {k: f"model-{i:05d}-of-{n_files:05d}.safetensors" for k, i in index.items()}
     os.makedirs(folder, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    files, current, used = [], {}, 0
-    weight_map = {}
-
-    def flush():
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(current, os.path.join(folder, name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update(dict.fromkeys(current, name))
-
-    for k, shape in shapes.items():
-        t = (torch.randn(shape, device=dev, dtype=torch.bfloat16) * 0.02).cpu()
-        if used and used + t.numel() * 2 > shard_bytes:
-            flush()
-            current, used = {}, 0
-        current[k] = t
-        used += t.numel() * 2
-    flush()
+    for i in range(1, n_files + 1):
+        names = [k for k, j in index.items() if j == i]
+        tensors = {k: (torch.randn(shapes[k], device=dev, dtype=torch.bfloat16) * 0.02).cpu() for k in names}
+        save_file(tensors, os.path.join(folder, weight_map[names[0]]), metadata={"format": "pt"})
     total = sum(s.numel() for s in shapes.values()) * 2
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f)
-    _record({"mode": "write", "flavor": flavor, "bytes": total, "files": len(files)})
+    _write_metadata(folder, config, model.hf_architecture, torch.bfloat16, None)
+    _record({"mode": "write", "flavor": flavor, "bytes": total, "files": n_files})
 
 
 def raw(folder: str) -> None:

@@ -131,14 +131,8 @@ def _padded_lengths(batch: int, seq: int, seed: int = 0) -> list[int]:
     return [seq] + lengths
 
 
-def _backends() -> list[str]:
-    from dtllama.ops.attention import _has_flash_attn, _has_torch_varlen
-
-    return [b for b, ok in (("flash", _has_flash_attn()), ("varlen", _has_torch_varlen()), ("flex", True)) if ok]
-
-
 def attention_bench(batch: int = 8, seq: int = 2048, hq: int = 32, hkv: int = 8, d: int = 64) -> list[dict]:
-    from dtllama.ops import cu_seqlens_from_lengths, set_attention_backend, varlen_attention
+    from dtllama.ops import cu_seqlens_from_lengths, cuda_backends, set_attention_backend, varlen_attention
 
     lengths = _padded_lengths(batch, seq)
     T = sum(lengths)
@@ -147,7 +141,7 @@ def attention_bench(batch: int = 8, seq: int = 2048, hq: int = 32, hkv: int = 8,
                for h in (hq, hkv, hkv))
     flops = 3 * sum(2 * 2 * n * n / 2 * hq * d for n in lengths)  # causal, forward + 2x backward
     out = []
-    for name in _backends():
+    for name in cuda_backends():
         set_attention_backend(name)
 
         def step():
@@ -181,7 +175,9 @@ def step_bench(batch: int = 8, seq: int = 2048, flavor: str = "llama3.2-1b") -> 
     import transformers
 
     import dtllama
-    from dtllama.ops import attention_backend, set_attention_backend, shift_labels
+    from dtllama.ops import (
+        attention_backend, cu_seqlens_from_lengths, cuda_backends, set_attention_backend, shift_labels,
+    )
 
     config = dtllama.flavors[flavor]
     lengths = _padded_lengths(batch, seq, seed=1)
@@ -192,7 +188,7 @@ def step_bench(batch: int = 8, seq: int = 2048, flavor: str = "llama3.2-1b") -> 
     for i, n in enumerate(lengths):
         attn[i, :n] = 1
     packed_ids = ids[attn.bool()]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = cu_seqlens_from_lengths(lengths, device="cuda")
     labels = shift_labels(packed_ids, cu)
     n_params = config.num_params()
     attn_flops = sum(n * n for n in lengths) * 2 * config.hidden_size * config.num_hidden_layers * 3  # causal
@@ -210,7 +206,7 @@ def step_bench(batch: int = 8, seq: int = 2048, flavor: str = "llama3.2-1b") -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for name in _backends():
+    for name in cuda_backends():
         set_attention_backend(name)
         torch.cuda.reset_peak_memory_stats()
         ms = bench(packed_step, iters=10)

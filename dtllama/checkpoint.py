@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .fsutil import _rank, on_rank0, replace_dir
+from .fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
@@ -34,7 +34,7 @@ class TrainState(Stateful):
         self.with_rng = True  # False when loading a checkpoint written by another world size
 
     def _rng_key(self) -> str:
-        return f"rng.{_rank()}of{dist.get_world_size() if dist.is_initialized() else 1}"
+        return f"rng.{rank()}of{dist.get_world_size() if dist.is_initialized() else 1}"
 
     def state_dict(self):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)

@@ -8,16 +8,17 @@ checkpoint (`step-N`, whose model sits under `train.model.`) is exported by the 
 
 A DCP folder holds the model's state dict (HF names) plus the `config.json` it came with. Either
 direction checks the source before anything is written, writes beside the destination and renames
-into place, so a failed conversion leaves nothing behind. Runs in one process; the model is held once.
+into place, so a failed conversion leaves nothing behind. Runs in one process (not under a process
+group); the model is held once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -26,23 +27,23 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
 from .config import ModelConfig
-from .hf_io import load_pretrained, replace_dir
+from .fsutil import staged_dir
+from .hf_io import load_pretrained
 from .model import LlamaForCausalLM, LlamaForValue
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Progress:
-    """A one-line progress bar over bytes, on rank 0's stderr."""
+    """A one-line progress bar over bytes, on stderr."""
 
     def __init__(self, label: str, total: int):
         self.label, self.total, self.done, self.t0 = label, max(total, 1), 0, time.perf_counter()
-        self.show = not dist.is_initialized() or dist.get_rank() == 0
 
     def add(self, nbytes: int) -> None:
         before = int(100 * self.done / self.total)
         self.done += nbytes
-        if self.show and int(100 * self.done / self.total) != before:  # redraw once per percent
+        if int(100 * self.done / self.total) != before:  # redraw once per percent
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(30 * frac)
             sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f}% {self.done / 2**30:.2f}/"
@@ -84,30 +85,26 @@ def _nbytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def hf_to_dcp(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
-    import json
+def _one_process() -> None:
+    if dist.is_initialized():
+        raise RuntimeError("dtllama.convert runs in one process; call it outside torchrun / a process group "
+                           "(load_state_into and save_pretrained read and write HF folders from any layout)")
 
+
+def hf_to_dcp(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
+    _one_process()
     with open(os.path.join(src, "config.json")) as f:
         raw = json.load(f)
     dtype = dtype or getattr(torch, ModelConfig.from_hf(raw).torch_dtype)
     model = load_pretrained(_model_class(raw), src, dtype=dtype)  # validates shapes, files, truncation first
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
-    try:
-        state = model.state_dict()
-        dcp.save(state, checkpoint_id=tmp, planner=_ProgressSavePlanner(_Progress("writing DCP", _nbytes(model))),
-                 no_dist=not dist.is_initialized())
+    with staged_dir(dst) as tmp:
+        dcp.save(model.state_dict(), checkpoint_id=tmp, no_dist=True,
+                 planner=_ProgressSavePlanner(_Progress("writing DCP", _nbytes(model))))
         shutil.copy(os.path.join(src, "config.json"), tmp)
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def dcp_to_hf(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
-    import json
-
+    _one_process()
     cfg_path = os.path.join(src, "config.json")
     if not os.path.exists(cfg_path) or not os.path.exists(os.path.join(src, ".metadata")):
         raise FileNotFoundError(f"{src!r} is not a dtllama DCP folder (needs .metadata and config.json)")
@@ -117,14 +114,15 @@ def dcp_to_hf(src: str, dst: str, dtype: torch.dtype | None = None) -> None:
     with torch.device("meta"):
         model = _model_class(raw)(config)
     model.to_empty(device="cpu")
+    # Checked here, before DCP plans the read, for an error naming the folder and the tensor.
     saved = dcp.FileSystemReader(src).read_metadata().state_dict_metadata
     for name, t in model.state_dict().items():
         if name not in saved:
             raise ValueError(f"{src}: tensor {name!r} is missing from the checkpoint")
         if tuple(saved[name].size) != tuple(t.shape):
             raise ValueError(f"{src}: tensor {name!r} has shape {list(saved[name].size)}, config gives {list(t.shape)}")
-    dcp.load(model.state_dict(), checkpoint_id=src, planner=_ProgressLoadPlanner(_Progress("reading DCP", _nbytes(model))),
-             no_dist=not dist.is_initialized())
+    dcp.load(model.state_dict(), checkpoint_id=src, no_dist=True,
+             planner=_ProgressLoadPlanner(_Progress("reading DCP", _nbytes(model))))
     model.reset_buffers()
     model.save_pretrained(dst, dtype=dtype or getattr(torch, config.torch_dtype))
 

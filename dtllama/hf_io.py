@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from .config import ModelConfig
-from .fsutil import on_rank0, replace_dir
+from .fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -244,35 +244,29 @@ def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_byt
     """
     path = os.fspath(path)
     distributed = dist.is_initialized()
-    rank0 = not distributed or dist.get_rank() == 0
     state = {k: (v.to(dtype) if dtype is not None else v) for k, v in model.state_dict().items()}
     parent = os.path.dirname(os.path.abspath(path))
-    tmp = [None]
 
     def make_tmp():
         os.makedirs(parent, exist_ok=True)
-        tmp[0] = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+        return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
 
-    on_rank0(make_tmp)
-    if distributed:
-        dist.broadcast_object_list(tmp, src=0)
-    tmp = tmp[0]
+    def finish():
+        shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)
+        dtypes = {t.dtype for t in state.values()}
+        _write_metadata(tmp, model.config, model.hf_architecture, dtypes.pop() if len(dtypes) == 1 else None, source)
+        replace_dir(tmp, path)
+
+    tmp = on_rank0(make_tmp)
     try:
         writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=_shard_index(state, max_shard_bytes),
                                           save_distributed=distributed, enable_consolidation=distributed)
         dcp.save(state, storage_writer=writer, no_dist=not distributed)
-        if rank0:
-            shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)
-            dtypes = {t.dtype for t in state.values()}
-            _write_metadata(tmp, model.config, model.hf_architecture, dtypes.pop() if len(dtypes) == 1 else None, source)
-            replace_dir(tmp, path)
+        on_rank0(finish)
     except BaseException:
-        if rank0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if distributed:
-            dist.barrier()
 
 
 def _write_metadata(folder: str, config: ModelConfig, architecture: str, dtype: torch.dtype | None,

@@ -23,6 +23,11 @@ from dtllama.ops import rms_norm, unpack, varlen_attention
 from .config import ModelConfig
 
 
+def hf_name(name: str) -> str:
+    """A parameter's HF name: without the prefixes wrappers add (activation checkpointing, compile)."""
+    return name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -206,8 +211,7 @@ class _LlamaBase(nn.Module):
         """
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            # Wrappers (activation checkpointing, compile) add prefixes the HF name does not have.
-            name = name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+            name = hf_name(name)
             if names is not None and name not in names:
                 continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

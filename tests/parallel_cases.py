@@ -12,16 +12,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import dtllama
+from dtllama.model import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
 from dtllama.parallel import ParallelDims, clip_grad_norm_, parallelize
 
 ENTROPY_WEIGHT = 0.01
 LR = 1e-2
 _MESHES: dict = {}
-
-
-def _strip(name: str) -> str:
-    return name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
 
 
 def build(config: dtllama.ModelConfig, value: bool):
@@ -55,7 +52,7 @@ def step(model, loss):
     grads = {}
     for n, p in model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        grads[_strip(n)] = g.detach().clone()
+        grads[hf_name(n)] = g.detach().clone()
     norm = clip_grad_norm_(model.parameters(), max_norm=1e9)  # only measures: nothing is clipped
     # Adam's first step is lr * g / (|g| + eps): a gradient rounding error dg moves a parameter by up
     # to lr * dg / eps. fp32 gradients of different summation orders differ by ~1e-8 here, so eps=1e-3
@@ -64,7 +61,7 @@ def step(model, loss):
     opt.step()
     params = {}
     for n, p in model.named_parameters():
-        params[_strip(n)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        params[hf_name(n)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
     return grads, params, float(norm)
 
 
@@ -82,9 +79,9 @@ def placements(model) -> dict[str, tuple]:
     out = {}
     for n, p in model.named_parameters():
         if isinstance(p, DTensor):
-            out[_strip(n)] = (tuple(p.device_mesh.mesh_dim_names), tuple(str(x) for x in p.placements))
+            out[hf_name(n)] = (tuple(p.device_mesh.mesh_dim_names), tuple(str(x) for x in p.placements))
         else:
-            out[_strip(n)] = None
+            out[hf_name(n)] = None
     return out
 
 

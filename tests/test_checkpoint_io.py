@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from conftest import hf_model
+from helpers import rel_err, torchrun
 
 import dtllama
 from dtllama.ops import cu_seqlens_from_lengths
@@ -89,18 +91,18 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     model.save_pretrained(tmp_path / "ok")
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     # Config disagrees with the tensors.
-    os.system(f"cp -r {tmp_path / 'ok'} {tmp_path / 'shape'}")
+    shutil.copytree(tmp_path / "ok", tmp_path / "shape")
     (tmp_path / "shape" / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))
     with pytest.raises(ValueError, match=r"model-00001-of-00001.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight'"):
         dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "shape")
     # Truncated file.
-    os.system(f"cp -r {tmp_path / 'ok'} {tmp_path / 'cut'}")
+    shutil.copytree(tmp_path / "ok", tmp_path / "cut")
     f = tmp_path / "cut" / "model-00001-of-00001.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "cut")
     # Unsupported architecture.
-    os.system(f"cp -r {tmp_path / 'ok'} {tmp_path / 'arch'}")
+    shutil.copytree(tmp_path / "ok", tmp_path / "arch")
     (tmp_path / "arch" / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "arch")
@@ -109,9 +111,6 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
 def test_smollm2_through_a_parallel_layout_round_trips_bitwise(tmp_path):
     """SmolLM2 -> dtllama on tp=3 x dp_shard=2 (its 9 heads rule out tp=2) -> export: every tensor
     bitwise equal to the source, and transformers gives the source's logits on the export."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -119,11 +118,8 @@ def test_smollm2_through_a_parallel_layout_round_trips_bitwise(tmp_path):
 
     src = smollm2_135m_instruct()
     dst = tmp_path / "export"
-    job = os.path.join(os.path.dirname(__file__), "hf_layout_job.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "6", job, src, str(dst),
-           json.dumps({"dp_shard": 2, "tp": 3})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(6, os.path.join(os.path.dirname(__file__), "hf_layout_job.py"), src, str(dst),
+             json.dumps({"dp_shard": 2, "tp": 3}))
     files = sorted(f for f in os.listdir(dst) if f.endswith(".safetensors"))
     assert len(files) > 1 and (dst / "tokenizer.json").exists()
     exported = {k: v for f in files for k, v in load_file(dst / f).items()}
@@ -135,7 +131,7 @@ def test_smollm2_through_a_parallel_layout_round_trips_bitwise(tmp_path):
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)(input_ids=ids).logits
-    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert rel_err(got, ref) <= 1e-5
 
 
 def test_convert_cli_round_trip_and_bad_sources_write_nothing(tmp_path):

@@ -1,12 +1,13 @@
 """Training-state checkpoints: exact resume on the same mesh, resharded resume on another, crash safety."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from test_train_recipe import train
+from helpers import train
 
 COMMON = ("--steps", "6", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf", "")
 
@@ -18,7 +19,7 @@ def test_resume_on_the_same_mesh_is_bitwise_and_on_another_within_1e6(tmp_path):
                   "--async-checkpoint")  # dcp.async_save, committed by wait() before exit
     assert sorted(os.listdir(ckpt)) == ["step-3"]
     ckpt4 = str(tmp_path / "ckpt4")
-    os.system(f"cp -r {ckpt} {ckpt4}")
+    shutil.copytree(ckpt, ckpt4)
     second = train(tmp_path, 2, *COMMON, "--dp-shard", "2", "--checkpoint-dir", ckpt, "--resume")
     assert [r["step"] for r in first + second] == list(range(1, 7))
     # Same mesh, new process group: model, AdamW moments, LR schedule and data position all restored.
@@ -51,6 +52,8 @@ for step in range(1, 1000):
 
 
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    import torch
+
     import dtllama
     from dtllama.checkpoint import Checkpointer, TrainState
 
@@ -73,7 +76,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     cfg = dtllama.flavors["debug"]
     cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 256, 1024, 8
     model = dtllama.LlamaForCausalLM(cfg)
-    opt = __import__("torch").optim.AdamW(model.parameters())
+    opt = torch.optim.AdamW(model.parameters())
     state = TrainState(model, opt, extra={"step": 0})
     assert ckpt.load_latest(state) == steps[-1]
     assert state.extra["step"] == steps[-1]

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import hf_model, rel_err
+from conftest import hf_model
+from helpers import rel_err
 
 import dtllama
 from dtllama.ops import cu_seqlens_from_lengths, pack

@@ -12,10 +12,12 @@ fresh examples. A failing example fails the test; a hung one times out in the po
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
-from conftest import rel_err as rel
+from helpers import rel_err as rel
 from hypothesis import strategies as st
 from parallel_cases import reference, run_rank, validate_rank
 from pool import get_pool
@@ -146,11 +148,6 @@ def test_invalid_layouts_raise_before_any_collective(world, heads, tp, dp_shard)
         dims.resolve(world, config)
     # The same layout on a live pool: every rank stops at validation with the same message, so no
     # rank is left waiting in a collective (the pool would time out).
-    messages = get_pool(world).run(validate_rank, config_dict(config), dict(dp_shard=dp_shard, tp=tp))
+    messages = get_pool(world).run(validate_rank, dataclasses.asdict(config), dict(dp_shard=dp_shard, tp=tp))
     assert all(m is not None and m == messages[0] for m in messages), messages
 
-
-def config_dict(config: dtllama.ModelConfig) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 import dtllama
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, shift_labels

@@ -1,27 +1,10 @@
 """The main job end to end: torchrun, 2 processes, FSDP2 over gloo, export, transformers load."""
 
-import json
-import os
-import subprocess
-import sys
-
 import torch
-from conftest import rel_err
+from helpers import rel_err, train
 
 import dtllama
 from dtllama.ops import cu_seqlens_from_lengths
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train(tmp_path, nproc: int, *args: str) -> list[dict]:
-    """Run the main job under torchrun; returns its per-step metrics."""
-    metrics = tmp_path / f"metrics-{len(list(tmp_path.glob('metrics-*')))}.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", "--metrics", str(metrics), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
 def test_train_recipe_loss_falls_and_export_loads_in_transformers(tmp_path):

@@ -24,14 +24,15 @@ def test_pinned_reader_loads_bitwise_on_gpu(tmp_path, monkeypatch, dtype, piece_
         model = dtllama.LlamaForCausalLM(dtllama.ModelConfig.from_hf(str(tmp_path)))
     model.to_empty(device="cuda").to(dtype)
     state = model.state_dict()
-    reads = []
-    monkeypatch.setattr(hf_io, "_pread_into", lambda *a: (reads.append(a[2]), _pread_into(*a)))
-    dcp.load(state, storage_reader=PinnedHFReader(str(tmp_path), read_safetensors_index(str(tmp_path)), 4, piece_bytes),
-             no_dist=True)
+    reads = set()  # (file, offset) of every pinned read
+    monkeypatch.setattr(hf_io, "_pread_into", lambda fd, out, offset, name: (reads.add((name, offset)),
+                                                                            _pread_into(fd, out, offset, name)))
+    entries = read_safetensors_index(str(tmp_path))
+    dcp.load(state, storage_reader=PinnedHFReader(str(tmp_path), entries, 4, piece_bytes), no_dist=True)
     files = {}
     for f in tmp_path.glob("*.safetensors"):
         files.update(load_file(f))
     assert set(files) == set(state)
-    assert len(reads) >= len(state)  # every tensor went through the pinned fast path
+    assert {(e.file, e.begin) for e in entries.values()} <= reads  # every tensor took the pinned fast path
     for name, t in state.items():
         assert torch.equal(t.cpu(), files[name].to(dtype)), name

@@ -2,26 +2,18 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import train as train_job
 
 pytestmark = pytest.mark.gpu
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAVOR = os.environ.get("DTLLAMA_GPU_FLAVOR", "llama3.2-1b")
 
 
 def train(tmp_path, nproc, *args):
-    metrics = tmp_path / f"metrics-{len(list(tmp_path.glob('metrics-*')))}.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.join(ROOT, "recipes", "train.py"), "--flavor", FLAVOR, "--steps", "8", "--batch-tokens", "8192",
-           "--max-seq-len", "2048", "--lr", "2e-5", "--export-hf", "", "--metrics", str(metrics), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    print(proc.stdout[-4000:])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return train_job(tmp_path, nproc, "--steps", "8", "--batch-tokens", "8192", "--max-seq-len", "2048", "--lr", "2e-5",
+                     "--export-hf", "", *args, flavor=FLAVOR, timeout=900)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
