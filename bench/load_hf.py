@@ -88,7 +88,7 @@ def load(folder: str) -> None:
     rank = dist.get_rank()
     config = dtllama.ModelConfig.from_hf(folder)
     dims = ParallelDims().resolve(dist.get_world_size(), config)
-    mesh = dims.build_mesh(device.type)
+    dims.build_mesh(device.type)
     # Process start-up is not loading, so it happens before the clock and is reported apart:
     # - torch 2.11 imports torch._dynamo lazily, at the first call of a function wrapped in
     #   `torch._disable_dynamo` (about 2 s, while the model is built); torch 2.13 imports it with torch.
@@ -100,7 +100,7 @@ def load(folder: str) -> None:
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config)
-    parallelize(model, dims, mesh, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    parallelize(model, dims, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to_empty(device=device)  # fp32 master weights; the bf16 file values are cast on copy
     t_read = time.perf_counter()
     load_state_into(model, folder)

@@ -1,13 +1,16 @@
 """dtllama: Llama-family models trained with PyTorch's own distributed stack."""
 
 import importlib.util as _util
-import os as _os
 
-# `ops/` and `parallel/` sit beside this folder; installs map them into this package (pyproject's
-# package-dir). Where nothing maps them (a legacy editable install, a bare checkout on sys.path),
-# look for them beside this folder.
-if _util.find_spec("dtllama.ops") is None:
-    __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+# `ops/` and `parallel/` sit beside this folder; the install maps them into this package
+# (pyproject's package-dir), and that mapping is the only one: a bare source tree on sys.path has no
+# `dtllama.ops`, and no other folder is searched.
+if _util.find_spec("dtllama.ops") is None or _util.find_spec("dtllama.parallel") is None:
+    raise ImportError(
+        "dtllama.ops / dtllama.parallel are not importable: dtllama is imported from a source tree that is not "
+        "installed. From the repository root run `pip install -e .` (or `bash scripts/setup.sh`; on a machine that "
+        "already has torch: `pip install --no-deps --no-build-isolation -e .`)"
+    )
 
 from ._flavors import flavors  # noqa: E402
 from .config import ModelConfig  # noqa: E402

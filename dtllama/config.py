@@ -46,6 +46,8 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # HF's `architectures`, read only to pick the value head's layout (`value_head`); `to_hf` writes the model's own.
+    architectures: list[str] | None = field(default=None, compare=False)
     # Fields of the source config.json we do not interpret but write back (e.g. chat-template ids).
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -83,6 +85,19 @@ class ModelConfig:
     @property
     def o_bias(self) -> bool:
         return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def value_head(self) -> str:
+        """HF layout of `LlamaForValue`'s `score`: "ForTokenClassification" when `architectures` names one (verl
+        saves its critics so), else "ForSequenceClassification" (a causal-LM checkpoint starts a critic so)."""
+        token = any(a.endswith("ForTokenClassification") for a in self.architectures or ())
+        return "ForTokenClassification" if token else "ForSequenceClassification"
+
+    @property
+    def score_bias(self) -> bool:
+        """HF's token-classification head has `score.bias` (unless its config sets `token_classification_bias`
+        false); the sequence-classification head has none."""
+        return self.value_head == "ForTokenClassification" and bool(self.extra.get("token_classification_bias", True))
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":
@@ -125,26 +140,18 @@ class ModelConfig:
             )
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"config field pretraining_tp={d['pretraining_tp']} is not supported; set it to 1")
-        # transformers 5 keeps theta and scaling together in `rope_parameters`; 4 splits them.
-        rope = d.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or d.get("rope_scaling")
-        if scaling is not None:
-            scaling = dict(scaling)
-            rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-            scaling.pop("type", None)
-            scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
-            if rope_type not in ROPE_TYPES:
-                raise ValueError(
-                    f"config field rope_scaling.rope_type={rope_type!r} is not supported; dtllama "
-                    f"supports {list(ROPE_TYPES)}"
-                )
+        theta, scaling = _read_rope(d)
+        if scaling is not None and scaling["rope_type"] not in ROPE_TYPES:
+            raise ValueError(
+                f"config field rope_scaling.rope_type={scaling['rope_type']!r} is not supported; dtllama "
+                f"supports {list(ROPE_TYPES)}"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
         if model_type == "qwen2":
             kwargs.pop("attention_bias", None)  # Qwen2's q/k/v bias is implied by the architecture.
         kwargs["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "bfloat16")
-        known = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype", "architectures"}
+        known = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype"}
         extra = {k: v for k, v in d.items() if k not in known}
         return cls(rope_theta=float(theta), rope_scaling=scaling, extra=extra, **kwargs)
 
@@ -172,8 +179,55 @@ class ModelConfig:
         attn = h * q * 2 + h * kv * 2 + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
         mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
         layer = attn + mlp + 2 * h
-        head = h if value_head else (0 if self.tie_word_embeddings else self.vocab_size * h)
+        head = h + self.score_bias if value_head else (0 if self.tie_word_embeddings else self.vocab_size * h)
         return self.vocab_size * h + self.num_hidden_layers * layer + h + head
+
+
+def _read_rope(d: dict) -> tuple[float, dict | None]:
+    """RoPE theta and scaling of a config.json dict, from either spelling: transformers 5 keeps both in
+    `rope_parameters`, 4 splits them into `rope_theta` and `rope_scaling`. A file may carry both (dtllama's
+    exports do, for either reader); if they disagree, the two transformers versions would build different
+    models, so that is an error rather than a silent pick."""
+    params = d.get("rope_parameters") or {}
+    old_theta, new_theta = d.get("rope_theta"), params.get("rope_theta")
+    if old_theta is not None and new_theta is not None and float(old_theta) != float(new_theta):
+        raise ValueError(
+            f"config.json sets RoPE theta twice and the values disagree: rope_theta={old_theta} (transformers 4) "
+            f"but rope_parameters.rope_theta={new_theta} (transformers 5); set both to the value the checkpoint "
+            "was trained with, or delete the stale field"
+        )
+    theta = new_theta if new_theta is not None else old_theta if old_theta is not None else 10000.0
+    new_spec = {k: v for k, v in params.items() if k != "rope_theta"}
+    old_scaling, new_scaling = _scaling_of(d.get("rope_scaling")), _scaling_of(new_spec)
+    if new_spec and d.get("rope_scaling") is not None and not _same_scaling(old_scaling, new_scaling):
+        raise ValueError(
+            f"config.json sets RoPE scaling twice and the values disagree: rope_scaling={d['rope_scaling']} "
+            f"(transformers 4) but rope_parameters={params} (transformers 5); make rope_scaling equal to "
+            "rope_parameters without its rope_theta, or delete the stale field"
+        )
+    return float(theta), new_scaling if new_spec else old_scaling
+
+
+def _scaling_of(s: dict | None) -> dict | None:
+    """An HF `rope_scaling` (or `rope_parameters` without theta) as `{"rope_type": ..., **params}`; None for
+    no scaling (absent, or of type "default"). `type` is transformers' older key for `rope_type`."""
+    if not s:
+        return None
+    s = dict(s)
+    rope_type = s.pop("rope_type", None) or s.pop("type", None) or "default"
+    s.pop("type", None)
+    return None if rope_type == "default" else {"rope_type": rope_type, **s}
+
+
+def _same_scaling(a: dict | None, b: dict | None) -> bool:
+    """Whether two normalized scalings build the same model: the same type and equal values of the keys that
+    type reads (all keys for a type dtllama does not know; the later check names it)."""
+    if a is None or b is None:
+        return a is b
+    if a["rope_type"] != b["rope_type"]:
+        return False
+    keys = _ROPE_KEYS.get(a["rope_type"]) or (set(a) | set(b))
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _check_rope(s: dict) -> dict:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
-from .config import ModelConfig
+from .config import ARCHITECTURES, ModelConfig
 from .fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,13 @@ def read_safetensors_index(path: str) -> dict[str, TensorEntry]:
     return out
 
 
-def load_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = torch.float32):
-    """Build `cls` on the meta device, materialize it on `device`, and read the HF weights into it."""
+def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
+    """Build `cls` on the meta device, materialize it on the host, and read the HF weights into it."""
     path = os.fspath(path)
     config = ModelConfig.from_hf(path)
     with torch.device("meta"):
         model = cls(config)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu")
     if dtype is not None:
         model.to(dtype)
     load_state_into(model, path)
@@ -113,6 +113,12 @@ def load_state_into(model, path: str) -> None:
             missing.append(name)
             continue
         fname, shape = ckpt[name].file, ckpt[name].shape
+        if tuple(t.shape) != shape and name.startswith("score."):
+            raise ValueError(
+                f"{fname}: value head tensor {name!r} has shape {list(shape)} but LlamaForValue predicts one value "
+                f"per token ({list(t.shape)}); use a num_labels=1 checkpoint, or a causal-LM one (the head is then "
+                "initialized)"
+            )
         if tuple(t.shape) != shape:
             raise ValueError(
                 f"{fname}: tensor {name!r} has shape {list(shape)} but the config gives {list(t.shape)}; "
@@ -121,6 +127,7 @@ def load_state_into(model, path: str) -> None:
     heads = {n for n in missing if n.startswith("score.")}
     if set(missing) - heads:
         raise ValueError(f"checkpoint {path!r} lacks {sorted(set(missing) - heads)}")
+    _check_value_head(model, state, ckpt, heads, path)
     if heads:
         log.warning("checkpoint %s has no value head; initializing %s randomly", path, sorted(heads))
         model.init_weights(names=heads)
@@ -130,6 +137,27 @@ def load_state_into(model, path: str) -> None:
     dcp.load(wanted, storage_reader=PinnedHFReader(path, ckpt, thread_count=threads),
              no_dist=not dist.is_initialized())
     model.reset_buffers()
+
+
+def _check_value_head(model, state: dict, ckpt: dict, missing: set[str], path: str) -> None:
+    """A value head is read whole or initialized whole, never half, and no bias of the checkpoint is dropped:
+    `score.bias` exists in HF's `*ForTokenClassification` layout only, which `config.value_head` picks."""
+    ours = {n for n in state if n.startswith("score.")}
+    if not ours:
+        return
+    if missing and missing != ours:
+        raise ValueError(
+            f"checkpoint {path!r} has {sorted(ours - missing)} but lacks {sorted(missing)}, so its value head matches "
+            f"neither HF layout the config allows (architectures={model.config.architectures}); fix config.json's "
+            "architectures (or token_classification_bias) to match the checkpoint's head"
+        )
+    if "score.bias" in ckpt and "score.bias" not in ours:
+        token = ARCHITECTURES[model.config.model_type] + "ForTokenClassification"
+        raise ValueError(
+            f"checkpoint {path!r} has 'score.bias' (HF *ForTokenClassification layout) but the model's value head "
+            f"has no bias (config architectures={model.config.architectures}); build the model from "
+            f"ModelConfig.from_hf(path), or set the config's architectures to [{token!r}]"
+        )
 
 
 class PinnedHFReader(HuggingFaceStorageReader):
@@ -274,7 +302,7 @@ def _write_metadata(folder: str, config: ModelConfig, architecture: str, dtype: 
     cfg = config.to_hf(architecture)
     if dtype is not None:
         cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if architecture == "ForSequenceClassification":
+    if architecture in ("ForSequenceClassification", "ForTokenClassification"):
         cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtllama.ops import IGNORE_INDEX, check_packed, linear_logits, linear_logprobs_entropy, pack
-from dtllama.ops import position_ids_from_cu_seqlens
-from dtllama.ops import rms_norm, unpack, varlen_attention
+from dtllama.ops import IGNORE_INDEX, linear_logits, linear_logprobs_entropy, prepare_batch, rms_norm, varlen_attention
+from dtllama.ops.dtensor_utils import local_shape_and_offset
 
 from .config import ModelConfig
 
@@ -87,7 +86,7 @@ class AttentionCore(nn.Module):
     """Packed causal attention `[T, H, D]`; its own module so context parallelism can wrap it."""
 
     def forward(self, q, k, v, cu_seqlens, max_seqlen):
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
 
 
 class LlamaAttention(nn.Module):
@@ -138,6 +137,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm. Unlike HF's, `embed_tokens` has no `padding_idx`: by choice, every row
+    (the `pad_token_id` row too) is trained, as in torchtitan and Megatron. Packed batches carry no padding, and
+    the pad id is often a real token (eos) that HF would never train; TP also shards this table by vocab rows."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -173,33 +176,11 @@ class _LlamaBase(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
 
-    def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
-        """Run the decoder on packed tokens; returns hidden `[T, H]`, packed labels and how to re-pad."""
-        padded = None
-        if input_ids.dim() == 2:
-            B, S = input_ids.shape
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens is for packed [T] input; a [B, S] batch takes attention_mask")
-            p = pack(input_ids, attention_mask, position_ids, labels)
-            input_ids, position_ids, cu_seqlens, max_seqlen, labels = (
-                p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, p.labels,
-            )
-            padded = (p.indices, B, S)
-        elif input_ids.dim() == 1:
-            if attention_mask is not None:
-                raise ValueError("attention_mask is for a padded [B, S] batch; packed [T] input takes cu_seqlens")
-            if cu_seqlens is None:
-                raise ValueError("packed [T] input_ids need cu_seqlens (see dtllama.ops.pack)")
-        else:
-            raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
-        if not torch.compiler.is_compiling():
-            check_packed(input_ids, position_ids, cu_seqlens, max_seqlen, self.config.vocab_size, labels)
-        if position_ids is None:
-            position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        h = self.model(input_ids, position_ids, cu_seqlens, max_seqlen)
-        return h, labels, padded
+    def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
+        """Validate (and pack a padded batch), then run the decoder: `(hidden [T, H], the packed batch)`."""
+        batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
+                              attention_mask)
+        return self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen), batch
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, names: set[str] | None = None) -> None:
@@ -228,10 +209,11 @@ class _LlamaBase(nn.Module):
         self.model.rotary_emb.reset_parameters()
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = torch.float32):
+    def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
+        """Load an HF folder on the host (parallel training loads into a meta-built model: `load_state_into`)."""
         from .hf_io import load_pretrained
 
-        return load_pretrained(cls, path, device=device, dtype=dtype)
+        return load_pretrained(cls, path, dtype=dtype)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31,
                         source: str | None = None) -> None:
@@ -264,33 +246,30 @@ class LlamaForCausalLM(_LlamaBase):
         `labels[t]` is the token whose log-prob is read at position t (already shifted: see
         `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0).
         """
-        h, labels, padded = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
-        if labels is None:
-            out = CausalLMOutput(logits=linear_logits(h, self.output_weight, temperature))
-        else:
-            # check_packed already validated the labels
-            lp, ent = linear_logprobs_entropy(h, self.output_weight, labels, temperature, chunk_size, check=False)
-            out = CausalLMOutput(logprobs=lp, entropy=ent)
-        if padded is not None:
-            for k in ("logits", "logprobs", "entropy"):
-                if getattr(out, k) is not None:
-                    setattr(out, k, unpack(getattr(out, k), *padded))
-        return out
+        h, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
+        if batch.labels is None:
+            return CausalLMOutput(logits=batch.repad(linear_logits(h, self.output_weight, temperature)))
+        # prepare_batch already validated the labels
+        lp, ent = linear_logprobs_entropy(h, self.output_weight, batch.labels, temperature, chunk_size, check=False)
+        return CausalLMOutput(logprobs=batch.repad(lp), entropy=batch.repad(ent))
 
 
 class LlamaForValue(_LlamaBase):
-    """Critic: one scalar per token from `score` (HF's sequence-classification head, `num_labels=1`)."""
-
-    hf_architecture = "ForSequenceClassification"
+    """Critic: one scalar per token from `score`, laid out as HF's `*ForSequenceClassification` head with
+    `num_labels=1` (`score.weight`), or as its `*ForTokenClassification` head (`score.weight` and `score.bias`,
+    how verl saves critics) when the config's `architectures` names that one; exports keep the layout."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        self.score = nn.Linear(config.hidden_size, 1, bias=config.score_bias)
+
+    @property
+    def hf_architecture(self) -> str:
+        return self.config.value_head
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, attention_mask=None) -> ValueOutput:
-        h, _, padded = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen, None, attention_mask)
-        values = self.score(h).squeeze(-1).float()
-        return ValueOutput(values=values if padded is None else unpack(values, *padded))
+        h, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, None, attention_mask)
+        return ValueOutput(values=batch.repad(self.score(h).squeeze(-1).float()))
 
 
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -298,9 +277,7 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+        shape, offset = local_shape_and_offset(param)
         local = param.to_local()
         if local.numel():
             local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offset, shape))])

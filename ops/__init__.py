@@ -11,6 +11,7 @@ from .rmpad import (
     pack,
     pad_to_multiple,
     position_ids_from_cu_seqlens,
+    prepare_batch,
     shift_labels,
     unpack,
 )
@@ -18,6 +19,6 @@ from .rms_norm import rms_norm
 
 __all__ = [
     "BACKENDS", "IGNORE_INDEX", "Packed", "attention_backend", "check_labels", "cuda_backends", "check_packed", "cu_seqlens_from_lengths",
-    "linear_cross_entropy", "linear_logits", "linear_logprobs_entropy", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "rms_norm", "set_attention_backend",
+    "linear_cross_entropy", "linear_logits", "linear_logprobs_entropy", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "prepare_batch", "rms_norm", "set_attention_backend",
     "shift_labels", "unpack", "varlen_attention",
 ]

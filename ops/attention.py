@@ -56,27 +56,76 @@ _FLASH_ATTN = _probe_flash_attn()
 _VARLEN_PARAMS = _probe_torch_varlen()
 
 
-def cuda_backends(dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """The backends available for CUDA inputs of `dtype` in this install, best first."""
-    fast = [name for name, ok in (("flash", _FLASH_ATTN), ("varlen", _VARLEN_PARAMS is not None)) if ok]
-    return (fast if dtype in (torch.float16, torch.bfloat16) else []) + ["flex"]
+_NEEDS_SM80 = ("flash", "varlen")  # FlashAttention-2 kernels: Ampere or newer, fp16/bf16 only
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend `name` cannot run inputs of `dtype` on `device`, or None when it can."""
+    if name == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"it needs a CUDA device, the inputs are on {device.type}"
+    if name == "flash" and not _FLASH_ATTN:
+        return "flash-attn is not installed"
+    if name == "varlen" and _VARLEN_PARAMS is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if name in _NEEDS_SM80:
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"it takes fp16/bf16, the inputs are {dtype}"
+        major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        if major < 8:
+            return f"it needs compute capability >= 8.0, this GPU has {major}.{minor}"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _capability(index: int) -> tuple[int, int]:
+    """The GPU's compute capability, read eagerly even inside a compiled region (a constant per process)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_backends(dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> list[str]:
+    """The backends that can run CUDA inputs of `dtype` on `device` (default: the current GPU), best first;
+    none without a GPU."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return []
+        device = torch.device("cuda", torch.cuda.current_device())
+    return [n for n in ("flash", "varlen", "flex") if unavailable_reason(n, device, dtype) is None]
+
+
+def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """`(backend, why)`: the requested one, or `auto`'s pick with the reasons it passed over better ones."""
+    if _backend not in BACKENDS:
+        raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
+    if _backend != "auto":
+        why = unavailable_reason(_backend, device, dtype)
+        if why is not None:
+            raise ValueError(f"attention backend {_backend!r} cannot run here: {why}; "
+                             "set DTLLAMA_ATTENTION=auto (or set_attention_backend('auto')) to pick one that can")
+        return _backend, "requested"
+    if device.type != "cuda":
+        return "sdpa", f"auto on {device.type}"
+    skipped = []
+    for name in ("flash", "varlen", "flex"):
+        why = unavailable_reason(name, device, dtype)
+        if why is None:
+            return name, "auto" + "".join(f"; not {n}: {w}" for n, w in skipped)
+        skipped.append((name, why))
+    return "sdpa", "auto" + "".join(f"; not {n}: {w}" for n, w in skipped)
 
 
 def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """The backend `varlen_attention` uses for inputs on `device` of `dtype`."""
-    if _backend not in BACKENDS:
-        raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
-    if _backend != "auto":
-        return _backend
-    return cuda_backends(dtype)[0] if device.type == "cuda" else "sdpa"
+    return _choose(device, dtype)[0]
 
 
 @lru_cache(maxsize=None)
-def _announce(name: str) -> None:
+def _announce(name: str, why: str) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"dtllama attention backend: {name}", flush=True)
+        print(f"dtllama attention backend: {name} ({why})", flush=True)
 
 
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -86,28 +135,27 @@ def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-    causal: bool = True,
 ) -> torch.Tensor:
-    """Attention of packed `q[T, Hq, D]` over `k, v[T, Hkv, D]` within each sequence; returns `[T, Hq, D]`.
+    """Causal attention of packed `q[T, Hq, D]` over `k, v[T, Hkv, D]` within each sequence; returns `[T, Hq, D]`.
 
     `Hq` must be a multiple of `Hkv` (grouped-query attention).
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    name = attention_backend(q.device, q.dtype)
+    name, why = _choose(q.device, q.dtype)
     if not torch.compiler.is_compiling():
-        _announce(name)
-    return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen), causal)
+        _announce(name, why)
+    return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
 
 
-def _flash(q, k, v, cu_seqlens, max_seqlen, causal):
+def _flash(q, k, v, cu_seqlens, max_seqlen):
     from flash_attn import flash_attn_varlen_func
 
     cu = cu_seqlens.to(torch.int32)
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
     """Early `varlen_attn` took `is_causal`, torch 2.11 takes `window_size` (no `enable_gqa`: KV heads are
     repeated for it), torch 2.13 takes both."""
     from torch.nn.attention.varlen import varlen_attn
@@ -115,9 +163,9 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
     cu, params, gqa = cu_seqlens.to(torch.int32), _VARLEN_PARAMS, k.shape[1] != q.shape[1]
     kwargs = {}
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        kwargs["window_size"] = (-1, 0)
     else:
-        kwargs["is_causal"] = causal
+        kwargs["is_causal"] = True
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = gqa
     elif gqa:
@@ -126,42 +174,39 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
-def _sdpa(q, k, v, cu_seqlens, max_seqlen, causal):
+def _sdpa(q, k, v, cu_seqlens, max_seqlen):
     T = q.shape[0]
     doc = document_ids(cu_seqlens, T)
-    mask = doc[:, None] == doc[None, :]
-    if causal:
-        idx = torch.arange(T, device=q.device)
-        mask = mask & (idx[:, None] >= idx[None, :])
+    idx = torch.arange(T, device=q.device)
+    mask = (doc[:, None] == doc[None, :]) & (idx[:, None] >= idx[None, :])
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     return out.squeeze(0).transpose(0, 1)
 
 
-_block_mask_cache: list = [None, None]  # [(cu_seqlens tensor, T, causal), BlockMask]
+_block_mask_cache: list = [None, None]  # [(cu_seqlens tensor, T), BlockMask]
 
 
-def _document_block_mask(cu_seqlens, T: int, causal: bool, device):
+def _document_block_mask(cu_seqlens, T: int, device):
     """The BlockMask of a batch, built once and reused by every layer that gets the same `cu_seqlens`."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = _block_mask_cache[0]
-    if key is not None and key[0] is cu_seqlens and key[1:] == (T, causal):
+    if key is not None and key[0] is cu_seqlens and key[1] == T:
         return _block_mask_cache[1]
     doc = document_ids(cu_seqlens, T)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        same = doc[q_idx] == doc[kv_idx]
-        return same & (q_idx >= kv_idx) if causal else same
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
     mask = create_block_mask(mask_mod, None, None, T, T, device=device)
-    _block_mask_cache[:] = [(cu_seqlens, T, causal), mask]
+    _block_mask_cache[:] = [(cu_seqlens, T), mask]
     return mask
 
 
-def _flex(q, k, v, cu_seqlens, max_seqlen, causal):
+def _flex(q, k, v, cu_seqlens, max_seqlen):
     T = q.shape[0]
-    block_mask = _document_block_mask(cu_seqlens, T, causal, q.device)
+    block_mask = _document_block_mask(cu_seqlens, T, q.device)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     out = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
     return out.squeeze(0).transpose(0, 1)

@@ -269,12 +269,12 @@ def _(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, tempera
 
 def _vocab_shard(weight):
     """`(local weight, process group, first vocab row of this rank)` of a vocab-sharded DTensor."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from .dtensor_utils import local_shape_and_offset
 
     mesh = weight.device_mesh
     if mesh.ndim != 1 or weight.placements[0] != Shard(0):
         raise ValueError(f"output weight must be sharded on vocab over a 1-D mesh, got {weight.placements} on {mesh}")
-    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    _, offset = local_shape_and_offset(weight)
     return weight.to_local(), mesh.get_group(), offset[0]
 
 

@@ -16,12 +16,21 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Packed:
+    """A packed batch; `indices` and `padded_shape` are set when it came from a padded `[B, S]` batch."""
+
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     indices: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    padded_shape: tuple[int, int] | None = None
+
+    def repad(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A packed output `[T, ...]` in the caller's layout: as is, or back to `[B, S, ...]` (zeros at padding)."""
+        if x is None or self.padded_shape is None:
+            return x
+        return unpack(x, self.indices, *self.padded_shape)
 
 
 def pack(
@@ -56,12 +65,13 @@ def pack(
         max_seqlen=int(lengths.max()) if lengths.numel() else 0,
         indices=indices,
         labels=None if labels is None else labels.flatten()[indices],
+        padded_shape=tuple(input_ids.shape),
     )
 
 
-def unpack(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int, fill: float = 0.0) -> torch.Tensor:
-    """Scatter packed `[T, ...]` back to `[B, S, ...]`, `fill` at padding."""
-    out = x.new_full((batch * seqlen, *x.shape[1:]), fill)
+def unpack(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Scatter packed `[T, ...]` back to `[B, S, ...]`, zeros at padding."""
+    out = x.new_zeros((batch * seqlen, *x.shape[1:]))
     out[indices] = x
     return out.view(batch, seqlen, *x.shape[1:])
 
@@ -84,6 +94,42 @@ def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Ten
     labels = torch.roll(input_ids, -1).clone()
     labels[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
     return labels
+
+
+def prepare_batch(
+    input_ids: torch.Tensor,
+    vocab_size: int,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> Packed:
+    """What a model forward receives, as a validated packed batch with positions and `max_seqlen` filled in.
+
+    Packed input is `[T]` with `cu_seqlens`; padded input is `[B, S]` with an optional
+    `attention_mask`, packed here (`Packed.repad` puts outputs back). Validation (`check_packed`)
+    syncs with the device, so it is skipped while compiling, where the eager caller already ran it.
+    """
+    if input_ids.dim() == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed [T] input; a [B, S] batch takes attention_mask")
+        batch = pack(input_ids, attention_mask, position_ids, labels)
+    elif input_ids.dim() == 1:
+        if attention_mask is not None:
+            raise ValueError("attention_mask is for a padded [B, S] batch; packed [T] input takes cu_seqlens")
+        if cu_seqlens is None:
+            raise ValueError("packed [T] input_ids need cu_seqlens (see dtllama.ops.pack)")
+        batch = Packed(input_ids, position_ids, cu_seqlens, max_seqlen, labels=labels)
+    else:
+        raise ValueError(f"input_ids must be [T] (packed) or [B, S] (padded), got shape {tuple(input_ids.shape)}")
+    if not torch.compiler.is_compiling():
+        check_packed(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, vocab_size, batch.labels)
+    if batch.position_ids is None:
+        batch.position_ids = position_ids_from_cu_seqlens(batch.cu_seqlens, batch.input_ids.shape[0])
+    if batch.max_seqlen is None:
+        batch.max_seqlen = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    return batch
 
 
 def check_packed(
@@ -142,7 +188,6 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
 
 def pad_to_multiple(
     input_ids: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, labels: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
 ) -> Packed:
     """Append a dummy tail sequence so that T is a multiple of `multiple` (tp*cp splits T evenly).
 
@@ -151,8 +196,7 @@ def pad_to_multiple(
     """
     T = input_ids.shape[0]
     pad = -T % multiple
-    if position_ids is None:
-        position_ids = position_ids_from_cu_seqlens(cu_seqlens, T)
+    position_ids = position_ids_from_cu_seqlens(cu_seqlens, T)
     if labels is None:
         labels = torch.full_like(input_ids, IGNORE_INDEX) if pad else None
     if pad:

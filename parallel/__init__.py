@@ -2,13 +2,15 @@
 
 from .ac import AC_MODES, apply_ac
 from .compile import apply_compile
+from .batch_check import agree_on_error, apply_batch_check
 from .dims import ParallelDims, valid_tp_degrees
 from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
+from .options import CompileOptions, FSDPOptions
 from .parallelize import parallelize
 from .tp import apply_tp
 
 __all__ = [
-    "AC_MODES", "ParallelDims", "apply_ac", "apply_compile", "apply_fsdp", "apply_tp", "clip_grad_norm_",
-    "parallelize", "valid_tp_degrees",
+    "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
+    "apply_compile", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "valid_tp_degrees",
 ]

@@ -3,11 +3,12 @@
 Mesh dims, outer to inner: `pp, dp_replicate, dp_shard, cp, tp`; their product is the world size and
 `dp_shard=-1` takes what is left. Flattened views: `dp_shard_cp` (FSDP shards over it: CP ranks hold
 the same parameters) and `dp` = `dp_replicate x dp_shard x cp` (batch reductions: loss, token counts).
+`ParallelDims` builds and keeps every mesh; callers ask it (`dims.mesh("tp")`), never slice one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -37,11 +38,17 @@ def check_tp(config: ModelConfig, tp: int) -> None:
 
 @dataclass
 class ParallelDims:
+    """Degrees of the five mesh dims; after `build_mesh` it also owns the meshes (`dims.mesh("tp")`).
+
+    Callers never slice a mesh themselves, so no code can pair a mesh with dims it disagrees with.
+    """
+
     dp_replicate: int = 1
     dp_shard: int = -1
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    _meshes: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def resolve(self, world_size: int, config: ModelConfig | None = None) -> "ParallelDims":
         """A copy with `dp_shard` resolved, or a ValueError naming the bad degree and the fix."""
@@ -68,14 +75,40 @@ class ParallelDims:
             dims.check_model(config)
         return dims
 
-    def check_model(self, config: ModelConfig) -> None:
+    def check_model(self, config: ModelConfig, compile: bool = False) -> None:
+        """Every refusal of a layout for a model (and of `parallelize` options), in one place, before any
+        collective runs."""
+        if self.dp_shard == -1:
+            raise ValueError("call ParallelDims.resolve(world_size) first (dp_shard is still -1)")
         check_tp(config, self.tp)
-        if self.pp > config.num_hidden_layers:
-            raise ValueError(f"pp={self.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
+        if self.pp > 1 or self.cp > 1:
+            raise ValueError(
+                f"pp={self.pp}, cp={self.cp}: pipeline and context parallelism are not available yet; use 1"
+            )
+        if compile and self.tp > 1:
+            raise ValueError(f"compile=True with tp={self.tp} is not supported yet; use compile with tp=1, "
+                             "or tp without compile")
 
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        """More than one rank sees different data (batch reductions run over `dp`)."""
+        return self.dp_replicate * self.dp_shard * self.cp > 1
 
     @property
     def token_multiple(self) -> int:
@@ -83,9 +116,13 @@ class ParallelDims:
         return self.tp * self.cp
 
     def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
-        """The named mesh of all five dims plus the flattened `dp_shard_cp` and `dp` views.
+        """Build every mesh this layout uses, keep them, and return the 5-D world mesh.
 
-        Call on every rank after `resolve`; the process group must be initialized.
+        Each view is unflattened from one 1-D world mesh, so none is sliced as a flattened dim of a
+        root mesh (deprecated in torch): `dp_shard_cp` (FSDP shards over it: CP ranks hold the same
+        parameters), `fsdp` (it, or `(dp_replicate, dp_shard_cp)` for HSDP) and `dp`
+        (`dp_replicate x dp_shard x cp`: loss and token-count reductions). Call on every rank after
+        `resolve`; the process group must be initialized.
         """
         if self.dp_shard == -1:
             raise ValueError("call ParallelDims.resolve(world_size) before build_mesh (dp_shard is still -1)")
@@ -93,8 +130,29 @@ class ParallelDims:
         if world != self.world_size:
             raise ValueError(f"the layout needs {self.world_size} ranks but the world size is {world}")
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        shape = tuple(getattr(self, n) for n in DIM_NAMES)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIM_NAMES)
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp")
-        return mesh
+        root = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
+        full = root._unflatten(0, tuple(getattr(self, n) for n in DIM_NAMES), DIM_NAMES)
+        dense = root._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard * self.cp, self.tp),
+                                ("pp", "dp_replicate", "dp_shard_cp", "tp"))
+        batch = root._unflatten(0, (self.pp, self.dp_replicate * self.dp_shard * self.cp, self.tp),
+                                ("pp", "dp", "tp"))
+        self._meshes = {name: full[name] for name in DIM_NAMES}
+        self._meshes["world"] = full
+        self._meshes["flat"] = root
+        self._meshes["dp_shard_cp"] = dense["dp_shard_cp"]
+        self._meshes["fsdp"] = dense["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else dense["dp_shard_cp"]
+        self._meshes["dp"] = batch["dp"]
+        return full
+
+    @property
+    def world_mesh(self) -> DeviceMesh:
+        return self.mesh("world")
+
+    def mesh(self, name: str) -> DeviceMesh:
+        """One of the meshes built by `build_mesh`: a dim of `DIM_NAMES`, `dp_shard_cp`, `fsdp`, `dp`,
+        `world` (all five dims) or `flat` (all ranks in one dim)."""
+        if not self._meshes:
+            raise ValueError("call dims.build_mesh() on every rank before asking for a mesh")
+        if name not in self._meshes:
+            raise KeyError(f"no mesh {name!r}; choose one of {sorted(self._meshes)}")
+        return self._meshes[name]

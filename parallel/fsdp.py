@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from .options import FSDPOptions
 
 
-def apply_fsdp(
-    model: torch.nn.Module,
-    mesh: DeviceMesh,
-    param_dtype: torch.dtype | None = None,
-    reduce_dtype: torch.dtype | None = torch.float32,
-    reshard_after_forward: bool = True,
-    cpu_offload: bool = False,
-) -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, options: FSDPOptions = FSDPOptions()) -> torch.nn.Module:
     """Shard `model` over `mesh` (1-D: FSDP; 2-D `(replicate, shard)`: HSDP). Returns it, now sharded."""
     kwargs = dict(
         mesh=mesh,
-        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-        offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+        mp_policy=MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype),
+        offload_policy=CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy(),
     )
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     layers = list(model.model.layers.values())
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
+        fully_shard(layer, reshard_after_forward=options.reshard_after_forward and i < len(layers) - 1, **kwargs)
     # The root holds the head, which backward needs first: never reshard it between the two.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model

@@ -6,46 +6,63 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from .ac import apply_ac
+from .batch_check import apply_batch_check
 from .compile import apply_compile
 from .dims import ParallelDims
 from .fsdp import apply_fsdp
+from .options import CompileOptions, FSDPOptions
 from .tp import apply_tp
 
 
 def parallelize(
     model: torch.nn.Module,
     dims: ParallelDims,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None = None,
     *,
     ac: str = "none",
-    compile: bool = False,
-    compile_backend: str = "inductor",
+    compile: bool | CompileOptions = False,
+    fsdp: FSDPOptions | None = None,
     param_dtype: torch.dtype | None = None,
-    reduce_dtype: torch.dtype | None = torch.float32,
-    reshard_after_forward: bool = True,
-    cpu_offload: bool = False,
 ) -> torch.nn.Module:
-    """Apply TP/SP -> activation checkpointing -> per-block compile -> FSDP2/HSDP, in place.
+    """Apply TP/SP -> activation checkpointing -> per-block compile -> FSDP2/HSDP -> batch check, in place.
 
-    Build the model on the meta device, call this, then `to_empty(device=...)` and `init_weights`
-    (or load a checkpoint): no rank ever holds the whole model (`init_weights` builds one full
-    parameter at a time on the host and keeps this rank's slice).
+    `dims` must have built its meshes (`dims.build_mesh()`); `mesh`, if given, must be the one it
+    returned. `compile=True` means `CompileOptions()`; `param_dtype` is short for
+    `fsdp=FSDPOptions(param_dtype=...)`. Build the model on the meta device, call this, then
+    `to_empty(device=...)` and `init_weights` (or load a checkpoint): no rank ever holds the whole
+    model (`init_weights` builds one full parameter at a time on the host and keeps this rank's slice).
     """
-    dims.check_model(model.config)
-    if dims.pp > 1 or dims.cp > 1:
-        raise ValueError(f"pp={dims.pp}, cp={dims.cp}: pipeline and context parallelism are not available yet; use 1")
-    if compile and dims.tp > 1:
-        # AOTAutograd's backward of the sequence-parallel blocks hands DTensor's redistribute a plain
-        # tensor in torch 2.13 ("'Tensor' object has no attribute '_local_tensor'"): refuse up front.
-        raise ValueError(f"compile=True with tp={dims.tp} is not supported yet; use compile with tp=1, or tp without compile")
-    if dims.tp > 1:
-        apply_tp(model, mesh["tp"])
+    fsdp, compile = _options(dims, mesh, fsdp, param_dtype, compile)
+    dims.check_model(model.config, compile=compile is not None)
+    if dims.tp_enabled:
+        apply_tp(model, dims.mesh("tp"))
     apply_ac(model, ac)
-    if compile:
-        apply_compile(model, compile_backend)
+    if compile is not None:
+        apply_compile(model, compile.backend)
     # FSDP also carries mixed precision: with a param dtype it is applied even on a single dp rank.
-    if dims.dp_replicate * dims.dp_shard * dims.cp > 1 or param_dtype is not None:
-        fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-        apply_fsdp(model, fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                   reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
+    if dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload:
+        apply_fsdp(model, dims.mesh("fsdp"), fsdp)
+    if dims.world_size > 1:
+        apply_batch_check(model, dims.mesh("flat"))
     return model
+
+
+def _options(dims, mesh, fsdp, param_dtype, compile) -> tuple[FSDPOptions, CompileOptions | None]:
+    """Check the arguments' shapes and turn the short forms into option objects."""
+    if mesh is not None and mesh is not dims.mesh("world"):
+        raise ValueError("parallelize got a mesh that is not the one dims.build_mesh() returned; "
+                         "pass the same ParallelDims that built it (or leave mesh out)")
+    dims.mesh("world")  # a clear error if build_mesh was not called
+    if fsdp is not None and param_dtype is not None:
+        raise ValueError(f"param_dtype={param_dtype} given twice; put it in FSDPOptions(param_dtype=...) only")
+    fsdp = fsdp if fsdp is not None else FSDPOptions(param_dtype=param_dtype)
+    if fsdp.cpu_offload and dims.mesh("world").device_type == "cpu":
+        raise ValueError("cpu_offload=True needs an accelerator mesh (it pins host memory); on a CPU mesh the "
+                         "parameters already live in host memory: use cpu_offload=False")
+    if compile is True:
+        compile = CompileOptions()
+    elif compile is False:
+        compile = None
+    elif not isinstance(compile, CompileOptions):
+        raise TypeError(f"compile={compile!r} must be a bool or a CompileOptions")
+    return fsdp, compile

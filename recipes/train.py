@@ -30,7 +30,8 @@ import dtllama
 from dtllama.checkpoint import Checkpointer, TrainState
 from dtllama.hf_io import load_state_into
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
-from dtllama.parallel import AC_MODES, ParallelDims, clip_grad_norm_, parallelize
+from dtllama.optim import NONFINITE_POLICIES, step_if_finite
+from dtllama.parallel import AC_MODES, FSDPOptions, ParallelDims, clip_grad_norm_, parallelize
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instructions.txt")
 
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--export-hf", default="out/finetuned", help="folder for the exported HF checkpoint ('' to skip)")
     p.add_argument("--prompt", default="Question: What is the capital of France?\nAnswer:")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--on-nonfinite", choices=NONFINITE_POLICIES, default="stop",
+                   help="a step whose loss or gradient norm is NaN/inf: stop the run, or skip the step")
     p.add_argument("--metrics", help="write per-step metrics as JSON lines to this file (rank 0)")
     return p.parse_args(argv)
 
@@ -106,57 +109,81 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup_distributed() -> torch.device:
+    """Join the process group; returns this rank's device."""
     cuda = torch.cuda.is_available()
     # NCCL for the GPUs, gloo beside it: async checkpointing stages and coordinates on the CPU.
     dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    return device
 
+
+def model_source(args):
+    """`(config, tokenizer, HF folder or None)`: a random flavor with byte tokens, or an HF checkpoint."""
     if args.flavor:
         config = dtllama.flavors[args.flavor]
         if config.vocab_size < 256:
             raise ValueError(f"flavor {args.flavor!r} has vocab_size={config.vocab_size} < 256 byte tokens")
-        tokenizer, source = ByteTokenizer(), None
-    else:
-        from transformers import AutoTokenizer
+        return config, ByteTokenizer(), None
+    from transformers import AutoTokenizer
 
-        source = args.model
-        if source is None:
-            from dtllama.pretrained import smollm2_135m_instruct
+    source = args.model
+    if source is None:
+        from dtllama.pretrained import smollm2_135m_instruct
 
-            if rank == 0:
-                smollm2_135m_instruct()  # converts once; the other ranks wait for the cache
-            dist.barrier()
-            source = smollm2_135m_instruct()
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        config = dtllama.ModelConfig.from_hf(source)
+        if dist.get_rank() == 0:
+            smollm2_135m_instruct()  # converts once; the other ranks wait for the cache
+        dist.barrier()
+        source = smollm2_135m_instruct()
+    return dtllama.ModelConfig.from_hf(source), AutoTokenizer.from_pretrained(source), source
+
+
+def build_model(args, config, source, device):
+    """Meta model -> parallelize -> materialize -> init or load (each rank reads only its shards)."""
     # Validate the layout against world size and model before any collective can hang on it.
-    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp).resolve(world, config)
-    mesh = dims.build_mesh(device.type)
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp)
+    dims = dims.resolve(dist.get_world_size(), config)
+    dims.build_mesh(device.type)
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config)
-    parallelize(model, dims, mesh, ac=args.ac, compile=args.compile, param_dtype=torch.bfloat16 if cuda else None)
+    parallelize(model, dims, ac=args.ac, compile=args.compile,
+                fsdp=FSDPOptions(param_dtype=torch.bfloat16 if device.type == "cuda" else None))
     model.to_empty(device=device)
     if source is None:
         model.init_weights(args.seed)
     else:
         load_state_into(model, source)
-    log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
-        f"world {world} on {device.type}: {dims}")
+    return model, dims
 
-    dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
-    docs = load_documents(args.data, tokenizer, args.max_seq_len)
-    data = batches(docs, args.batch_tokens, args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(args.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
-    state = TrainState(model, opt, sched, {"step": 0})
+
+def local_batch(batch, dims, tokenizer, device):
+    """This data-parallel rank's share of a global batch, packed, with next-token labels."""
+    dp_rank, dp = dims.mesh("dp").get_local_rank(), dims.mesh("dp").size()
+    seqs = batch[dp_rank::dp] or [[tokenizer.eos_token_id]]  # a rank with no sequence still steps
+    ids = torch.tensor([t for s in seqs for t in s], device=device)
+    cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=device)
+    return pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu))  # sequence parallel splits T evenly
+
+
+def train_step(model, opt, sched, p, n_global: int, dims, on_nonfinite: str) -> dict:
+    """Forward, backward, clip, step; returns the loss over all ranks' tokens and the gradient norm."""
+    dp_mesh = dims.mesh("dp")
+    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+    # Sum over this rank's tokens / global token count, times dp: FSDP averages gradients over
+    # the dp ranks, so every token weighs the same whatever rank holds it.
+    loss = -out.logprobs.sum() / n_global * dp_mesh.size()
+    loss.backward()
+    grad_norm = float(clip_grad_norm_(model.parameters(), 1.0))
+    reported = loss.detach() / dp_mesh.size()
+    dist.all_reduce(reported, group=dp_mesh.get_group())
+    stepped = step_if_finite(opt, sched, float(reported), grad_norm, on_nonfinite)
+    return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped)
+
+
+def open_checkpointer(args, state, log):
+    """The checkpointer (or None), after restoring the newest checkpoint if `--resume`."""
     ckpt = Checkpointer(args.checkpoint_dir, args.keep_last, args.async_checkpoint) if args.checkpoint_dir else None
     if ckpt is not None and not args.resume and ckpt.steps():
         raise ValueError(f"--checkpoint-dir {args.checkpoint_dir!r} already holds checkpoints {ckpt.steps()}; "
@@ -166,6 +193,26 @@ def main(argv=None):
             raise ValueError("--resume needs --checkpoint-dir")
         found = ckpt.load_latest(state)
         log(f"resumed from {ckpt.path(found)}" if found is not None else "no checkpoint to resume from: starting at step 1")
+    return ckpt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_distributed()
+    torch.manual_seed(args.seed)
+    rank = dist.get_rank()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    config, tokenizer, source = model_source(args)
+    model, dims = build_model(args, config, source, device)
+    log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
+        f"world {dims.world_size} on {device.type}: {dims}")
+
+    data = batches(load_documents(args.data, tokenizer, args.max_seq_len), args.batch_tokens, args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(args.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    state = TrainState(model, opt, sched, {"step": 0})
+    ckpt = open_checkpointer(args, state, log)
     start = state.extra["step"]
     for _ in range(start):  # the data position: the global batches already consumed
         next(data)
@@ -175,28 +222,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         batch = next(data)
         n_global = sum(len(d) - 1 for d in batch)  # next-token targets of the whole global batch
-        seqs = batch[dp_rank::dp] or [[tokenizer.eos_token_id]]  # a rank with no sequence still steps
-        ids = torch.tensor([t for s in seqs for t in s], device=device)
-        cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=device)
-        labels = shift_labels(ids, cu)
-        p = pad_to_multiple(ids, cu, dims.token_multiple, labels)  # sequence parallel splits T evenly
-        out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
-        # Sum over this rank's tokens / global token count, times dp: FSDP averages gradients over
-        # the dp ranks, so every token weighs the same whatever rank holds it.
-        loss = -out.logprobs.sum() / n_global * dp
-        loss.backward()
-        grad_norm = clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        reported = loss.detach() / dp
-        dist.all_reduce(reported, group=mesh["dp"].get_group())
-        tokens = sum(len(d) for d in batch)
-        dt = time.perf_counter() - t0
-        row = dict(step=step, loss=float(reported), grad_norm=float(grad_norm), tokens_per_s=tokens / dt,
+        row = train_step(model, opt, sched, local_batch(batch, dims, tokenizer, device), n_global, dims,
+                         args.on_nonfinite)
+        row = dict(step=step, **row, tokens_per_s=sum(map(len, batch)) / (time.perf_counter() - t0),
                    peak_mem_gib=peak_memory_gib(device))
         log(f"step {step:3d}  loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  "
-            f"tokens/s {row['tokens_per_s']:8.1f}  peak mem {row['peak_mem_gib']:.2f} GiB")
+            f"tokens/s {row['tokens_per_s']:8.1f}  peak mem {row['peak_mem_gib']:.2f} GiB"
+            + ("  (non-finite: step skipped)" if row["skipped"] else ""))
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -205,14 +237,19 @@ def main(argv=None):
             ckpt.save(step, state)
     if ckpt is not None:
         ckpt.wait()
-
-    if args.export_hf:
-        model.save_pretrained(args.export_hf, dtype=torch.float32, source=source)
-        log(f"exported Hugging Face checkpoint to {args.export_hf}")
-        if rank == 0 and source is not None:
-            greedy_sample(args.export_hf, args.prompt, args.max_new_tokens)
+    export(args, model, source, log)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def export(args, model, source, log) -> None:
+    """Write the HF folder (every rank its slices) and, for a real checkpoint, sample from it with transformers."""
+    if not args.export_hf:
+        return
+    model.save_pretrained(args.export_hf, dtype=torch.float32, source=source)
+    log(f"exported Hugging Face checkpoint to {args.export_hf}")
+    if dist.get_rank() == 0 and source is not None:
+        greedy_sample(args.export_hf, args.prompt, args.max_new_tokens)
 
 
 def greedy_sample(path: str, prompt: str, max_new_tokens: int) -> None:

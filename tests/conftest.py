@@ -24,12 +24,13 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 0, head: str = "ForCausalLM"):
-    """A tiny HF model of `family` with every parameter random (biases and norms too)."""
+def hf_model(family: str, seed: int = 0, head: str = "ForCausalLM", **overrides):
+    """A tiny HF model of `family` with every parameter random (biases and norms too); `overrides` are config
+    fields on top of the family's (e.g. `pad_token_id`)."""
     cls_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**kwargs)
-    if head == "ForSequenceClassification":
-        config.num_labels = 1
+    config = getattr(transformers, cls_name)(**dict(kwargs, **overrides))
+    if head in ("ForSequenceClassification", "ForTokenClassification"):
+        config.num_labels = overrides.get("num_labels", 1)  # a critic's head: one value per token
     arch = cls_name.removesuffix("Config") + head
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).float().eval()

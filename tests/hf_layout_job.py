@@ -15,10 +15,10 @@ def main(src: str, dst: str, layout: str) -> None:
     dist.init_process_group("gloo")
     config = dtllama.ModelConfig.from_hf(src)
     dims = ParallelDims(**json.loads(layout)).resolve(dist.get_world_size(), config)
-    mesh = dims.build_mesh("cpu")
+    dims.build_mesh("cpu")
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config)
-    parallelize(model, dims, mesh)
+    parallelize(model, dims)
     model.to_empty(device="cpu")
     load_state_into(model, src)  # each rank reads only its slices
     model.save_pretrained(dst, dtype=torch.float32, source=src, max_shard_bytes=200_000_000)

@@ -18,7 +18,7 @@ from dtllama.parallel import ParallelDims, clip_grad_norm_, parallelize
 
 ENTROPY_WEIGHT = 0.01
 LR = 1e-2
-_MESHES: dict = {}
+_DIMS: dict = {}
 
 
 def build(config: dtllama.ModelConfig, value: bool):
@@ -88,18 +88,19 @@ def placements(model) -> dict[str, tuple]:
 def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, value: bool, ac: str = "none"):
     """On every rank: parallelize a meta-device model, init, forward/backward/AdamW on this rank's share."""
     config = dtllama.ModelConfig(**config_dict)
-    dims = ParallelDims(**layout).resolve(dist.get_world_size(), config)
+    ParallelDims(**layout).resolve(dist.get_world_size(), config)  # validates against this config
     key = tuple(sorted(layout.items()))
-    if key not in _MESHES:  # process groups are created once per layout and reused across examples
-        _MESHES[key] = dims.build_mesh("cpu")
-    mesh = _MESHES[key]
+    if key not in _DIMS:  # process groups are created once per layout and reused across examples
+        _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size())
+        _DIMS[key].build_mesh("cpu")
+    dims = _DIMS[key]
     with torch.device("meta"):
         model = build(config, value)
-    parallelize(model, dims, mesh, ac=ac)
+    parallelize(model, dims, ac=ac)
     model.to_empty(device="cpu")
     model.init_weights(seed)
     place = placements(model)  # before forward: FSDP keeps some groups unsharded after it
-    dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    dp_rank, dp = dims.mesh("dp").get_local_rank(), dims.mesh("dp").size()
     mine = list(range(dp_rank, len(seqs), dp))
     n_global = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list)
     loss, outs = objective(model, [seqs[i] for i in mine], [labels_list[i] for i in mine], value,

@@ -80,3 +80,49 @@ def test_flavor_parameter_counts_on_meta_device(name):
     assert n == cfg.num_params()
     decimals = len(PUBLISHED[name].split(".")[1])
     assert f"{n / 1e9:.{decimals}f}" == PUBLISHED[name], (name, n)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        # theta set twice: 731000.0 (transformers 4's field) against 262144.0 (transformers 5's)
+        ({"rope_theta": 731000.0}, {"rope_theta": 262144.0, "rope_type": "default"},
+         r"rope_theta=731000\.0 \(transformers 4\) but rope_parameters\.rope_theta=262144\.0"),
+        # scaling set twice: llama3 against linear
+        ({"rope_scaling": LLAMA3_SCALING}, {"rope_theta": 5e5, "rope_type": "linear", "factor": 3.0},
+         r"rope_scaling=\{'rope_type': 'llama3'.*\} \(transformers 4\) but rope_parameters=\{.*'rope_type': 'linear'"),
+        # the same type with one differing value (factor 8.0 against 32.0)
+        ({"rope_scaling": LLAMA3_SCALING}, dict(LLAMA3_SCALING, factor=32.0, rope_theta=5e5),
+         r"rope_scaling=.*'factor': 8\.0.* but rope_parameters=.*'factor': 32\.0"),
+        # a stale transformers 4 "no scaling" beside transformers 5's llama3 (transformers 5 itself would take
+        # rope_scaling, 4 too, so the llama3 parameters would be silently dropped)
+        ({"rope_scaling": {"type": "default"}}, dict(LLAMA3_SCALING, rope_theta=5e5),
+         r"rope_scaling=\{'type': 'default'\} \(transformers 4\) but rope_parameters="),
+    ],
+    ids=["theta", "llama3-vs-linear", "llama3-factor", "stale-default-vs-llama3"],
+)
+def test_disagreeing_transformers4_and_5_rope_fields_are_an_error(old, new, message):
+    d = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "rope_parameters": new, **old}
+    with pytest.raises(ValueError, match=message) as err:
+        ModelConfig.from_hf(d)
+    assert "delete the stale field" in str(err.value)  # the error says how to fix it
+
+
+def test_agreeing_transformers4_and_5_rope_fields_are_read_once():
+    # Both spellings in one file, equal up to spelling: `type` for `rope_type`, ints for floats, keys reordered.
+    d = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "rope_theta": 731000,
+         "rope_scaling": {"type": "llama3", "original_max_position_embeddings": 8192, "factor": 8, "low_freq_factor": 1,
+                          "high_freq_factor": 4},
+         "rope_parameters": dict(LLAMA3_SCALING, rope_theta=731000.0)}
+    cfg = ModelConfig.from_hf(d)
+    assert cfg.rope_theta == 731000.0 and cfg.rope_scaling == LLAMA3_SCALING
+    # No scaling, spelled as transformers 4 (null) and 5 ("default") at once.
+    cfg = ModelConfig.from_hf({"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 262144.0, "rope_scaling": None,
+                               "rope_parameters": {"rope_theta": 262144.0, "rope_type": "default"}})
+    assert cfg.rope_theta == 262144.0 and cfg.rope_scaling is None
+    # dtllama's own export writes all three fields; it reads back as itself.
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg

@@ -5,8 +5,9 @@ import torch
 from helpers import logprobs_entropy_reference, rms_norm_reference
 from helpers import rel_err as rel
 
+from dtllama.ops.attention import unavailable_reason
 from dtllama.ops import (
-    IGNORE_INDEX, cu_seqlens_from_lengths, cuda_backends, linear_cross_entropy, linear_logprobs_entropy, rms_norm,
+    IGNORE_INDEX, cu_seqlens_from_lengths, linear_cross_entropy, linear_logprobs_entropy, rms_norm,
     set_attention_backend, varlen_attention,
 )
 
@@ -56,10 +57,13 @@ def test_rms_norm_compiles_fullgraph_on_cuda():
     assert rel(grads[0], x.grad) <= 1e-2 and rel(grads[1], w.grad) <= 1e-2
 
 
-@pytest.mark.parametrize("backend", cuda_backends())
+@pytest.mark.parametrize("backend", ["flash", "varlen", "flex"])
 @pytest.mark.parametrize("lengths", [[1], [1, 1, 1], [37, 1, 200, 5, 64], [2048], "random"])
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
 def test_varlen_backends_match_sdpa_reference(backend, lengths, heads):
+    why = unavailable_reason(backend, torch.device("cuda"), torch.bfloat16)
+    if why is not None:
+        pytest.skip(f"{backend} cannot run here: {why}")
     if lengths == "random":  # a fresh draw every run, printed on failure
         lengths = torch.randint(1, 300, (int(torch.randint(1, 12, ())),)).tolist()
     g = torch.Generator(device="cuda").manual_seed(len(lengths))

@@ -1,0 +1,96 @@
+"""Pool tasks of the fault and option tests (light: torch and dtllama only, as pool workers import it)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import dtllama
+from dtllama.model import hf_name
+from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
+from dtllama.parallel import CompileOptions, FSDPOptions, ParallelDims, parallelize
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, initializer_range=0.2)
+_DIMS: dict = {}
+
+
+def _dims(layout: dict) -> ParallelDims:
+    key = tuple(sorted(layout.items()))
+    if key not in _DIMS:  # process groups are created once per layout and reused across tests
+        _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), dtllama.ModelConfig(**CONFIG))
+        _DIMS[key].build_mesh("cpu")
+    return _DIMS[key]
+
+
+def _model(layout: dict, seed: int, **options):
+    dims = _dims(layout)
+    with torch.device("meta"):
+        model = dtllama.LlamaForCausalLM(dtllama.ModelConfig(**CONFIG))
+    parallelize(model, dims, **options)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model, dims
+
+
+def batch(seed: int, lengths: list[int], multiple: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CONFIG["vocab_size"], (sum(lengths),), generator=g)
+    cu = cu_seqlens_from_lengths(lengths)
+    return pad_to_multiple(ids, cu, multiple, shift_labels(ids, cu))
+
+
+def spoil(p, fault: str):
+    """The packed batch `p` made invalid in one of the ways a data pipeline gets it wrong."""
+    if fault == "label":
+        p.labels[1] = CONFIG["vocab_size"] + 7
+    elif fault == "cu_seqlens":
+        p.cu_seqlens = p.cu_seqlens.clone()
+        p.cu_seqlens[-1] -= 1  # no longer ends at T
+    elif fault == "max_seqlen":
+        p.max_seqlen = 1
+    return p
+
+
+def run_bad_batch(layout: dict, fault: str, bad_rank: int, seed: int):
+    """Every rank steps; `bad_rank` alone gets a spoiled batch. Returns (error message or None, seconds)."""
+    model, dims = _model(layout, seed)
+    p = batch(seed + dist.get_rank(), [5, 9, 3], dims.token_multiple)
+    if dist.get_rank() == bad_rank:
+        p = spoil(p, fault)
+    t0 = time.perf_counter()
+    try:
+        out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+        out.logprobs.sum().backward()
+    except ValueError as e:
+        return str(e), time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+def grads_of(model, p) -> dict[str, torch.Tensor]:
+    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+    (-(out.logprobs.sum() + 0.01 * out.entropy.sum())).backward()
+    return {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
+            for n, q in model.named_parameters()}
+
+
+def run_options(layout: dict, seed: int, fsdp: dict | None = None, backend: str | None = None):
+    """Gradients of one batch (the same on every rank) under the given FSDP / compile options.
+
+    Also reports whether layer 0's parameters were left unsharded after forward (reshard_after_forward).
+    """
+    options = {"fsdp": FSDPOptions(**fsdp) if fsdp is not None else None}
+    if backend is not None:
+        options["compile"] = CompileOptions(backend=backend)
+    model, dims = _model(layout, seed, **options)
+    p = batch(seed, [6, 11, 4], dims.token_multiple)
+    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+    layer0 = model.model.layers["0"]
+    unsharded_after_forward = not isinstance(layer0.mlp.up_proj.weight, DTensor)
+    (-(out.logprobs.sum() + 0.01 * out.entropy.sum())).backward()
+    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
+             for n, q in model.named_parameters()}
+    return {"grads": grads, "unsharded_after_forward": unsharded_after_forward}

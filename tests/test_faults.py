@@ -1,0 +1,89 @@
+"""Faults a run must survive or report clearly: a bad batch on one rank, non-finite steps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from fault_cases import run_bad_batch
+from helpers import ROOT
+from pool import get_pool
+
+from dtllama.optim import step_if_finite
+
+# A bad rank must not leave its peers in a collective: the pool would time out after 120 s. A few
+# seconds covers the check's two small collectives and a forward of a tiny model on a loaded CPU.
+PROMPT_SECONDS = 10.0
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("label", "label 71 is outside the vocabulary"),
+    ("cu_seqlens", "cu_seqlens must start at 0 and end at T"),
+    ("max_seqlen", "max_seqlen=1 is smaller than the longest sequence"),
+])
+@pytest.mark.parametrize("world, layout", [(2, dict(dp_shard=-1)), (4, dict(dp_shard=2, tp=2))])
+def test_bad_batch_on_one_rank_raises_the_same_error_on_every_rank(world, layout, fault, expected):
+    results = get_pool(world).run(run_bad_batch, layout, fault, 1, int(torch.randint(0, 2**16, ())))
+    messages = [m for m, _ in results]
+    assert messages[0] is not None and all(m == messages[0] for m in messages), messages
+    assert expected in messages[0] and "rank 1" in messages[0], messages[0]
+    assert max(s for _, s in results) < PROMPT_SECONDS, results
+    # The pool stays usable: the same layout with good batches everywhere steps normally.
+    assert all(m is None for m, _ in get_pool(world).run(run_bad_batch, layout, fault, -1, 3))
+
+
+def _tiny():
+    torch.manual_seed(int(torch.randint(0, 2**16, ())))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    return model, opt, sched
+
+
+def _step(model, opt, sched, poison: bool, policy: str):
+    loss = model(torch.randn(4, 6)).pow(2).sum()
+    loss.backward()
+    if poison:
+        model[0].weight.grad[1, 2] = float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    return step_if_finite(opt, sched, float(loss.detach()), float(norm), policy)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_gradient_never_reaches_the_optimizer(policy):
+    model, opt, sched = _tiny()
+    assert _step(model, opt, sched, False, policy)  # one good step: AdamW has moments now
+    params = [p.detach().clone() for p in model.parameters()]
+    moments = [s["exp_avg"].clone() for s in opt.state.values()]
+    lr_steps = sched.last_epoch
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match="gradient norm nan.*on_nonfinite='skip'"):
+            _step(model, opt, sched, True, policy)
+    else:
+        assert not _step(model, opt, sched, True, policy)
+    for before, p in zip(params, model.parameters()):
+        assert torch.equal(before, p) and p.grad is None
+    for before, s in zip(moments, opt.state.values()):
+        assert torch.equal(before, s["exp_avg"])
+    assert sched.last_epoch == lr_steps
+    # The run goes on (skip) with finite moments: a later good step moves every parameter.
+    if policy == "skip":
+        assert _step(model, opt, sched, False, policy)
+        assert all(not torch.equal(b, p) for b, p in zip(params, model.parameters()))
+        assert all(torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
+                   for s in opt.state.values())
+
+
+def test_recipe_stops_or_skips_on_a_diverged_run(tmp_path):
+    """lr=1e30 makes step 2's forward overflow: `stop` exits with the message, `skip` keeps going."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", "--steps", "3", "--export-hf", "",
+           "--lr", "1e30", "--warmup-steps", "1"]
+    stop = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert stop.returncode != 0 and "FloatingPointError: non-finite training step" in stop.stderr, stop.stderr[-3000:]
+    skip = subprocess.run(cmd + ["--on-nonfinite", "skip"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    assert skip.stdout.count("(non-finite: step skipped)") == 2, skip.stdout
