@@ -1,6 +1,8 @@
 """One dispatch for causal attention over a packed batch (`cu_seqlens` marks the documents).
 
 Backends, best first:
+- `fa4`: FlashAttention-4 (`flash-attn-4`, CuTe DSL; when installed; Hopper or newer, fp16/bf16,
+  head_dim <= 128), as the custom ops of `_fa4.py`;
 - `flash`: flash-attn's `flash_attn_varlen_func` (when installed; CUDA, fp16/bf16);
 - `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (the same FlashAttention-2 kernels
   inside torch; CUDA, fp16/bf16);
@@ -23,7 +25,10 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash", "varlen", "flex", "sdpa")
+from . import _fa4
+
+BACKENDS = ("auto", "fa4", "flash", "varlen", "flex", "sdpa")
+_AUTO_ORDER = ("fa4", "flash", "varlen", "flex")  # fastest first (H200, packed causal GQA fwd+bwd)
 _backend = os.environ.get("DTLLAMA_ATTENTION", "auto")
 
 
@@ -56,25 +61,29 @@ _FLASH_ATTN = _probe_flash_attn()
 _VARLEN_PARAMS = _probe_torch_varlen()
 
 
-_NEEDS_SM80 = ("flash", "varlen")  # FlashAttention-2 kernels: Ampere or newer, fp16/bf16 only
+_MIN_CAPABILITY = {"fa4": 9, "flash": 8, "varlen": 8}  # FA4: Hopper+; FlashAttention-2 kernels: Ampere+
 
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why backend `name` cannot run inputs of `dtype` on `device`, or None when it can."""
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
+    """Why backend `name` cannot run inputs of `dtype` (and `head_dim`) on `device`, or None when it can."""
     if name == "sdpa":
         return None
     if device.type != "cuda":
         return f"it needs a CUDA device, the inputs are on {device.type}"
+    if name == "fa4" and not _fa4.AVAILABLE:
+        return "flash-attn-4 is not installed"
+    if name == "fa4" and head_dim is not None and not (8 <= head_dim <= 128 and head_dim % 8 == 0):
+        return f"it takes head_dim in 8..128 (a multiple of 8), the inputs have {head_dim}"
     if name == "flash" and not _FLASH_ATTN:
         return "flash-attn is not installed"
     if name == "varlen" and _VARLEN_PARAMS is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    if name in _NEEDS_SM80:
+    if name in _MIN_CAPABILITY:
         if dtype not in (torch.float16, torch.bfloat16):
             return f"it takes fp16/bf16, the inputs are {dtype}"
         major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
-        if major < 8:
-            return f"it needs compute capability >= 8.0, this GPU has {major}.{minor}"
+        if major < _MIN_CAPABILITY[name]:
+            return f"it needs compute capability >= {_MIN_CAPABILITY[name]}.0, this GPU has {major}.{minor}"
     return None
 
 
@@ -91,15 +100,15 @@ def cuda_backends(dtype: torch.dtype = torch.bfloat16, device: torch.device | No
         if not torch.cuda.is_available():
             return []
         device = torch.device("cuda", torch.cuda.current_device())
-    return [n for n in ("flash", "varlen", "flex") if unavailable_reason(n, device, dtype) is None]
+    return [n for n in _AUTO_ORDER if unavailable_reason(n, device, dtype) is None]
 
 
-def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> tuple[str, str]:
     """`(backend, why)`: the requested one, or `auto`'s pick with the reasons it passed over better ones."""
     if _backend not in BACKENDS:
         raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
     if _backend != "auto":
-        why = unavailable_reason(_backend, device, dtype)
+        why = unavailable_reason(_backend, device, dtype, head_dim)
         if why is not None:
             raise ValueError(f"attention backend {_backend!r} cannot run here: {why}; "
                              "set DTLLAMA_ATTENTION=auto (or set_attention_backend('auto')) to pick one that can")
@@ -107,8 +116,8 @@ def _choose(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     if device.type != "cuda":
         return "sdpa", f"auto on {device.type}"
     skipped = []
-    for name in ("flash", "varlen", "flex"):
-        why = unavailable_reason(name, device, dtype)
+    for name in _AUTO_ORDER:
+        why = unavailable_reason(name, device, dtype, head_dim)
         if why is None:
             return name, "auto" + "".join(f"; not {n}: {w}" for n, w in skipped)
         skipped.append((name, why))
@@ -142,7 +151,7 @@ def varlen_attention(
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    name, why = _choose(q.device, q.dtype)
+    name, why = _choose(q.device, q.dtype, q.shape[-1])
     if not torch.compiler.is_compiling():
         _announce(name, why)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
@@ -216,8 +225,9 @@ def _flex(q, k, v, cu_seqlens, max_seqlen):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Eager FlexAttention materializes the scores; compiled it is a fused kernel.
-    return torch.compile(flex_attention, dynamic=True)
+    # Eager FlexAttention materializes the scores; compiled it is a fused kernel. Wrapped, the compiled
+    # region shows to dispatch modes as one op, so selective activation checkpointing can save its output.
+    return torch.compile(flex_attention, dynamic=True, options={"wrap_inductor_compiled_regions": True})
 
 
-_IMPLS = {"flash": _flash, "varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}
+_IMPLS = {"fa4": _fa4.fa4_varlen_attention, "flash": _flash, "varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}

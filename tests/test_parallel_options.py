@@ -78,17 +78,27 @@ def test_auto_attention_says_why_it_passed_over_a_backend(monkeypatch):
     """The dispatch logic alone (no GPU here): an sm75 GPU gets FlexAttention, and the reason is printed."""
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(attention, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(attention._fa4, "AVAILABLE", False)
     monkeypatch.setattr(attention, "_FLASH_ATTN", False)
     monkeypatch.setattr(attention, "_VARLEN_PARAMS", frozenset({"window_size"}))
     monkeypatch.setattr(attention, "_backend", "auto")
     name, why = attention._choose(cuda, torch.bfloat16)
     assert name == "flex"
-    assert "not flash: flash-attn is not installed" in why
+    assert "not fa4: flash-attn-4 is not installed; not flash: flash-attn is not installed" in why
     assert "not varlen: it needs compute capability >= 8.0, this GPU has 7.5" in why
     monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))
     assert attention._choose(cuda, torch.bfloat16)[0] == "varlen"
-    assert attention._choose(cuda, torch.float32) == ("flex", "auto; not flash: flash-attn is not installed; "
+    assert attention._choose(cuda, torch.float32) == ("flex", "auto; not fa4: flash-attn-4 is not installed; "
+                                                      "not flash: flash-attn is not installed; "
                                                       "not varlen: it takes fp16/bf16, the inputs are torch.float32")
+    # FA4 is first when installed, on Hopper, for the head dims it has kernels for.
+    monkeypatch.setattr(attention._fa4, "AVAILABLE", True)
+    assert attention._choose(cuda, torch.bfloat16, 64)[0] == "fa4"
+    assert attention._choose(cuda, torch.bfloat16, 256) == (
+        "varlen", "auto; not fa4: it takes head_dim in 8..128 (a multiple of 8), the inputs have 256; "
+        "not flash: flash-attn is not installed")
+    monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
+    assert "not fa4: it needs compute capability >= 9.0, this GPU has 8.0" in attention._choose(cuda, torch.bfloat16)[1]
     monkeypatch.setattr(attention, "_backend", "varlen")
     with pytest.raises(ValueError, match="'varlen' cannot run here: it needs a CUDA device.*DTLLAMA_ATTENTION=auto"):
         attention._choose(torch.device("cpu"), torch.float32)
