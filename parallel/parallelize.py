@@ -33,7 +33,7 @@ def parallelize(
     model (`init_weights` builds one full parameter at a time on the host and keeps this rank's slice).
     """
     fsdp, compile = _options(dims, mesh, fsdp, param_dtype, compile)
-    dims.check_model(model.config, compile=compile is not None)
+    dims.check_model(model.config, compile=compile is not None, ac=ac, device_type=dims.mesh("world").device_type)
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"))
     apply_ac(model, ac)

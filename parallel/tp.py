@@ -43,9 +43,8 @@ class ReplicatedKV(ParallelStyle):
     def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
         d = self.head_dim
 
-        def input_fn(mod, inputs, mesh):
-            x = inputs[0]
-            return DTensor.from_local(x, mesh, [Replicate()], run_check=False) if not isinstance(x, DTensor) else x
+        def input_fn(mod, inputs, mesh):  # all tokens, a plain tensor (the attention's PrepareModuleInput)
+            return DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False)
 
         def output_fn(mod, out, mesh):
             T, tp = out.shape[0], mesh.size()
@@ -54,6 +53,24 @@ class ReplicatedKV(ParallelStyle):
             return heads.redistribute(mesh, [Shard(1)]).to_local().reshape(T, d)
 
         return distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+class TokenShardedEmbedding(RowwiseParallel):
+    """Vocab-parallel embedding whose partial output is reduce-scattered to tokens (`Shard(0)`) *synchronously*.
+
+    `RowwiseParallel` reduce-scatters with `async_op=True`, so `to_local()` hands the first decoder
+    block an `AsyncCollectiveTensor`. When that block is compiled, torch 2.13's AOTAutograd resolves the
+    input with `trigger_wait()`, which drops its autograd edge: the block is traced as not needing
+    its input's gradient, and the embedding's backward gets a zero plain tensor that DTensor's
+    redistribute rejects ("'Tensor' object has no attribute '_local_tensor'"; pytorch/pytorch#191113).
+    The block's first op (the norm) needs the tokens at once, so waiting here costs no overlap.
+    The output is a copy, not `to_local()`'s view: a compiled block guards on a view input's base, so
+    layer 0 would otherwise compile a graph of its own once T turns dynamic.
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return outputs.redistribute(placements=output_layouts).to_local().clone()
 
 
 class ReplicatedHead(ParallelStyle):
@@ -97,7 +114,7 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> No
         parallelize_module(layer, tp_mesh, layer_plan)
     plan = {
         "model.norm": SequenceParallel(sequence_dim=0),
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
+        "model.embed_tokens": TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0)),
     }
     if isinstance(model, LlamaForValue):
         plan["score"] = ReplicatedHead()
@@ -107,4 +124,4 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> No
     parallelize_module(model, tp_mesh, plan)
 
 
-__all__ = ["ReplicatedHead", "ReplicatedKV", "apply_tp"]
+__all__ = ["ReplicatedHead", "ReplicatedKV", "TokenShardedEmbedding", "apply_tp"]

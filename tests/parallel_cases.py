@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 import dtllama
 from dtllama.model import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
-from dtllama.parallel import ParallelDims, clip_grad_norm_, parallelize
+from dtllama.parallel import CompileOptions, ParallelDims, clip_grad_norm_, parallelize
 
 ENTROPY_WEIGHT = 0.01
 LR = 1e-2
@@ -85,8 +85,12 @@ def placements(model) -> dict[str, tuple]:
     return out
 
 
-def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, value: bool, ac: str = "none"):
-    """On every rank: parallelize a meta-device model, init, forward/backward/AdamW on this rank's share."""
+def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, value: bool, ac: str = "none",
+             compile_backend: str | None = None):
+    """On every rank: parallelize a meta-device model, init, forward/backward/AdamW on this rank's share.
+
+    `compile_backend`: compile each block with it (the pool's dynamo caches are reset first: every
+    example is a new model, and a full recompile cache would silently fall back to eager)."""
     config = dtllama.ModelConfig(**config_dict)
     ParallelDims(**layout).resolve(dist.get_world_size(), config)  # validates against this config
     key = tuple(sorted(layout.items()))
@@ -96,7 +100,11 @@ def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, valu
     dims = _DIMS[key]
     with torch.device("meta"):
         model = build(config, value)
-    parallelize(model, dims, ac=ac)
+    compile = False
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        compile = CompileOptions(backend=compile_backend)
+    parallelize(model, dims, ac=ac, compile=compile)
     model.to_empty(device="cpu")
     model.init_weights(seed)
     place = placements(model)  # before forward: FSDP keeps some groups unsharded after it

@@ -36,12 +36,11 @@ def main(out: str, offload: bool) -> None:
         ids = torch.randint(0, config.vocab_size, (sum(lengths),), device="cuda", generator=g)
         cu = cu_seqlens_from_lengths(lengths, device="cuda")
         labels = shift_labels(ids, cu)
-        out = model(ids, cu_seqlens=cu, labels=labels)
-        loss = -out.logprobs.sum() / (labels != -100).sum()
+        loss = -model(ids, cu_seqlens=cu, labels=labels).logprobs.sum() / (labels != -100).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     row = {"cpu_offload": offload, "losses": losses, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     print(json.dumps(row))
     with open(out, "w") as f:
