@@ -228,6 +228,8 @@ def worker(a) -> None:
             times.append(dt)
         if i == a.warmup - 1 and cuda:
             torch.cuda.reset_peak_memory_stats()
+    if a.profile and rank == 0:
+        profile_steps(step, opt, lambda: torch.randint(0, V, (a.batch, a.seq), device=device, generator=g), a.impl)
     med = statistics.median(times)
     tok_gpu = a.batch * a.seq / med
     flops_tok = 6 * (n_params - V * dim) + 12 * L * dim * a.seq  # torchtitan's count: embedding excluded
@@ -244,17 +246,47 @@ def worker(a) -> None:
     dist.destroy_process_group()
 
 
+def profile_steps(step, opt, batch, impl: str, n: int = 3) -> None:
+    """Where a step's GPU time goes: the kernels of `n` steps by total time, and their sum by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(batch())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / n / 1e3
+    print(f"\n## {impl}: GPU kernel time per step {total:.1f} ms (top kernels, ms per step)")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+        print(f"{e.self_device_time_total / n / 1e3:8.2f}  {e.count // n:5d}x  {e.key[:150]}")
+    kinds = {"gemm": ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas"), "attention": ("flash", "fmha", "attn"),
+             "triton": ("triton",), "copy/cast": ("copy", "cast", "elementwise", "vectorized"),
+             "nccl": ("nccl",), "optimizer": ("adam", "multi_tensor", "foreach")}
+    by_kind = dict.fromkeys(kinds, 0.0)
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, pats in kinds.items() if any(p in name for p in pats)), None)
+        if kind:
+            by_kind[kind] += e.self_device_time_total / n / 1e3
+    print("by kind (ms per step): " + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items())
+          + f", other {total - sum(by_kind.values()):.1f}", flush=True)
+
+
 def drive(a) -> list[dict]:
     """Run each implementation in its own torchrun, then print the side-by-side table and JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out, init = os.path.join(tmp, "rows.jsonl"), os.path.join(tmp, "init.pt")
         flags = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--ac", a.ac, "--steps",
                  str(a.steps), "--warmup", str(a.warmup), "--loss-steps", str(a.loss_steps), "--lr", str(a.lr),
-                 "--out", out, "--init", init] + (["--compile"] if a.compile else [])
+                 "--out", out, "--init", init] + (["--compile"] if a.compile else []) + (["--profile"] if a.profile else [])
         for impl in ["dtllama"] + [i for i in a.impls.split(",") if i != "dtllama"]:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
                    os.path.abspath(__file__), "--impl", impl, *flags]
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            if a.profile:
+                print(proc.stdout[proc.stdout.find("\n## "):], flush=True)
             if proc.returncode:
                 print(f"{impl} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
         with open(out) as f:
@@ -297,6 +329,7 @@ def main() -> None:
     p.add_argument("--out", help="(worker) append the row here")
     p.add_argument("--init", help="(worker) dtllama writes its init here; the others read it")
     p.add_argument("--json", help="(driver) also write the rows here")
+    p.add_argument("--profile", action="store_true", help="also print where 3 steps' GPU time goes, per implementation")
     a = p.parse_args()
     if a.impl:
         worker(a)

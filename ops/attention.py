@@ -225,9 +225,10 @@ def _flex(q, k, v, cu_seqlens, max_seqlen):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Eager FlexAttention materializes the scores; compiled it is a fused kernel. Wrapped, the compiled
-    # region shows to dispatch modes as one op, so selective activation checkpointing can save its output.
-    return torch.compile(flex_attention, dynamic=True, options={"wrap_inductor_compiled_regions": True})
+    # Eager FlexAttention materializes the scores; compiled it is a fused kernel. (Inductor's
+    # `wrap_inductor_compiled_regions` would let selective AC see it, but then the checkpoint's recompute
+    # fails on torch 2.11: "flex_attention encountered during backward, but not found in storage".)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 _IMPLS = {"fa4": _fa4.fa4_varlen_attention, "flash": _flash, "varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa}

@@ -143,24 +143,13 @@ def check_packed(
     """Raise a ValueError naming the bad value; run once per step before any kernel or collective.
 
     `position_ids` and `max_seqlen` may be None (they are then derived from a valid `cu_seqlens`).
+    Every value check reads one small tensor back from the device: one sync per step, not one per check.
     """
     T = input_ids.shape[0]
     if input_ids.dim() != 1:
         raise ValueError(f"packed input_ids must be 1-D [T], got shape {tuple(input_ids.shape)}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-    if first != 0 or last != T:
-        raise ValueError(
-            f"cu_seqlens must start at 0 and end at T={T} (the packed token count), got "
-            f"cu_seqlens[0]={first}, cu_seqlens[-1]={last}"
-        )
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if bool((lengths < 0).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
-    longest = int(lengths.max())
-    if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
     if position_ids is not None and position_ids.shape != input_ids.shape:
         raise ValueError(
             f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {tuple(input_ids.shape)}; "
@@ -168,22 +157,42 @@ def check_packed(
         )
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
-    if T:
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = hi if hi >= vocab_size else lo
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check the tokenizer")
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    stats = [cu[0], cu[-1], lengths.min(), lengths.max()]
+    ids = input_ids.long() if T else input_ids.new_zeros(1, dtype=torch.long)
+    stats += [ids.min(), ids.max()]
     if labels is not None:
-        check_labels(labels, vocab_size)
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        first_bad = torch.where(bad, torch.arange(T, device=labels.device), T).min() if T else cu.new_tensor(T)
+        stats += [first_bad, labels[first_bad.clamp_max(T - 1)].long() if T else cu.new_tensor(0)]
+    first, last, shortest, longest, lo, hi, *label_stats = torch.stack(stats).tolist()
+    if first != 0 or last != T:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T={T} (the packed token count), got "
+            f"cu_seqlens[0]={first}, cu_seqlens[-1]={last}"
+        )
+    if shortest < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+    if T and (lo < 0 or hi >= vocab_size):
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); check the tokenizer")
+    if label_stats and label_stats[0] < T:
+        _bad_label(label_stats[1], vocab_size)
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
     """Labels are token ids in `[0, vocab)` or -100 (ignored); anything else would read a wrong log-prob."""
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(f"label {value} is outside the vocabulary [0, {vocab_size}) and is not {IGNORE_INDEX} "
-                         "(ignored); check the tokenizer or the label shift")
+        _bad_label(int(labels[bad][0]), vocab_size)
+
+
+def _bad_label(value: int, vocab_size: int):
+    raise ValueError(f"label {value} is outside the vocabulary [0, {vocab_size}) and is not {IGNORE_INDEX} "
+                     "(ignored); check the tokenizer or the label shift")
 
 
 def pad_to_multiple(

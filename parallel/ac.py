@@ -19,8 +19,9 @@ Saved (MUST_SAVE):
   not seen separately); `flash`: flash-attn's custom ops `flash_attn::_flash_attn_varlen_forward` /
   `_flash_attn_forward` (releases that call their extension outside the dispatcher are recomputed
   whatever the policy); `flex`: the higher-order op `flex_attention` inside a compiled layer, or, in
-  an eager layer, `inductor_compiled_code` (dtllama's compiled FlexAttention kernel, visible because
-  `ops.attention` compiles it with inductor's `wrap_inductor_compiled_regions`); `sdpa`: the
+  an eager layer, `inductor_compiled_code` (dtllama's compiled FlexAttention kernel, visible only when
+  compiled with inductor's `wrap_inductor_compiled_regions`, which `ops.attention` does not use: with it
+  the recompute fails on torch 2.11; so in an eager layer flex attention is recomputed); `sdpa`: the
   `aten::_scaled_dot_product_*` variants (flash, efficient, cuDNN, CPU flash, overrideable). The bare
   kernels (`aten::_flash_attention_forward`, ...) are listed too, for a torch whose `varlen_attn`
   calls them without its custom op.

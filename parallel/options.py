@@ -15,13 +15,16 @@ class FSDPOptions:
       the sharded fp32 master weights stay what the optimizer steps.
     reduce_dtype: the dtype gradients are reduce-scattered in (fp32 keeps the sum exact for bf16 compute).
     reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3); False keeps
-      them until backward (ZeRO-2-like: one all-gather per step instead of two, more memory).
-    cpu_offload: keep sharded parameters, gradients and optimizer state in pinned host memory.
+      them until backward (ZeRO-2-like: one all-gather per step instead of two, more memory). None: True,
+      except on a one-rank mesh (mixed precision alone), where the "all-gather" is a cast and a copy
+      that frees only the low-precision copy.
+    cpu_offload: keep sharded parameters, gradients and optimizer state in pinned host memory
+      (materialize the model on the host, `to_empty(device="cpu")`, and move its buffers to the GPU).
     """
 
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = torch.float32
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool | None = None
     cpu_offload: bool = False
 
 

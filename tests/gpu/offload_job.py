@@ -28,6 +28,7 @@ def main(out: str, offload: bool) -> None:
     # Offloaded shards live in host memory: materialize and initialize them there (torchtitan does the same).
     model.to_empty(device="cpu" if offload else "cuda")
     model.init_weights(0)
+    model.model.rotary_emb.to("cuda")  # buffers are not FSDP's to move: RoPE's frequencies go to the GPU
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=not offload)
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths = [1024, 700, 324]

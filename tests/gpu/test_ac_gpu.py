@@ -13,6 +13,10 @@ from dtllama.parallel.ac import apply_ac
 
 pytestmark = pytest.mark.gpu
 
+# dtllama runs FlexAttention through its own torch.compile. In an eager layer that compiled region is
+# opaque to the checkpoint's dispatch mode, so the flex forward is recomputed in backward (inductor's
+# `wrap_inductor_compiled_regions=True` would expose it, but then the recompute fails on torch 2.11).
+EAGER_FLEX = "eager flex: ops/attention.py's compiled FlexAttention is opaque to selective AC"
 # Any checkpoint (full or selective) around a compiled layer fails to trace with flex: create_block_mask
 # inside the checkpointed layer is a side effect dynamo refuses ("HOP: Unsafe side effect", torch 2.11
 # and 2.13). Building the block mask outside the layers, or dynamo's
@@ -27,9 +31,16 @@ def backend(request):
     set_attention_backend("auto")
 
 
-def test_selective_eager_saves_attention(backend, monkeypatch):
+def test_selective_eager_saves_attention(backend, monkeypatch, request):
     log = record_policy(monkeypatch)
     kw = dict(device="cuda", dtype=torch.bfloat16)
+    if backend == "flex":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=EAGER_FLEX))
+        model = tiny_model(**kw)
+        apply_ac(model, "selective")
+        step(model, "cuda").backward()  # a plain dispatch mode cannot count inside compiled regions
+        check_policy_log(log, LAYERS)
+        return
     none, sel = eager_backward_counts("none", **kw), eager_backward_counts("selective", **kw)
     check_policy_log(log, LAYERS)
     recomputed = sel - none
