@@ -2,7 +2,8 @@
 
 Activations are packed `[T, hidden]` (no batch dimension): the model runs on padding-free batches
 described by `cu_seqlens`. Module boundaries that parallelism needs are explicit: each attention
-calls `self_attn.attn_core` (the callable Ulysses wraps), and decoder layers live in a ModuleDict
+calls `self_attn.attn_core` (the callable Ulysses wraps), the causal-LM head's log-probs go through
+`logprobs_head` (where context parallelism slices the labels), and decoder layers live in a ModuleDict
 keyed "0".."N-1" so a pipeline stage can drop layers without renaming the rest.
 """
 
@@ -156,6 +157,15 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+class LogprobsHead(nn.Module):
+    """Per-token log-probs and entropy of `labels` from hidden states; no parameters of its own (the weight is
+    passed in). Its own module so that context parallelism can hand it the labels of its token shard."""
+
+    def forward(self, hidden, weight, labels, temperature: float, chunk_size: int):
+        # prepare_batch already validated the labels
+        return linear_logprobs_entropy(hidden, weight, labels, temperature, chunk_size, check=False)
+
+
 @dataclass
 class CausalLMOutput:
     """Packed `[T, ...]` or, for padded input, `[B, S, ...]` (zeros at padding)."""
@@ -232,6 +242,7 @@ class LlamaForCausalLM(_LlamaBase):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logprobs_head = LogprobsHead()
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -249,8 +260,7 @@ class LlamaForCausalLM(_LlamaBase):
         h, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         if batch.labels is None:
             return CausalLMOutput(logits=batch.repad(linear_logits(h, self.output_weight, temperature)))
-        # prepare_batch already validated the labels
-        lp, ent = linear_logprobs_entropy(h, self.output_weight, batch.labels, temperature, chunk_size, check=False)
+        lp, ent = self.logprobs_head(h, self.output_weight, batch.labels, temperature, chunk_size)
         return CausalLMOutput(logprobs=batch.repad(lp), entropy=batch.repad(ent))
 
 

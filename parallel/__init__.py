@@ -2,8 +2,9 @@
 
 from .ac import AC_MODES, apply_ac
 from .compile import apply_compile
+from .cp import apply_cp
 from .batch_check import agree_on_error, apply_batch_check
-from .dims import ParallelDims, valid_tp_degrees
+from .dims import ParallelDims, valid_cp_degrees, valid_tp_degrees
 from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
 from .options import CompileOptions, FSDPOptions
@@ -12,5 +13,5 @@ from .tp import apply_tp
 
 __all__ = [
     "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
-    "apply_compile", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "valid_tp_degrees",
+    "apply_compile", "apply_cp", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "valid_cp_degrees", "valid_tp_degrees",
 ]

@@ -26,7 +26,9 @@ Saved (MUST_SAVE):
   kernels (`aten::_flash_attention_forward`, ...) are listed too, for a torch whose `varlen_attn`
   calls them without its custom op.
 - the sequence-parallel reduce-scatter (`_c10d_functional.reduce_scatter_tensor`): recomputing it is
-  a second collective on the critical path, for an output of only T/tp tokens.
+  a second collective on the critical path, for an output of only T/tp tokens. Likewise Ulysses'
+  all-to-alls (`_c10d_functional.all_to_all_single`): attention's backward needs its q, k, v in the
+  head layout, and recomputing them would cost three more all-to-alls per layer.
 - `aten.max`: cheap, but low-precision (fp8) training reads its output for scales; torchtitan keeps it.
 
 Recomputed (PREFER_RECOMPUTE): everything else: the RMSNorms (`dtllama::rms_norm`, one read of x and
@@ -81,6 +83,7 @@ _ATTENTION = (
 )
 _OTHER = (
     "_c10d_functional::reduce_scatter_tensor",  # sequence parallel's reduce-scatter
+    "_c10d_functional::all_to_all_single",  # Ulysses' all-to-alls (q, k, v in; the output back)
     "aten::max",
 )
 _HOPS = ("flex_attention", "inductor_compiled_code")  # flex: compiled layer / eager layer

@@ -9,6 +9,7 @@ one flag; if any rank failed, they exchange the messages and every rank raises t
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,8 +32,11 @@ def agree_on_error(error: str | None, mesh: DeviceMesh) -> None:
     raise ValueError(f"bad batch on {len(bad)} of {mesh.size()} ranks; rank {bad[0][0]}: {bad[0][1]}")
 
 
-def apply_batch_check(model: nn.Module, mesh: DeviceMesh) -> None:
+def apply_batch_check(model: nn.Module, mesh: DeviceMesh, layout_checks: Sequence[Callable[[dict], None]] = ()) -> None:
     """Validate `model`'s forward inputs and agree over `mesh` (all ranks) before anything else runs.
+
+    `layout_checks` take the bound forward arguments and raise a ValueError for a batch this layout cannot
+    split (context parallelism: `cp.cp_batch_check`), so that error too reaches every rank.
 
     The hook is prepended, so it runs before FSDP's root all-gather and any tensor-parallel hook.
     The model validates again inside forward; that costs a few host syncs per step, no collective.
@@ -46,6 +50,8 @@ def apply_batch_check(model: nn.Module, mesh: DeviceMesh) -> None:
         try:
             prepare_batch(a["input_ids"], vocab_size, a.get("position_ids"), a.get("cu_seqlens"), a.get("max_seqlen"),
                           a.get("labels"), a.get("attention_mask"))
+            for check in layout_checks:
+                check(a)
         except Exception as e:  # noqa: BLE001 - any failure of this rank's batch must reach its peers
             error = f"{type(e).__name__}: {e}"
         agree_on_error(error, mesh)

@@ -2,7 +2,8 @@
 
 Mesh dims, outer to inner: `pp, dp_replicate, dp_shard, cp, tp`; their product is the world size and
 `dp_shard=-1` takes what is left. Flattened views: `dp_shard_cp` (FSDP shards over it: CP ranks hold
-the same parameters) and `dp` = `dp_replicate x dp_shard x cp` (batch reductions: loss, token counts).
+the same parameters), `dp` = `dp_replicate x dp_shard x cp` (batch reductions: loss, token counts) and
+`batch` = `dp_replicate x dp_shard` (sequences are dealt out over it: the CP ranks of a group share theirs).
 `ParallelDims` builds and keeps every mesh; callers ask it (`dims.mesh("tp")`), never slice one.
 """
 
@@ -25,6 +26,31 @@ def valid_tp_degrees(config: ModelConfig) -> list[int]:
         t for t in range(1, q + 1)
         if q % t == 0 and (kv % t == 0 or t % kv == 0) and config.intermediate_size % t == 0
     ]
+
+
+def _kv_heads_after_tp(config: ModelConfig, tp: int) -> int:
+    """KV heads per TP rank: split evenly, or one (replicated) when tp exceeds them."""
+    kv = config.num_key_value_heads
+    return kv // tp if kv % tp == 0 else 1
+
+
+def valid_cp_degrees(config: ModelConfig, tp: int = 1) -> list[int]:
+    """Ulysses degrees for this `tp`: each CP rank takes whole query heads of the `q/tp` a TP rank holds,
+    and whole KV heads (split evenly, or replicated when there are fewer than cp)."""
+    q, kv = config.num_attention_heads, _kv_heads_after_tp(config, tp)
+    if q % tp:
+        return []
+    return [c for c in range(1, q // tp + 1) if (q // tp) % c == 0 and (kv % c == 0 or c % kv == 0)]
+
+
+def check_cp(config: ModelConfig, cp: int, tp: int) -> None:
+    """A ValueError naming cp, tp, the heads and the valid cp degrees, before any all-to-all could split a head."""
+    if cp > 1 and cp not in valid_cp_degrees(config, tp):
+        raise ValueError(
+            f"cp={cp} with tp={tp} does not fit num_attention_heads={config.num_attention_heads}, "
+            f"num_key_value_heads={config.num_key_value_heads} (Ulysses gives each of the tp*cp={tp * cp} ranks "
+            f"whole heads); choose cp in {valid_cp_degrees(config, tp)} for tp={tp}"
+        )
 
 
 def check_tp(config: ModelConfig, tp: int) -> None:
@@ -82,10 +108,9 @@ class ParallelDims:
         if self.dp_shard == -1:
             raise ValueError("call ParallelDims.resolve(world_size) first (dp_shard is still -1)")
         check_tp(config, self.tp)
-        if self.pp > 1 or self.cp > 1:
-            raise ValueError(
-                f"pp={self.pp}, cp={self.cp}: pipeline and context parallelism are not available yet; use 1"
-            )
+        check_cp(config, self.cp, self.tp)
+        if self.pp > 1:
+            raise ValueError(f"pp={self.pp}: pipeline parallelism is not available yet; use pp=1")
         if compile and self.tp > 1 and ac == "full" and device_type == "cpu":
             # torch 2.13 on CPU: full AC recomputes the CPU SDPA op (tagged random-seeded), and AOTAutograd's
             # RNG functionalization appends its state after the DeviceMesh inputs that DTensor parameters
@@ -124,8 +149,9 @@ class ParallelDims:
 
         Each view is unflattened from one 1-D world mesh, so none is sliced as a flattened dim of a
         root mesh (deprecated in torch): `dp_shard_cp` (FSDP shards over it: CP ranks hold the same
-        parameters), `fsdp` (it, or `(dp_replicate, dp_shard_cp)` for HSDP) and `dp`
-        (`dp_replicate x dp_shard x cp`: loss and token-count reductions). Call on every rank after
+        parameters), `fsdp` (it, or `(dp_replicate, dp_shard_cp)` for HSDP), `dp`
+        (`dp_replicate x dp_shard x cp`: loss and token-count reductions) and `batch`
+        (`dp_replicate x dp_shard`: who gets which sequences). Call on every rank after
         `resolve`; the process group must be initialized.
         """
         if self.dp_shard == -1:
@@ -138,14 +164,17 @@ class ParallelDims:
         full = root._unflatten(0, tuple(getattr(self, n) for n in DIM_NAMES), DIM_NAMES)
         dense = root._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard * self.cp, self.tp),
                                 ("pp", "dp_replicate", "dp_shard_cp", "tp"))
-        batch = root._unflatten(0, (self.pp, self.dp_replicate * self.dp_shard * self.cp, self.tp),
-                                ("pp", "dp", "tp"))
+        reduce = root._unflatten(0, (self.pp, self.dp_replicate * self.dp_shard * self.cp, self.tp),
+                                 ("pp", "dp", "tp"))
+        data = root._unflatten(0, (self.pp, self.dp_replicate * self.dp_shard, self.cp, self.tp),
+                               ("pp", "batch", "cp", "tp"))
         self._meshes = {name: full[name] for name in DIM_NAMES}
         self._meshes["world"] = full
         self._meshes["flat"] = root
         self._meshes["dp_shard_cp"] = dense["dp_shard_cp"]
         self._meshes["fsdp"] = dense["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else dense["dp_shard_cp"]
-        self._meshes["dp"] = batch["dp"]
+        self._meshes["dp"] = reduce["dp"]
+        self._meshes["batch"] = data["batch"]
         return full
 
     @property
@@ -153,7 +182,7 @@ class ParallelDims:
         return self.mesh("world")
 
     def mesh(self, name: str) -> DeviceMesh:
-        """One of the meshes built by `build_mesh`: a dim of `DIM_NAMES`, `dp_shard_cp`, `fsdp`, `dp`,
+        """One of the meshes built by `build_mesh`: a dim of `DIM_NAMES`, `dp_shard_cp`, `fsdp`, `dp`, `batch`,
         `world` (all five dims) or `flat` (all ranks in one dim)."""
         if not self._meshes:
             raise ValueError("call dims.build_mesh() on every rank before asking for a mesh")

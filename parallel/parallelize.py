@@ -8,6 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .ac import apply_ac
 from .batch_check import apply_batch_check
 from .compile import apply_compile
+from .cp import apply_cp, cp_batch_check
 from .dims import ParallelDims
 from .fsdp import apply_fsdp
 from .options import CompileOptions, FSDPOptions
@@ -24,7 +25,8 @@ def parallelize(
     fsdp: FSDPOptions | None = None,
     param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """Apply TP/SP -> activation checkpointing -> per-block compile -> FSDP2/HSDP -> batch check, in place.
+    """Apply TP/SP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP -> batch check,
+    in place.
 
     `dims` must have built its meshes (`dims.build_mesh()`); `mesh`, if given, must be the one it
     returned. `compile=True` means `CompileOptions()`; `param_dtype` is short for
@@ -36,6 +38,8 @@ def parallelize(
     dims.check_model(model.config, compile=compile is not None, ac=ac, device_type=dims.mesh("world").device_type)
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"))
+    if dims.cp_enabled:
+        apply_cp(model, dims.mesh("cp"), dims.token_multiple)
     apply_ac(model, ac)
     if compile is not None:
         apply_compile(model, compile.backend)
@@ -43,7 +47,8 @@ def parallelize(
     if dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload:
         apply_fsdp(model, dims.mesh("fsdp"), fsdp)
     if dims.world_size > 1:
-        apply_batch_check(model, dims.mesh("flat"))
+        checks = [cp_batch_check(dims.cp, dims.token_multiple)] if dims.cp_enabled else []
+        apply_batch_check(model, dims.mesh("flat"), checks)
     return model
 
 

@@ -3,11 +3,13 @@
     torchrun --standalone --nproc-per-node 2 recipes/train.py          # SmolLM2-135M-Instruct, built-in corpus
     torchrun --standalone --nproc-per-node 2 recipes/train.py --flavor debug   # random tiny model, bytes
     torchrun --standalone --nproc-per-node 4 recipes/train.py --flavor debug --dp-shard 2 --tp 2 --ac full
+    torchrun --standalone --nproc-per-node 4 recipes/train.py --flavor debug --cp 2 --tp 2   # Ulysses x TP
 
-The model is built on the meta device, parallelized (TP/SP, activation checkpointing, compile,
+The model is built on the meta device, parallelized (TP/SP, Ulysses CP, activation checkpointing, compile,
 FSDP2/HSDP), then materialized and initialized or loaded from the HF folder, each rank reading only
 its own shards. A step's global batch is the same for every layout: sequences are drawn in one
-global order up to `--batch-tokens`, and data-parallel rank r takes every dp-th of them.
+global order up to `--batch-tokens`, and rank r of the batch mesh (`dp_replicate x dp_shard`) takes
+every n-th of them; the `cp` ranks of a group share those sequences, each running its token shard.
 
 Each step prints the loss (mean over all real tokens of all ranks), tokens/s and peak memory. At the
 end the model is exported as a Hugging Face folder, which `transformers` then loads to print a
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--dp-replicate", type=int, default=1)
     p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="Ulysses context parallel degree (splits each batch's tokens)")
     p.add_argument("--ac", choices=list(AC_MODES), default="none", help="activation checkpointing per layer")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fullgraph)")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -143,7 +146,7 @@ def model_source(args):
 def build_model(args, config, source, device):
     """Meta model -> parallelize -> materialize -> init or load (each rank reads only its shards)."""
     # Validate the layout against world size and model before any collective can hang on it.
-    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp)
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp)
     dims = dims.resolve(dist.get_world_size(), config)
     dims.build_mesh(device.type)
     with torch.device("meta"):
@@ -159,12 +162,13 @@ def build_model(args, config, source, device):
 
 
 def local_batch(batch, dims, tokenizer, device):
-    """This data-parallel rank's share of a global batch, packed, with next-token labels."""
-    dp_rank, dp = dims.mesh("dp").get_local_rank(), dims.mesh("dp").size()
-    seqs = batch[dp_rank::dp] or [[tokenizer.eos_token_id]]  # a rank with no sequence still steps
+    """This rank's share of a global batch, packed, with next-token labels: the same for the CP ranks of a
+    group (each then runs its own token shard), so sequences are dealt over the batch mesh, not dp."""
+    rank, n = dims.mesh("batch").get_local_rank(), dims.mesh("batch").size()
+    seqs = batch[rank::n] or [[tokenizer.eos_token_id]]  # a rank with no sequence still steps
     ids = torch.tensor([t for s in seqs for t in s], device=device)
     cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=device)
-    return pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu))  # sequence parallel splits T evenly
+    return pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu))  # SP and Ulysses split T evenly
 
 
 def train_step(model, opt, sched, p, n_global: int, dims, on_nonfinite: str) -> dict:
@@ -172,7 +176,8 @@ def train_step(model, opt, sched, p, n_global: int, dims, on_nonfinite: str) -> 
     dp_mesh = dims.mesh("dp")
     out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
     # Sum over this rank's tokens / global token count, times dp: FSDP averages gradients over
-    # the dp ranks, so every token weighs the same whatever rank holds it.
+    # the dp ranks (cp included: under CP the log-probs are this rank's token shard), so every token
+    # weighs the same whatever rank holds it.
     loss = -out.logprobs.sum() / n_global * dp_mesh.size()
     loss.backward()
     grad_norm = float(clip_grad_norm_(model.parameters(), 1.0))

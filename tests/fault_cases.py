@@ -7,6 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtllama
 from dtllama.model import hf_name
@@ -94,3 +95,45 @@ def run_options(layout: dict, seed: int, fsdp: dict | None = None, backend: str 
     grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
              for n, q in model.named_parameters()}
     return {"grads": grads, "unsharded_after_forward": unsharded_after_forward}
+
+
+def run_bad_cp_batch(fault: str | None, bad_ranks: list[int], seed: int):
+    """cp=2: the ranks in `bad_ranks` pass a batch CP cannot split (`padded`: a [B, S] batch; `unpadded`: a
+    packed T that is not a multiple of cp), the others a good one. Returns (error message or None, seconds)."""
+    model, dims = _model(dict(cp=2, dp_shard=1), seed)
+    bad = dist.get_rank() in bad_ranks
+    p = batch(seed, [5, 1, 7], 1 if bad and fault == "unpadded" else dims.token_multiple)  # 13 tokens, or 14
+    args, kwargs = (p.input_ids,), dict(position_ids=p.position_ids, cu_seqlens=p.cu_seqlens, max_seqlen=p.max_seqlen,
+                                        labels=p.labels)
+    if bad and fault == "padded":
+        ids = torch.randint(0, CONFIG["vocab_size"], (3, 6))
+        args, kwargs = (ids,), dict(attention_mask=torch.ones_like(ids), labels=ids)
+    t0 = time.perf_counter()
+    try:
+        out = model(*args, **kwargs)
+        out.logprobs.sum().backward()
+    except ValueError as e:
+        return str(e), time.perf_counter() - t0
+    return None, time.perf_counter() - t0
+
+
+class _CountAllToAll(TorchDispatchMode):
+    """Counts the all-to-alls that run under it (as the dispatcher sees them: also inside checkpoint recompute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops._c10d_functional.all_to_all_single.default
+        return func(*args, **(kwargs or {}))
+
+
+def backward_all_to_alls(ac: str, seed: int) -> int:
+    """cp=2: how many all-to-alls one backward runs under activation checkpointing `ac`."""
+    model, dims = _model(dict(cp=2, dp_shard=1), seed, ac=ac)
+    p = batch(seed, [9, 4, 1], dims.token_multiple)
+    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+    with _CountAllToAll() as count:
+        out.logprobs.sum().backward()
+    return count.n

@@ -1,8 +1,9 @@
 """What each rank of a worker pool runs for the parallel property tests, and the single-device reference.
 
-A case: a config, a layout, a packed batch of sequences and a seed. Every data-parallel rank takes
-its share of the sequences; the objective is a token-weighted sum normalized by the global token
-count, so gradients are those of the whole batch on one device.
+A case: a config, a layout, a packed batch of sequences and a seed. Every rank of the `batch` mesh
+(`dp_replicate x dp_shard`) takes its share of the sequences, which the CP ranks of its group share;
+the objective is a token-weighted sum normalized by the global token count, so gradients are those
+of the whole batch on one device.
 """
 
 from __future__ import annotations
@@ -26,8 +27,28 @@ def build(config: dtllama.ModelConfig, value: bool):
     return cls(config)
 
 
-def objective(model, seqs, labels_list, value: bool, n_global: int, dp: int, multiple: int = 1):
-    """Forward the packed `seqs`; returns (loss scaled for FSDP's mean over dp, per-sequence outputs)."""
+def cp_shard(x: torch.Tensor, cp_mesh) -> torch.Tensor:
+    """This CP rank's contiguous token slice of a padded `[T, ...]` tensor (what the model's outputs cover)."""
+    if cp_mesh is None:
+        return x
+    n = x.shape[0] // cp_mesh.size()
+    return x[cp_mesh.get_local_rank() * n:][:n]
+
+
+def cp_gather(x: torch.Tensor, cp_mesh) -> torch.Tensor:
+    """All T outputs from the `[T/cp, ...]` of each CP rank, for comparison with the reference."""
+    if cp_mesh is None:
+        return x
+    out = x.new_empty((x.shape[0] * cp_mesh.size(), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.detach().contiguous(), group=cp_mesh.get_group())
+    return out
+
+
+def objective(model, seqs, labels_list, value: bool, n_global: int, dp: int, multiple: int = 1, cp_mesh=None):
+    """Forward the packed `seqs`; returns (loss scaled for FSDP's mean over dp, per-sequence outputs).
+
+    Under context parallelism (`cp_mesh`) the model returns this rank's token shard: the loss sums it, and
+    the outputs are gathered over the CP ranks."""
     lengths = [len(s) for s in seqs]
     ids = torch.cat(seqs)
     labels = torch.cat(labels_list)
@@ -37,16 +58,17 @@ def objective(model, seqs, labels_list, value: bool, n_global: int, dp: int, mul
         v = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen).values
         # Linear in the values, with per-token weights from the labels: a squared value would scale every
         # gradient by the value itself, which can cancel to 1/50 of its terms and amplify fp32 rounding
-        # past the tolerance (a CI draw: 1.03e-5 on a gate_proj gradient, tp=2).
-        weights = torch.where(labels != IGNORE_INDEX, 1.0 + labels.remainder(5) / 5.0, 0.0)
-        loss = (v[:T] * weights).sum()
-        outs = {"values": v[:T]}
+        # past the tolerance (a CI draw: 1.03e-5 on a gate_proj gradient, tp=2). The padding's labels are ignored.
+        weights = torch.where(p.labels != IGNORE_INDEX, 1.0 + p.labels.remainder(5) / 5.0, 0.0)
+        loss = (v * cp_shard(weights, cp_mesh)).sum()
+        outs = {"values": cp_gather(v, cp_mesh)[:T]}
     else:
         out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
         loss = -(out.logprobs.sum() + ENTROPY_WEIGHT * out.entropy.sum())
         with torch.no_grad():
-            logits = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen).logits[:T]
-        outs = {"logprobs": out.logprobs[:T], "entropy": out.entropy[:T], "logits": logits}
+            logits = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen).logits
+        outs = {"logprobs": cp_gather(out.logprobs, cp_mesh)[:T], "entropy": cp_gather(out.entropy, cp_mesh)[:T],
+                "logits": cp_gather(logits, cp_mesh)[:T]}
     split = {k: list(v.detach().split(lengths)) for k, v in outs.items()}
     return loss / n_global * dp, split
 
@@ -59,9 +81,11 @@ def step(model, loss):
         grads[hf_name(n)] = g.detach().clone()
     norm = clip_grad_norm_(model.parameters(), max_norm=1e9)  # only measures: nothing is clipped
     # Adam's first step is lr * g / (|g| + eps): a gradient rounding error dg moves a parameter by up
-    # to lr * dg / eps. fp32 gradients of different summation orders differ by ~1e-8 here, so eps=1e-3
-    # keeps that below 1e-7 * lr, far inside the 1e-5 tolerance, while real gradients still dominate.
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-3, weight_decay=0.1, foreach=False)
+    # to lr * dg / eps. fp32 gradients of different summation orders differ by ~1e-7 of the largest
+    # gradient (a few units here), i.e. up to ~1e-6 absolute where a gradient cancels to near zero (a CI
+    # draw: tp=2 with one replicated KV head, v_proj 1.12e-5 off at eps=1e-3); eps=1e-2 keeps lr * dg /
+    # eps near 1e-6, inside the 1e-5 tolerance, while real gradients (0.1 - 10) still dominate the step.
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-2, weight_decay=0.1, foreach=False)
     opt.step()
     params = {}
     for n, p in model.named_parameters():
@@ -112,11 +136,14 @@ def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, valu
     model.to_empty(device="cpu")
     model.init_weights(seed)
     place = placements(model)  # before forward: FSDP keeps some groups unsharded after it
-    dp_rank, dp = dims.mesh("dp").get_local_rank(), dims.mesh("dp").size()
-    mine = list(range(dp_rank, len(seqs), dp))
+    # Sequences are dealt over the batch mesh (the CP ranks of a group share theirs); the loss is scaled by
+    # the dp mesh (cp included), over which FSDP averages the gradients.
+    batch_rank, n_batch = dims.mesh("batch").get_local_rank(), dims.mesh("batch").size()
+    mine = list(range(batch_rank, len(seqs), n_batch))
     n_global = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list)
     loss, outs = objective(model, [seqs[i] for i in mine], [labels_list[i] for i in mine], value,
-                           max(n_global, 1), dp, dims.token_multiple)
+                           max(n_global, 1), dims.mesh("dp").size(), dims.token_multiple,
+                           dims.mesh("cp") if dims.cp_enabled else None)
     grads, params, norm = step(model, loss)
     return {"indices": mine, "outs": outs, "grads": grads, "params": params, "norm": norm, "placements": place}
 
@@ -128,3 +155,56 @@ def validate_rank(config_dict: dict, layout: dict) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+BOUNDARY_CONFIG = dict(vocab_size=53, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, initializer_range=0.2, torch_dtype="float32")
+
+
+def cp_boundary_logprobs(T: int, seed: int, cp: int) -> torch.Tensor:
+    """Log-probs of one random sequence of T tokens (next-token labels), on `cp` CP ranks gathered, or, with
+    cp=1, on this process alone (the reference)."""
+    config = dtllama.ModelConfig(**BOUNDARY_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (T,), generator=g)
+    cu = cu_seqlens_from_lengths([T])
+    with torch.device("meta" if cp > 1 else "cpu"):
+        model = build(config, value=False)
+    cp_mesh = None
+    if cp > 1:
+        key = (("cp", cp),)
+        if key not in _DIMS:
+            _DIMS[key] = ParallelDims(cp=cp).resolve(dist.get_world_size(), config)
+            _DIMS[key].build_mesh("cpu")
+        parallelize(model, _DIMS[key])
+        model.to_empty(device="cpu")
+        cp_mesh = _DIMS[key].mesh("cp")
+    model.init_weights(seed)
+    labels = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
+    with torch.no_grad():
+        lp = model(ids, cu_seqlens=cu, labels=labels).logprobs
+    return cp_gather(lp, cp_mesh)
+
+
+def pretrained_cp_logprobs(path: str, seqs: list[torch.Tensor], cp: int) -> torch.Tensor:
+    """Per-token log-probs (next-token labels) of the packed `seqs` from the HF folder `path`, loaded into a
+    model parallelized over `cp` CP ranks (every rank reads its FSDP shards), gathered to all T tokens."""
+    from dtllama.hf_io import load_state_into
+    from dtllama.ops import shift_labels
+
+    config = dtllama.ModelConfig.from_hf(path)
+    key = (("cp", cp), ("model", path))
+    if key not in _DIMS:
+        _DIMS[key] = ParallelDims(cp=cp).resolve(dist.get_world_size(), config)
+        _DIMS[key].build_mesh("cpu")
+    dims = _DIMS[key]
+    with torch.device("meta"):
+        model = build(config, value=False)
+    parallelize(model, dims)
+    model.to_empty(device="cpu")
+    load_state_into(model, path)
+    ids, cu = torch.cat(seqs), cu_seqlens_from_lengths([len(s) for s in seqs])
+    p = pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu))
+    with torch.no_grad():
+        lp = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels).logprobs
+    return cp_gather(lp, dims.mesh("cp"))[:ids.numel()]

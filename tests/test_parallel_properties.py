@@ -1,7 +1,7 @@
 """Property tests: any layout of the mesh gives the single-device fp32 numbers.
 
 Hypothesis draws a world size (1, 2 or 4), a layout that factorizes it (`dp_replicate x dp_shard x
-tp`), model dims consistent with it (query/KV heads incl. `tp > kv`, explicit head_dim, vocab not
+cp x tp`), model dims consistent with it (query/KV heads incl. `tp > kv`, explicit head_dim, vocab not
 divisible by tp, tied or not, Qwen2 biases), activation checkpointing, and a random packed batch.
 A persistent pool of gloo workers (`pool.py`) runs the sharded computation; the reference runs here.
 
@@ -35,10 +35,13 @@ PROPERTY_SETTINGS = settings(max_examples=160, deadline=None, suppress_health_ch
 def cases(draw, tp_min: int = 1, ac_modes=("none", "full", "selective")):
     world = draw(st.sampled_from([w for w in (1, 2, 4) if w >= tp_min]))
     tp = draw(st.sampled_from([t for t in (1, 2, 4) if world % t == 0 and t >= tp_min]))
-    dp_replicate = draw(st.sampled_from([r for r in (1, 2, 4) if (world // tp) % r == 0]))
-    layout = dict(dp_replicate=dp_replicate, dp_shard=-1, tp=tp)
+    cp = draw(st.sampled_from([c for c in (1, 2, 4) if (world // tp) % c == 0]))
+    dp_replicate = draw(st.sampled_from([r for r in (1, 2, 4) if (world // tp // cp) % r == 0]))
+    layout = dict(dp_replicate=dp_replicate, dp_shard=-1, cp=cp, tp=tp)
     kv = draw(st.sampled_from([k for k in (1, 2, 4) if k % tp == 0 or tp % k == 0]))
-    group = draw(st.sampled_from([g for g in (1, 2, 3, 4) if (kv * g) % tp == 0]))
+    # Whole query heads on each of the tp*cp ranks; KV heads per TP rank (1, 2 or 4) and cp (1, 2 or 4)
+    # always divide one another, so Ulysses splits or repeats them.
+    group = draw(st.sampled_from([g for g in (1, 2, 3, 4) if (kv * g) % (tp * cp) == 0]))
     config = dict(
         model_type=draw(st.sampled_from(["llama", "qwen2"])),
         vocab_size=draw(st.integers(40, 130)),
@@ -54,8 +57,8 @@ def cases(draw, tp_min: int = 1, ac_modes=("none", "full", "selective")):
         initializer_range=0.2,  # larger than HF's 0.02 so that logits and gradients are far from zero
         torch_dtype="float32",
     )
-    dp = world // tp
-    n_seqs = draw(st.integers(dp, dp + 3))
+    n_batch = world // tp // cp  # the CP ranks of a group share its sequences
+    n_seqs = draw(st.integers(n_batch, n_batch + 3))
     lengths = draw(st.lists(st.integers(1, 12), min_size=n_seqs, max_size=n_seqs))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
@@ -132,7 +135,7 @@ def expected_tp_placement(name: str, config: dict, tp: int) -> str:
 
 
 def check_placement(name: str, place, dims: ParallelDims, config: dict) -> None:
-    dp = dims.dp_replicate * dims.dp_shard
+    dp = dims.dp_replicate * dims.dp_shard * dims.cp  # FSDP shards over dp_shard x cp
     if dp == 1 and dims.tp == 1:
         assert place is None, (name, place)
         return

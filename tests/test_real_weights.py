@@ -3,6 +3,8 @@
 import pytest
 import torch
 from helpers import rel_err
+from parallel_cases import pretrained_cp_logprobs
+from pool import get_pool
 
 import dtllama
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, shift_labels
@@ -58,3 +60,25 @@ def test_smollm2_packed_batch_equals_separate_sequences(smollm2):
         for i, s in enumerate(seqs):
             alone = ours(s, cu_seqlens=cu_seqlens_from_lengths([len(s)])).logits
             assert rel_err(packed[cu[i]:cu[i + 1]], alone) <= 1e-5  # same math, different matmul shapes
+
+
+def test_smollm2_context_parallel_logprobs_match_transformers(smollm2):
+    """cp=3 (Ulysses over 3 processes; 9 query and 3 KV heads: 3 and 1 per rank) on a packed batch whose
+    6 + 13 + 1 tokens are padded to 21 and split 7/7/7, both boundaries inside the 13-token sequence:
+    per-token log-probs equal transformers' on each sequence alone."""
+    from dtllama.pretrained import smollm2_135m_instruct
+
+    tok, hf, _ = smollm2
+    texts = ["The Eiffel Tower is in", "Water boils at 100 degrees Celsius at sea level.", "Hello"]
+    seqs = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+    results = get_pool(3).run(pretrained_cp_logprobs, smollm2_135m_instruct(), seqs, 3)
+    with torch.no_grad():
+        ref = []
+        for s in seqs:
+            logp = torch.log_softmax(hf(input_ids=s[None]).logits[0].float(), -1)
+            ref.append(torch.cat([logp[:-1].gather(1, s[1:, None]).squeeze(1), torch.zeros(1)]))  # 0 at the end
+    ref = torch.cat(ref)
+    for got in results:
+        # 30 fp32 layers in another (equally valid) order, as test_smollm2_logits_and_loss_match_transformers
+        # (measured: 1.4e-6 of the largest log-prob).
+        assert rel_err(got, ref) <= 1e-4

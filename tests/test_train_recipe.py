@@ -26,18 +26,20 @@ def test_train_recipe_loss_falls_and_export_loads_in_transformers(tmp_path):
 
 
 def test_tp_and_fsdp_run_gives_the_one_process_losses(tmp_path):
-    """`--dp-shard 2 --tp 2` on 4 processes, eager and with compiled blocks, vs 1 process: same global
-    batches, same losses."""
+    """`--dp-shard 2 --tp 2` on 4 processes, eager and with compiled blocks, and `--cp 2 --tp 2` (Ulysses:
+    the two CP ranks share each sequence) vs 1 process: same global batches, same losses."""
     common = ("--steps", "5", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf", "")
     one = train(tmp_path, 1, *common)
     four = train(tmp_path, 4, "--dp-shard", "2", "--tp", "2", "--ac", "selective", *common)
     compiled = train(tmp_path, 4, "--dp-shard", "2", "--tp", "2", "--ac", "selective", "--compile", *common)
-    for a, b, c in zip(one, four, compiled):
-        # fp32 sums in another order (sharded matmuls, reduce-scatters), grown over 5 AdamW steps.
+    context = train(tmp_path, 4, "--cp", "2", "--tp", "2", "--ac", "full", *common)
+    for a, b, c, d in zip(one, four, compiled, context):
+        # fp32 sums in another order (sharded matmuls, reduce-scatters, all-to-alls), grown over 5 AdamW steps.
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+        assert abs(a["loss"] - d["loss"]) <= 1e-5 * abs(a["loss"]), (a, d)
         # Inductor also fuses and reorders the blocks' fp32 arithmetic (see test_compiled_fsdp_run_matches_eager).
         assert abs(a["loss"] - c["loss"]) <= 1e-4 * abs(a["loss"]), (a, c)
-    assert len(one) == len(four) == len(compiled) == 5
+    assert len(one) == len(four) == len(compiled) == len(context) == 5
 
 
 def test_compiled_fsdp_run_matches_eager(tmp_path):
