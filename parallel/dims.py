@@ -102,7 +102,7 @@ class ParallelDims:
         return dims
 
     def check_model(self, config: ModelConfig, compile: bool = False, ac: str = "none",
-                    device_type: str | None = None) -> None:
+                    device_type: str | None = None, cpu_offload: bool = False) -> None:
         """Every refusal of a layout for a model (and of `parallelize` options), in one place, before any
         collective runs."""
         if self.dp_shard == -1:
@@ -117,6 +117,9 @@ class ParallelDims:
             # save for backward, which the runtime then mis-slices. CUDA takes another RNG path.
             raise ValueError(f"compile=True with tp={self.tp} and ac='full' does not compile on a CPU mesh "
                              "(a torch limitation); use ac='selective' or ac='none' there, or compile=False")
+        if cpu_offload and device_type == "cpu":
+            raise ValueError("cpu_offload=True needs an accelerator mesh (it pins host memory); on a CPU mesh the "
+                             "parameters already live in host memory: use cpu_offload=False")
 
     @property
     def world_size(self) -> int:

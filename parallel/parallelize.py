@@ -35,7 +35,8 @@ def parallelize(
     model (`init_weights` builds one full parameter at a time on the host and keeps this rank's slice).
     """
     fsdp, compile = _options(dims, mesh, fsdp, param_dtype, compile)
-    dims.check_model(model.config, compile=compile is not None, ac=ac, device_type=dims.mesh("world").device_type)
+    dims.check_model(model.config, compile=compile is not None, ac=ac, device_type=dims.mesh("world").device_type,
+                     cpu_offload=fsdp.cpu_offload)
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"))
     if dims.cp_enabled:
@@ -61,9 +62,6 @@ def _options(dims, mesh, fsdp, param_dtype, compile) -> tuple[FSDPOptions, Compi
     if fsdp is not None and param_dtype is not None:
         raise ValueError(f"param_dtype={param_dtype} given twice; put it in FSDPOptions(param_dtype=...) only")
     fsdp = fsdp if fsdp is not None else FSDPOptions(param_dtype=param_dtype)
-    if fsdp.cpu_offload and dims.mesh("world").device_type == "cpu":
-        raise ValueError("cpu_offload=True needs an accelerator mesh (it pins host memory); on a CPU mesh the "
-                         "parameters already live in host memory: use cpu_offload=False")
     if compile is True:
         compile = CompileOptions()
     elif compile is False:
