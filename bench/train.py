@@ -59,7 +59,8 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 
 def load_full(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors into a (possibly FSDP-sharded) model: each rank keeps its slice."""
+    """Copy full tensors into a (possibly FSDP-sharded) model, keyed by names without wrapper prefixes
+    (activation checkpointing, compile): each rank keeps its slice."""
     from dtllama.model import copy_full_into, hf_name
 
     with torch.no_grad():
@@ -126,19 +127,7 @@ def build_titan(a, world, device):
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     if a.init:
-        hf_state = torch.load(a.init)
-        state = Llama3StateDictAdapter(args, None).from_hf(hf_state)
-        from torch.distributed.tensor import DTensor
-
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                full = state[n.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")]
-                if isinstance(p, DTensor):
-                    from dtllama.model import copy_full_into
-
-                    copy_full_into(p, full.to(p.dtype))
-                else:
-                    p.copy_(full)
+        load_full(model, Llama3StateDictAdapter(args, None).from_hf(torch.load(a.init)))
     loss_fn = torch.compile(cross_entropy_loss) if a.compile else cross_entropy_loss
     amp = lambda: maybe_enable_amp(pd, jc.training.mixed_precision_param, device.type)  # noqa: E731
 

@@ -163,7 +163,7 @@ def check_packed(
     ids = input_ids.long() if T else input_ids.new_zeros(1, dtype=torch.long)
     stats += [ids.min(), ids.max()]
     if labels is not None:
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        bad = _invalid_labels(labels, vocab_size)
         first_bad = torch.where(bad, torch.arange(T, device=labels.device), T).min() if T else cu.new_tensor(T)
         stats += [first_bad, labels[first_bad.clamp_max(T - 1)].long() if T else cu.new_tensor(0)]
     first, last, shortest, longest, lo, hi, *label_stats = torch.stack(stats).tolist()
@@ -185,9 +185,13 @@ def check_packed(
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
     """Labels are token ids in `[0, vocab)` or -100 (ignored); anything else would read a wrong log-prob."""
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    bad = _invalid_labels(labels, vocab_size)
     if bool(bad.any()):
         _bad_label(int(labels[bad][0]), vocab_size)
+
+
+def _invalid_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
 
 
 def _bad_label(value: int, vocab_size: int):

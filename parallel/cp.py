@@ -18,7 +18,6 @@ Padded `[B, S]` input is refused (`check_cp_batch`): its re-padding needs all T 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -104,20 +103,17 @@ def _shard(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
     return x[r * n:(r + 1) * n]
 
 
-def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh, token_multiple: int | None = None) -> None:
+def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh) -> None:
     """Shard the tokens of every forward over the 1-D `cp_mesh` (Ulysses), in place. Call after TP.
 
-    `token_multiple`: what T must be a multiple of (tp*cp; default cp).
+    Batches CP cannot split are refused by `cp_batch_check`, which `parallelize` hands to its batch check,
+    so that every rank raises before the first collective.
     """
-    refuse_unsplittable = cp_batch_check(cp_mesh.size(), token_multiple or cp_mesh.size())
 
     def shard_decoder_inputs(module, args):
         input_ids, position_ids, cu_seqlens, max_seqlen = args
         return _shard(input_ids, cp_mesh), _shard(position_ids, cp_mesh), cu_seqlens, max_seqlen
 
-    signature = inspect.signature(model.forward)
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: refuse_unsplittable(signature.bind(*args, **kwargs).arguments), with_kwargs=True)
     model.model.register_forward_pre_hook(shard_decoder_inputs)
     for layer in model.model.layers.values():
         layer.self_attn.attn_core = UlyssesAttention(layer.self_attn.attn_core, cp_mesh)

@@ -40,7 +40,7 @@ def parallelize(
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"))
     if dims.cp_enabled:
-        apply_cp(model, dims.mesh("cp"), dims.token_multiple)
+        apply_cp(model, dims.mesh("cp"))
     apply_ac(model, ac)
     if compile is not None:
         apply_compile(model, compile.backend)

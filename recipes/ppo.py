@@ -266,10 +266,7 @@ def mean_over(x: float, mesh) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup_distributed()
-    torch.manual_seed(args.seed)
-    rank = dist.get_rank()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    device, log = setup_distributed(args.seed)
     if args.model:
         config, tokenizer, source = dtllama.ModelConfig.from_hf(args.model), HFTokenizer(args.model), args.model
         decode = tokenizer.decode
@@ -288,7 +285,7 @@ def main(argv=None):
             torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0))
     log(f"PPO: {config.num_params() / 1e6:.1f} M parameters per model; world {dims.world_size}: {dims}; "
         f"advantage {args.advantage}, agg {args.agg}, KL {args.kl_kind}")
-    metrics = open(args.metrics, "w") if args.metrics and rank == 0 else None
+    metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
     dp, batch_mesh = dims.mesh("dp"), dims.mesh("batch")
     for it in range(1, args.iterations + 1):
         t0 = time.perf_counter()

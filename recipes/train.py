@@ -112,15 +112,17 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def setup_distributed() -> torch.device:
-    """Join the process group; returns this rank's device."""
+def setup_distributed(seed: int):
+    """Join the process group and seed torch; returns this rank's device and a print of rank 0 only."""
     cuda = torch.cuda.is_available()
     # NCCL for the GPUs, gloo beside it: async checkpointing stages and coordinates on the CPU.
     dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return device
+    torch.manual_seed(seed)
+    log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    return device, log
 
 
 def model_source(args):
@@ -203,10 +205,7 @@ def open_checkpointer(args, state, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup_distributed()
-    torch.manual_seed(args.seed)
-    rank = dist.get_rank()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    device, log = setup_distributed(args.seed)
     config, tokenizer, source = model_source(args)
     model, dims = build_model(args, config, source, device)
     log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
@@ -221,7 +220,7 @@ def main(argv=None):
     start = state.extra["step"]
     for _ in range(start):  # the data position: the global batches already consumed
         next(data)
-    metrics = open(args.metrics, "a" if start else "w") if args.metrics and rank == 0 else None
+    metrics = open(args.metrics, "a" if start else "w") if args.metrics and dist.get_rank() == 0 else None
 
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
