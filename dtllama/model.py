@@ -4,7 +4,8 @@ Activations are packed `[T, hidden]` (no batch dimension): the model runs on pad
 described by `cu_seqlens`. Module boundaries that parallelism needs are explicit: each attention
 calls `self_attn.attn_core` (the callable Ulysses wraps), the causal-LM head's log-probs go through
 `logprobs_head` (where context parallelism slices the labels), and decoder layers live in a ModuleDict
-keyed "0".."N-1" so a pipeline stage can drop layers without renaming the rest.
+keyed "0".."N-1" so a pipeline stage can drop layers without renaming the rest (`LlamaModel` runs without its
+embedding or final norm when a stage lacks them).
 """
 
 from __future__ import annotations
@@ -150,11 +151,13 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
-        x = self.embed_tokens(input_ids)
+        """Token ids to normed hidden states. A pipeline stage without the embedding takes the previous stage's
+        hidden states as `input_ids`, and one without the final norm returns its last layer's output."""
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers.values():
             x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
 
 class LogprobsHead(nn.Module):

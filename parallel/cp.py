@@ -111,13 +111,15 @@ def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh) -> No
     """
 
     def shard_decoder_inputs(module, args):
-        input_ids, position_ids, cu_seqlens, max_seqlen = args
-        return _shard(input_ids, cp_mesh), _shard(position_ids, cp_mesh), cu_seqlens, max_seqlen
+        x, position_ids, cu_seqlens, max_seqlen = args
+        # A later pipeline stage receives hidden states that are already this rank's token shard.
+        x = _shard(x, cp_mesh) if module.embed_tokens is not None else x
+        return x, _shard(position_ids, cp_mesh), cu_seqlens, max_seqlen
 
     model.model.register_forward_pre_hook(shard_decoder_inputs)
     for layer in model.model.layers.values():
         layer.self_attn.attn_core = UlyssesAttention(layer.self_attn.attn_core, cp_mesh)
-    if isinstance(model, LlamaForCausalLM):
+    if isinstance(model, LlamaForCausalLM) and model.logprobs_head is not None:  # a stage may have no head
         def shard_labels(module, args):
             hidden, weight, labels, *rest = args
             return hidden, weight, _shard(labels, cp_mesh), *rest

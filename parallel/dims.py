@@ -109,8 +109,6 @@ class ParallelDims:
             raise ValueError("call ParallelDims.resolve(world_size) first (dp_shard is still -1)")
         check_tp(config, self.tp)
         check_cp(config, self.cp, self.tp)
-        if self.pp > 1:
-            raise ValueError(f"pp={self.pp}: pipeline parallelism is not available yet; use pp=1")
         if compile and self.tp > 1 and ac == "full" and device_type == "cpu":
             # torch 2.13 on CPU: full AC recomputes the CPU SDPA op (tagged random-seeded), and AOTAutograd's
             # RNG functionalization appends its state after the DeviceMesh inputs that DTensor parameters

@@ -6,12 +6,18 @@ group, each made a plain number with `full_tensor()`, and the groups combined.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip in place like `torch.nn.utils.clip_grad_norm_`; returns the total norm (a plain tensor)."""
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, pp_mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Clip in place like `torch.nn.utils.clip_grad_norm_`; returns the total norm (a plain tensor).
+
+    Under pipeline parallelism each rank holds other layers: pass `pp_mesh` to combine the ranks' norms."""
     params = [p for p in parameters if p.grad is not None]
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
@@ -21,8 +27,16 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torc
     for grads in groups.values():
         n = torch.nn.utils.get_total_norm(grads, norm_type)
         norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    if not norms:
-        return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type) if norms else torch.tensor(0.0)
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        total = total.to(pp_mesh.device_type)
+        if math.isinf(norm_type):
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_mesh.get_group())
+        else:
+            total = total.pow(norm_type)
+            dist.all_reduce(total, group=pp_mesh.get_group())
+            total = total.pow(1.0 / norm_type)
+    if not params:
+        return total
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

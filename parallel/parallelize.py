@@ -26,7 +26,7 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Apply TP/SP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP -> batch check,
-    in place.
+    in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm` calls it per stage).
 
     `dims` must have built its meshes (`dims.build_mesh()`); `mesh`, if given, must be the one it
     returned. `compile=True` means `CompileOptions()`; `param_dtype` is short for
@@ -47,7 +47,8 @@ def parallelize(
     # FSDP also carries mixed precision: with a param dtype it is applied even on a single dp rank.
     if dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload:
         apply_fsdp(model, dims.mesh("fsdp"), fsdp)
-    if dims.world_size > 1:
+    # Under pp the pipeline validates each step's batch before its schedule runs (`Pipeline.split`).
+    if dims.world_size > 1 and not dims.pp_enabled:
         checks = [cp_batch_check(dims.cp, dims.token_multiple)] if dims.cp_enabled else []
         apply_batch_check(model, dims.mesh("flat"), checks)
     return model

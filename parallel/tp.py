@@ -112,15 +112,16 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> No
     }
     for layer in model.model.layers.values():
         parallelize_module(layer, tp_mesh, layer_plan)
-    plan = {
-        "model.norm": SequenceParallel(sequence_dim=0),
-        "model.embed_tokens": TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0)),
-    }
-    if isinstance(model, LlamaForValue):
-        plan["score"] = ReplicatedHead()
-    elif getattr(model, "lm_head", None) is not None:
-        # Only its weight is used (by the head op), so the style just places it: vocab rows sharded.
-        plan["lm_head"] = ColwiseParallel()
+    plan = {}  # a pipeline stage may lack the embedding, or the final norm and the head
+    if model.model.embed_tokens is not None:
+        plan["model.embed_tokens"] = TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0))
+    if model.model.norm is not None:
+        plan["model.norm"] = SequenceParallel(sequence_dim=0)
+        if isinstance(model, LlamaForValue):
+            plan["score"] = ReplicatedHead()
+        elif getattr(model, "lm_head", None) is not None:
+            # Only its weight is used (by the head op), so the style just places it: vocab rows sharded.
+            plan["lm_head"] = ColwiseParallel()
     parallelize_module(model, tp_mesh, plan)
 
 

@@ -73,13 +73,16 @@ def objective(model, seqs, labels_list, value: bool, n_global: int, dp: int, mul
     return loss / n_global * dp, split
 
 
-def step(model, loss):
-    loss.backward()
+def step(model, loss, pp_mesh=None):
+    """Backward `loss` (None: a pipeline schedule already did), then the gradients, their norm over all ranks'
+    parameters (`pp_mesh`: each pipeline rank holds other layers) and one AdamW step."""
+    if loss is not None:
+        loss.backward()
     grads = {}
     for n, p in model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[hf_name(n)] = g.detach().clone()
-    norm = clip_grad_norm_(model.parameters(), max_norm=1e9)  # only measures: nothing is clipped
+    norm = clip_grad_norm_(model.parameters(), max_norm=1e9, pp_mesh=pp_mesh)  # only measures: nothing is clipped
     # Adam's first step is lr * g / (|g| + eps): a gradient rounding error dg moves a parameter by up
     # to lr * dg / eps. fp32 gradients of different summation orders differ by ~1e-7 of the largest
     # gradient (a few units here), i.e. up to ~1e-6 absolute where a gradient cancels to near zero (a CI

@@ -1,0 +1,371 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: stages cut from a meta-device model, any schedule.
+
+`pipeline_llm` (torchtitan's name) splits the decoder layers of a meta-device model into `pp * stages_per_rank`
+contiguous stages, balancing them with the embedding and the final norm + head counted as layer-equivalents,
+and places them on the `pp` ranks ("loop": stage s on rank s % pp; "V" for the V-shaped schedules: rank r holds
+stages r and 2*pp-1-r). Each stage is then parallelized by the same `parallelize` as a whole model (TP/SP,
+Ulysses, activation checkpointing, compile, FSDP2) and wrapped in a `PipelineStage`; the schedule is torch's.
+
+What a rank gets back (`Pipeline`):
+- `model`: this rank's part of the model, an instance of the model's class holding only this rank's layers
+  (and the embedding / the head if its stages have them) under their Hugging Face names, so its state dict is
+  a slice of the HF one: optimizer, DCP checkpoints, `load_state_into`, `init_weights` and `save_pretrained`
+  use it as they use a whole model. The stage modules share its submodules.
+- `split(batch)`: a packed batch cut into microbatches by a token budget (sequences are never split; each
+  microbatch is padded to exactly `microbatch_tokens`, so every stage sees one static shape), validated on
+  every rank before any collective;
+- `step(microbatches, loss_fn)` / `forward(microbatches)`: one schedule run. Positions, `cu_seqlens` and
+  labels travel with each microbatch to every stage as keyword inputs (RoPE and attention need them on every
+  stage, the head its labels on the last); the last stage returns log-probs + entropy (causal LM) or values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as pp_schedules
+
+from dtllama.model import LlamaForCausalLM, LlamaForValue, LlamaModel
+from dtllama.ops import IGNORE_INDEX, Packed, position_ids_from_cu_seqlens, prepare_batch
+
+from .batch_check import agree_on_error
+from .dims import ParallelDims
+from .options import FSDPOptions
+from .parallelize import parallelize
+
+# schedule name -> (torch class, stage placement, minimum microbatches as a function of (pp, stages per rank))
+SCHEDULES: dict[str, tuple[str, str, Callable[[int, int], int]]] = {
+    "GPipe": ("ScheduleGPipe", "single", lambda pp, v: 1),
+    "1F1B": ("Schedule1F1B", "single", lambda pp, v: pp),
+    "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop", lambda pp, v: pp),
+    "LoopedBFS": ("ScheduleLoopedBFS", "loop", lambda pp, v: 1),
+    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop", lambda pp, v: pp),
+    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "V", lambda pp, v: pp * v),
+    "DualPipeV": ("ScheduleDualPipeV", "V", lambda pp, v: pp * v),
+}
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the model is cut and scheduled.
+
+    schedule: one of `SCHEDULES`. microbatches: microbatches per step. microbatch_tokens: each microbatch's
+    token count (a budget sequences are packed into first-fit, then padded to it; a multiple of tp*cp).
+    stages_per_rank: 1 for GPipe/1F1B, 2 for the V schedules; interleaved ones default to 2.
+    stage_layers: explicit decoder layers of each stage (contiguous, in order), instead of the balanced split.
+    embed_cost / head_cost: the embedding and the final norm + head in decoder-layer equivalents, for balancing.
+    """
+
+    schedule: str = "1F1B"
+    microbatches: int = 4
+    microbatch_tokens: int = 1024
+    stages_per_rank: int | None = None
+    stage_layers: tuple[tuple[int, ...], ...] | None = None
+    embed_cost: float = 1.0
+    head_cost: float = 1.0
+
+
+def _schedule_entry(name: str):
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {list(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+def stages_per_rank(options: PipelineOptions) -> int:
+    """The number of stages each rank holds, checked against what the schedule runs."""
+    _, placement, _ = _schedule_entry(options.schedule)
+    v = options.stages_per_rank or (1 if placement == "single" else 2)
+    need = {"single": "exactly 1", "V": "exactly 2", "loop": "at least 2"}[placement]
+    if (placement == "single" and v != 1) or (placement == "V" and v != 2) or (placement == "loop" and v < 2):
+        raise ValueError(f"schedule {options.schedule} runs {need} stage(s) per rank, got stages_per_rank={v}; "
+                         "leave stages_per_rank unset for the schedule's default")
+    return v
+
+
+def stage_rank(stage: int, pp: int, placement: str) -> int:
+    """The pp rank of a stage: round robin ("loop", "single"), or V-shaped (rank r: stages r and 2pp-1-r)."""
+    if placement == "V":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def split_layers(n_layers: int, n_stages: int, embed_cost: float = 1.0, head_cost: float = 1.0) -> list[list[int]]:
+    """Contiguous layer ranges for `n_stages` stages that minimize the most expensive stage, each stage at least
+    one layer; the first stage also pays `embed_cost` and the last `head_cost` (in layers). Ties go to the split
+    whose earlier stages are larger."""
+    if n_stages > n_layers:
+        raise ValueError(f"{n_stages} pipeline stages need at least {n_stages} decoder layers, the model has "
+                         f"{n_layers}; lower pp or stages_per_rank (or add layers: --set num_hidden_layers=N)")
+
+    def cost(stage: int, a: int, b: int) -> float:
+        return (b - a) + (embed_cost if stage == 0 else 0.0) + (head_cost if stage == n_stages - 1 else 0.0)
+
+    # best[s][i]: the smallest max cost of stages s.. over layers i..; cut[s][i]: where stage s ends.
+    inf = math.inf
+    best = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n_layers + 1) for _ in range(n_stages + 1)]
+    best[n_stages][n_layers] = 0.0
+    for s in range(n_stages - 1, -1, -1):
+        for i in range(n_layers - (n_stages - s), -1, -1):
+            for j in range(n_layers - (n_stages - s - 1), i, -1):  # larger stages first: they win ties
+                c = max(cost(s, i, j), best[s + 1][j])
+                if c < best[s][i]:
+                    best[s][i], cut[s][i] = c, j
+    out, i = [], 0
+    for s in range(n_stages):
+        out.append(list(range(i, cut[s][i])))
+        i = cut[s][i]
+    return out
+
+
+def _check_stage_layers(stage_layers, n_layers: int, n_stages: int) -> list[list[int]]:
+    layers = [list(s) for s in stage_layers]
+    flat = [i for s in layers for i in s]
+    if len(layers) != n_stages or any(not s for s in layers) or flat != list(range(n_layers)):
+        raise ValueError(f"stage_layers={stage_layers} must give each of the {n_stages} stages a non-empty, "
+                         f"contiguous run of the decoder layers 0..{n_layers - 1}, in order, each layer once")
+    return layers
+
+
+def check_options(config, dims: ParallelDims, options: PipelineOptions) -> list[list[int]]:
+    """Every refusal of a pipeline layout, the same on every rank, before any collective: returns the layers of
+    each stage."""
+    cls_name, placement, min_mb = _schedule_entry(options.schedule)
+    v = stages_per_rank(options)
+    n_stages = dims.pp * v
+    if config.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings=True shares model.embed_tokens.weight between the first and the last "
+                         "pipeline stage, which live on different ranks; untie it (--set tie_word_embeddings=false, "
+                         "an untied copy of the checkpoint) or use pp=1")
+    need = min_mb(dims.pp, v)
+    if options.microbatches < need:
+        raise ValueError(f"schedule {options.schedule} with pp={dims.pp} and {v} stage(s) per rank needs at least "
+                         f"{need} microbatches, got microbatches={options.microbatches}")
+    if placement in ("loop",) and options.schedule != "LoopedBFS" and options.microbatches % dims.pp:
+        raise ValueError(f"schedule {options.schedule} runs microbatches in rounds of pp={dims.pp}; "
+                         f"microbatches={options.microbatches} must be a multiple of {dims.pp}")
+    m = dims.token_multiple
+    if options.microbatch_tokens < 1 or options.microbatch_tokens % m:
+        raise ValueError(f"microbatch_tokens={options.microbatch_tokens} must be a positive multiple of tp*cp={m} "
+                         "(sequence parallel and Ulysses split each microbatch's tokens evenly)")
+    if options.stage_layers is not None:
+        return _check_stage_layers(options.stage_layers, config.num_hidden_layers, n_stages)
+    return split_layers(config.num_hidden_layers, n_stages, options.embed_cost, options.head_cost)
+
+
+class PipelineStageForward:
+    """Forward of one pipeline stage (mixed into the model's class, so `isinstance`, `init_weights` and the
+    parallelisms treat a stage as the model it is cut from).
+
+    The first stage takes token ids, the others the previous stage's hidden states; the microbatch's
+    positions, `cu_seqlens` (padded with repeats of T, `num_seqs` real) and labels come as keywords. The last
+    stage returns `(log-probs, entropy)` of the labels (causal LM) or the values; the others their hidden states.
+    """
+
+    def forward(self, x, position_ids, cu_seqlens, num_seqs, max_seqlen, labels=None):
+        cu = cu_seqlens[: int(num_seqs) + 1]
+        h = self.model(x, position_ids, cu, int(max_seqlen))
+        if self.model.norm is None:
+            return h
+        if isinstance(self, LlamaForValue):
+            return self.score(h).squeeze(-1).float()
+        return self.logprobs_head(h, self.output_weight, labels, self.temperature, self.chunk_size)
+
+
+def _stage_class(cls: type) -> type:
+    return type(f"{cls.__name__}Stage", (PipelineStageForward, cls), {})
+
+
+def _empty_module(cls: type) -> nn.Module:
+    """An instance of `cls` with no submodules yet (stages assemble theirs from the rank's part)."""
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    return m
+
+
+def _cut(model: LlamaForCausalLM | LlamaForValue, layers: list[int], first: bool, last: bool, cls: type) -> nn.Module:
+    """A `cls` instance holding `layers` of `model` (and its embedding / head when first / last): the same module
+    objects, so parameters are shared and names stay Hugging Face's."""
+    part = _empty_module(cls)
+    part.config = model.config
+    inner = _empty_module(LlamaModel)
+    inner.embed_tokens = model.model.embed_tokens if first else None
+    inner.layers = nn.ModuleDict({str(i): model.model.layers[str(i)] for i in layers})
+    inner.norm = model.model.norm if last else None
+    inner.rotary_emb = model.model.rotary_emb
+    part.model = inner
+    for name, child in model._modules.items():  # the heads: lm_head / logprobs_head, or score
+        if name != "model":
+            setattr(part, name, child if last else None)
+    return part
+
+
+class Pipeline:
+    """This rank's stages, the schedule that runs them, and `model`: this rank's part of the model (what the
+    optimizer steps and checkpoints save). Build it with `pipeline_llm`."""
+
+    def __init__(self, model: nn.Module, stage_modules: list[nn.Module], stages: list[PipelineStage], schedule,
+                 dims: ParallelDims, options: PipelineOptions):
+        self.model, self.stage_modules, self.stages, self.schedule = model, stage_modules, stages, schedule
+        self.dims, self.options = dims, options
+        self._loss_fn: Callable | None = None
+
+    @property
+    def has_last_stage(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def to_empty(self, device) -> None:
+        """Materialize the meta-device parameters (through the FSDP-wrapped stages, which own them)."""
+        for m in self.stage_modules:
+            m.to_empty(device=device)
+
+    def split(self, batch: Packed) -> "Microbatches":
+        """Cut this rank's packed batch into the microbatches of one step; a batch that is invalid or does not fit
+        raises the same ValueError on every rank (one all-reduce), before the schedule's first collective."""
+        error, mbs = None, None
+        try:
+            prepare_batch(batch.input_ids, self.model.config.vocab_size, batch.position_ids, batch.cu_seqlens,
+                          batch.max_seqlen, batch.labels)
+            if isinstance(self.model, LlamaForCausalLM) and batch.labels is None:
+                raise ValueError("a causal LM's pipeline computes log-probs: pass labels (see dtllama.ops.shift_labels)")
+            mbs = split_microbatches(batch, self.options.microbatches, self.options.microbatch_tokens)
+        except ValueError as e:
+            error = str(e)
+        agree_on_error(error, self.dims.mesh("flat"))
+        return mbs
+
+    def step(self, mbs: "Microbatches", loss_fn: Callable[[object, int], torch.Tensor]) -> list | None:
+        """Forward and backward over all microbatches. `loss_fn(output, i)` turns the last stage's output of
+        microbatch i into the loss to backpropagate (gradients of all microbatches add up; nothing is rescaled).
+        Returns the last stage's detached outputs, one per microbatch (None on ranks without the last stage)."""
+        self._loss_fn = loss_fn
+        target = torch.arange(len(mbs.packed))
+        out = self.schedule.step(*mbs.args(), target=target, **mbs.kwargs())
+        return self._outputs(out, mbs)
+
+    @torch.no_grad()
+    def forward(self, mbs: "Microbatches") -> list | None:
+        """The last stage's outputs of every microbatch, no backward (old / reference log-probs, values)."""
+        return self._outputs(self.schedule.eval(*mbs.args(), **mbs.kwargs()), mbs)
+
+    def _loss(self, output, target):
+        return self._loss_fn(output, int(target))
+
+    def _outputs(self, out, mbs: "Microbatches") -> list | None:
+        if not self.has_last_stage:
+            return None
+        m = len(mbs.packed)
+        parts = [x.detach().chunk(m) for x in (out if isinstance(out, tuple) else (out,))]
+        return [tuple(p[i] for p in parts) if len(parts) > 1 else parts[0][i] for i in range(m)]
+
+
+@dataclass
+class Microbatches:
+    """One step's microbatches, each padded to the same token count; `seqs[i]` lists the sequences (indices into
+    the batch) that microbatch i holds, in order."""
+
+    packed: list[Packed]
+    seqs: list[list[int]]
+    lengths: list[int]
+
+    def args(self) -> tuple[torch.Tensor]:
+        return (torch.cat([p.input_ids for p in self.packed]),)
+
+    def kwargs(self) -> dict[str, torch.Tensor]:
+        """Each microbatch's inputs, concatenated so that the schedule's even split along dim 0 hands every
+        stage its own microbatch's: `cu_seqlens` padded with repeats of T to one length, the counts on the host."""
+        n = max(p.cu_seqlens.numel() for p in self.packed)
+        cu = [torch.cat([p.cu_seqlens, p.cu_seqlens[-1:].expand(n - p.cu_seqlens.numel())]) for p in self.packed]
+        out = dict(position_ids=torch.cat([p.position_ids for p in self.packed]), cu_seqlens=torch.cat(cu),
+                   num_seqs=torch.tensor([p.cu_seqlens.numel() - 1 for p in self.packed]),
+                   max_seqlen=torch.tensor([p.max_seqlen for p in self.packed]))
+        if self.packed[0].labels is not None:
+            out["labels"] = torch.cat([p.labels for p in self.packed])
+        return out
+
+    def merge(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Per-microbatch `[microbatch_tokens, ...]` outputs back into the batch's packed order `[T, ...]`."""
+        pieces: dict[int, torch.Tensor] = {}
+        for seqs, out, p in zip(self.seqs, outputs, self.packed):
+            for k, s in enumerate(seqs):
+                pieces[s] = out[int(p.cu_seqlens[k]):int(p.cu_seqlens[k + 1])]
+        return torch.cat([pieces[s] for s in range(len(self.lengths))])
+
+
+def split_microbatches(batch: Packed, n: int, tokens: int) -> Microbatches:
+    """Pack the batch's sequences first-fit (longest first) into `n` microbatches of at most `tokens` tokens
+    each, then pad each to exactly `tokens` with a tail sequence whose labels are ignored."""
+    cu = batch.cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    bins: list[list[int]] = [[] for _ in range(n)]
+    fill = [0] * n
+    for s in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
+        k = next((k for k in range(n) if fill[k] + lengths[s] <= tokens), None)
+        if k is None:
+            total = sum(lengths)
+            raise ValueError(
+                f"the batch's {total} tokens in {len(lengths)} sequences (longest {max(lengths)}) do not fit "
+                f"{n} microbatches of {tokens} tokens; raise microbatch_tokens to at least "
+                f"{max(lengths) + -(-total // n)} (always enough) or the number of microbatches")
+        bins[k].append(s)
+        fill[k] += lengths[s]
+    packed = []
+    for seqs in bins:
+        seqs.sort()
+        packed.append(_pack(batch, [(cu[s], cu[s + 1]) for s in seqs], tokens))
+    return Microbatches(packed, bins, lengths)
+
+
+def _pack(batch: Packed, spans: list[tuple[int, int]], tokens: int) -> Packed:
+    ids = [batch.input_ids[a:b] for a, b in spans]
+    labels = [batch.labels[a:b] for a, b in spans] if batch.labels is not None else None
+    lengths = [b - a for a, b in spans]
+    pad = tokens - sum(lengths)
+    if pad:  # a tail sequence of its own: attends to nothing real, its labels are ignored
+        ids.append(batch.input_ids.new_zeros(pad))
+        if labels is not None:
+            labels.append(batch.input_ids.new_full((pad,), IGNORE_INDEX))
+        lengths.append(pad)
+    cu = torch.nn.functional.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    cu = cu.to(batch.cu_seqlens.device)
+    return Packed(torch.cat(ids), position_ids_from_cu_seqlens(cu, tokens), cu, max(lengths), None,
+                  torch.cat(labels) if labels is not None else None)
+
+
+def pipeline_llm(model: LlamaForCausalLM | LlamaForValue, dims: ParallelDims, options: PipelineOptions,
+                 device: torch.device | str, *, temperature: float = 1.0, chunk_size: int = 1024,
+                 **parallelize_kwargs) -> Pipeline:
+    """Cut the meta-device `model` into this rank's stages, `parallelize` each (`parallelize_kwargs`: ac,
+    compile, fsdp, param_dtype), and build the schedule. `dims.build_mesh()` must have run. Then call
+    `pipe.to_empty(device)` and `pipe.model.init_weights(seed)` or `load_state_into(pipe.model, path)`.
+    `temperature` and `chunk_size` are the causal-LM head's (as in the model's forward)."""
+    layers = check_options(model.config, dims, options)
+    cls_name, placement, _ = SCHEDULES[options.schedule]
+    pp_mesh = dims.mesh("pp")
+    rank, n_stages = pp_mesh.get_local_rank(), len(layers)
+    mine = [s for s in range(n_stages) if stage_rank(s, dims.pp, placement) == rank]
+    part = _cut(model, sorted(i for s in mine for i in layers[s]), 0 in mine, n_stages - 1 in mine, type(model))
+    fsdp = parallelize_kwargs.pop("fsdp", None) or FSDPOptions(param_dtype=parallelize_kwargs.pop("param_dtype", None))
+    if fsdp.reshard_after_forward is None:  # every microbatch would all-gather again: keep layers gathered
+        fsdp = FSDPOptions(fsdp.param_dtype, fsdp.reduce_dtype, False, fsdp.cpu_offload)
+    modules, stages = [], []
+    for s in mine:
+        stage = _cut(part, layers[s], s == 0, s == n_stages - 1, _stage_class(type(model)))
+        stage.temperature, stage.chunk_size = temperature, chunk_size
+        parallelize(stage, dims, fsdp=fsdp, **parallelize_kwargs)
+        modules.append(stage)
+        stages.append(PipelineStage(stage, s, n_stages, torch.device(device), group=pp_mesh.get_group()))
+    pipe = Pipeline(part, modules, stages, None, dims, options)
+    cls = getattr(pp_schedules, cls_name)
+    kwargs = dict(n_microbatches=options.microbatches, loss_fn=pipe._loss, scale_grads=False)
+    pipe.schedule = cls(stages[0], **kwargs) if placement == "single" else cls(stages, **kwargs)
+    return pipe
+
+
+__all__ = ["Microbatches", "Pipeline", "PipelineOptions", "SCHEDULES", "pipeline_llm", "split_layers",
+           "split_microbatches", "stage_rank"]

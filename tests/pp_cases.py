@@ -1,0 +1,78 @@
+"""What each rank of a worker pool runs for the pipeline tests: the property tests' objective, through a schedule.
+
+The objective, the optimizer step and the reference are `parallel_cases`' (the single-device fp32 model):
+the loss of each microbatch is taken on the last stage, gradients add up over microbatches, and every rank
+returns the gradients and stepped parameters of its own part of the model, which the test joins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import dtllama
+from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens
+from dtllama.parallel import ParallelDims
+from dtllama.parallel.pp import PipelineOptions, pipeline_llm
+from parallel_cases import ENTROPY_WEIGHT, build, cp_shard, placements, step
+
+_DIMS: dict = {}
+
+
+def dims_for(layout: dict) -> ParallelDims:
+    key = tuple(sorted(layout.items()))
+    if key not in _DIMS:  # process groups are created once per layout and reused across cases
+        _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size())
+        _DIMS[key].build_mesh("cpu")
+    return _DIMS[key]
+
+
+def packed(seqs, labels) -> Packed:
+    cu = cu_seqlens_from_lengths([len(s) for s in seqs])
+    ids = torch.cat(seqs)
+    return Packed(ids, position_ids_from_cu_seqlens(cu, ids.numel()), cu, max(len(s) for s in seqs), None,
+                  torch.cat(labels))
+
+
+def build_pipeline(config_dict: dict, layout: dict, value: bool, options: PipelineOptions, seed: int, ac="none"):
+    config = dtllama.ModelConfig(**config_dict)
+    dims = dims_for(layout)
+    with torch.device("meta"):
+        model = build(config, value)
+    pipe = pipeline_llm(model, dims, options, "cpu", ac=ac)
+    pipe.to_empty("cpu")
+    pipe.model.init_weights(seed)
+    return pipe, dims
+
+
+def run_pp_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, value: bool, options: PipelineOptions,
+                ac: str = "none"):
+    """On every rank: a pipelined model, one schedule step of the property tests' objective on this rank's share
+    of the sequences, the gradients, the gradient norm over all stages, one AdamW step."""
+    pipe, dims = build_pipeline(config_dict, layout, value, options, seed, ac)
+    place = placements(pipe.model)
+    batch_rank, n_batch = dims.mesh("batch").get_local_rank(), dims.mesh("batch").size()
+    mine = list(range(batch_rank, len(seqs), n_batch))
+    n_global = max(sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list), 1)
+    scale = dims.mesh("dp").size() / n_global
+    mbs = pipe.split(packed([seqs[i] for i in mine], [labels_list[i] for i in mine]))
+    cp_mesh = dims.mesh("cp") if dims.cp_enabled else None
+
+    def loss_fn(out, i):
+        if value:
+            labels = cp_shard(mbs.packed[i].labels, cp_mesh)
+            weights = torch.where(labels != IGNORE_INDEX, 1.0 + labels.remainder(5) / 5.0, 0.0)
+            return (out * weights).sum() * scale
+        lp, ent = out
+        return -(lp.sum() + ENTROPY_WEIGHT * ent.sum()) * scale
+
+    outs = pipe.step(mbs, loss_fn)
+    grads, params, norm = step(pipe.model, None, pp_mesh=dims.mesh("pp"))
+    merged = None
+    if outs is not None and cp_mesh is None:
+        lengths = [len(seqs[i]) for i in mine]
+        names = ["values"] if value else ["logprobs", "entropy"]
+        cols = [outs] if value else list(zip(*outs))
+        merged = {n: list(mbs.merge(list(c)).split(lengths)) for n, c in zip(names, cols)}
+    return {"indices": mine, "outs": merged, "grads": grads, "params": params, "norm": norm, "placements": place,
+            "stage_layers": sorted({int(n.split(".")[2]) for n in grads if n.startswith("model.layers.")})}
