@@ -249,11 +249,18 @@ class _Pinned:
         self.done.record()
 
 
-def _shard_index(state: dict, max_shard_bytes: int) -> dict[str, int]:
-    """File number (1..N) of each tensor, filling files up to `max_shard_bytes` in state-dict order."""
+def _shard_index(model, dtype: torch.dtype, max_shard_bytes: int) -> dict[str, int]:
+    """File number (1..N) of each tensor of the whole model, filling files up to `max_shard_bytes` in state-dict
+    order. Taken from a meta-device copy built from the config, so that every rank computes the same index even
+    when it holds only some layers (a pipeline stage)."""
+    from .model import LlamaForCausalLM, LlamaForValue
+
+    cls = next(c for c in type(model).__mro__ if c in (LlamaForCausalLM, LlamaForValue))
+    with torch.device("meta"):
+        whole = cls(model.config)
     index, used, shard = {}, 0, 1
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()  # global size, also for a DTensor
+    for name, t in whole.state_dict().items():
+        nbytes = t.numel() * dtype.itemsize
         if used and used + nbytes > max_shard_bytes:
             shard, used = shard + 1, 0
         index[name] = shard
@@ -287,7 +294,8 @@ def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_byt
 
     tmp = on_rank0(make_tmp)
     try:
-        writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=_shard_index(state, max_shard_bytes),
+        index = _shard_index(model, next(iter(state.values())).dtype, max_shard_bytes)
+        writer = HuggingFaceStorageWriter(tmp, fqn_to_index_mapping=index,
                                           save_distributed=distributed, enable_consolidation=distributed)
         dcp.save(state, storage_writer=writer, no_dist=not distributed)
         on_rank0(finish)

@@ -199,9 +199,9 @@ def _cut(model: LlamaForCausalLM | LlamaForValue, layers: list[int], first: bool
     inner.norm = model.model.norm if last else None
     inner.rotary_emb = model.model.rotary_emb
     part.model = inner
-    for name, child in model._modules.items():  # the heads: lm_head / logprobs_head, or score
-        if name != "model":
-            setattr(part, name, child if last else None)
+    for name in ("lm_head", "logprobs_head", "score"):  # the heads of the causal LM, or the value head
+        if hasattr(model, name):
+            setattr(part, name, getattr(model, name) if last else None)
     return part
 
 
@@ -239,26 +239,29 @@ class Pipeline:
         agree_on_error(error, self.dims.mesh("flat"))
         return mbs
 
-    def step(self, mbs: "Microbatches", loss_fn: Callable[[object, int], torch.Tensor]) -> list | None:
+    def step(self, mbs: "Microbatches", loss_fn: Callable[[object, int], torch.Tensor]) -> tuple[list, list] | None:
         """Forward and backward over all microbatches. `loss_fn(output, i)` turns the last stage's output of
         microbatch i into the loss to backpropagate (gradients of all microbatches add up; nothing is rescaled).
-        Returns the last stage's detached outputs, one per microbatch (None on ranks without the last stage)."""
+        The first step may also call it on placeholder outputs (torch infers the stages' shapes with a forward
+        and backward), so keep it free of side effects. Returns `(outputs, losses)` of the last stage, detached,
+        one per microbatch; None on ranks without the last stage."""
         self._loss_fn = loss_fn
-        target = torch.arange(len(mbs.packed))
-        out = self.schedule.step(*mbs.args(), target=target, **mbs.kwargs())
-        return self._outputs(out, mbs)
+        losses: list[torch.Tensor] = []
+        out = self.schedule.step(*mbs.args(), target=torch.arange(len(mbs.packed)), losses=losses, **mbs.kwargs())
+        if not self.has_last_stage:
+            return None
+        return self._outputs(out, mbs), [x.detach() for x in losses]
 
     @torch.no_grad()
     def forward(self, mbs: "Microbatches") -> list | None:
         """The last stage's outputs of every microbatch, no backward (old / reference log-probs, values)."""
-        return self._outputs(self.schedule.eval(*mbs.args(), **mbs.kwargs()), mbs)
+        out = self.schedule.eval(*mbs.args(), **mbs.kwargs())
+        return self._outputs(out, mbs) if self.has_last_stage else None
 
     def _loss(self, output, target):
         return self._loss_fn(output, int(target))
 
-    def _outputs(self, out, mbs: "Microbatches") -> list | None:
-        if not self.has_last_stage:
-            return None
+    def _outputs(self, out, mbs: "Microbatches") -> list:
         m = len(mbs.packed)
         parts = [x.detach().chunk(m) for x in (out if isinstance(out, tuple) else (out,))]
         return [tuple(p[i] for p in parts) if len(parts) > 1 else parts[0][i] for i in range(m)]

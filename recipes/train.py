@@ -4,9 +4,11 @@
     torchrun --standalone --nproc-per-node 2 recipes/train.py --flavor debug   # random tiny model, bytes
     torchrun --standalone --nproc-per-node 4 recipes/train.py --flavor debug --dp-shard 2 --tp 2 --ac full
     torchrun --standalone --nproc-per-node 4 recipes/train.py --flavor debug --cp 2 --tp 2   # Ulysses x TP
+    torchrun --standalone --nproc-per-node 2 recipes/train.py --flavor debug --set num_hidden_layers=8 \
+        --pp 2 --pp-schedule Interleaved1F1B --microbatches 4                                  # pipeline
 
-The model is built on the meta device, parallelized (TP/SP, Ulysses CP, activation checkpointing, compile,
-FSDP2/HSDP), then materialized and initialized or loaded from the HF folder, each rank reading only
+The model is built on the meta device, cut into pipeline stages when `--pp` > 1, parallelized (TP/SP, Ulysses CP,
+activation checkpointing, compile, FSDP2/HSDP), then materialized and initialized or loaded from the HF folder, each rank reading only
 its own shards. A step's global batch is the same for every layout: sequences are drawn in one
 global order up to `--batch-tokens`, and rank r of the batch mesh (`dp_replicate x dp_shard`) takes
 every n-th of them; the `cp` ranks of a group share those sequences, each running its token shard.
@@ -19,6 +21,7 @@ greedy continuation of a prompt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +37,8 @@ from dtllama.hf_io import load_state_into
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
 from dtllama.optim import NONFINITE_POLICIES, step_if_finite
 from dtllama.parallel import AC_MODES, FSDPOptions, ParallelDims, clip_grad_norm_, parallelize
+from dtllama.parallel import pp
+from dtllama.parallel.pp import SCHEDULES, PipelineOptions, pipeline_llm
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instructions.txt")
 
@@ -52,6 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1, help="Ulysses context parallel degree (splits each batch's tokens)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel degree")
+    p.add_argument("--pp-schedule", default="1F1B", choices=list(SCHEDULES), help="pipeline schedule (with --pp > 1)")
+    p.add_argument("--microbatches", type=int, default=4, help="pipeline microbatches per step")
+    p.add_argument("--microbatch-tokens", type=int,
+                   help="tokens per pipeline microbatch (default: --max-seq-len + batch tokens / microbatches, which "
+                        "always fits a step's sequences)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the model, e.g. --set num_hidden_layers=8 (repeatable)")
     p.add_argument("--ac", choices=list(AC_MODES), default="none", help="activation checkpointing per layer")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fullgraph)")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -128,7 +141,7 @@ def setup_distributed(seed: int):
 def model_source(args):
     """`(config, tokenizer, HF folder or None)`: a random flavor with byte tokens, or an HF checkpoint."""
     if args.flavor:
-        config = dtllama.flavors[args.flavor]
+        config = override(dtllama.flavors[args.flavor], args.set)
         if config.vocab_size < 256:
             raise ValueError(f"flavor {args.flavor!r} has vocab_size={config.vocab_size} < 256 byte tokens")
         return config, ByteTokenizer(), None
@@ -142,25 +155,54 @@ def model_source(args):
             smollm2_135m_instruct()  # converts once; the other ranks wait for the cache
         dist.barrier()
         source = smollm2_135m_instruct()
-    return dtllama.ModelConfig.from_hf(source), AutoTokenizer.from_pretrained(source), source
+    return override(dtllama.ModelConfig.from_hf(source), args.set), AutoTokenizer.from_pretrained(source), source
+
+
+def override(config, assignments: list[str]):
+    """The config with `FIELD=VALUE` overrides (VALUE read as JSON: numbers, true/false, null, else a string)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config's fields "
+                             f"({', '.join(sorted(fields))})")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value
+    return dataclasses.replace(config, **changes)
 
 
 def build_model(args, config, source, device):
-    """Meta model -> parallelize -> materialize -> init or load (each rank reads only its shards)."""
+    """Meta model -> pipeline stages (pp > 1) -> parallelize -> materialize -> init or load (each rank reads only
+    its shards). Returns `(model, dims, pipeline or None)`; under pp, `model` is this rank's part of the model."""
     # Validate the layout against world size and model before any collective can hang on it.
-    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp)
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp, pp=args.pp)
     dims = dims.resolve(dist.get_world_size(), config)
+    pp_options = None
+    if dims.pp_enabled:
+        tokens = args.microbatch_tokens or args.max_seq_len + -(-args.batch_tokens // args.microbatches)
+        tokens += -tokens % dims.token_multiple
+        pp_options = PipelineOptions(args.pp_schedule, args.microbatches, tokens)
+        pp.check_options(config, dims, pp_options)
     dims.build_mesh(device.type)
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config)
-    parallelize(model, dims, ac=args.ac, compile=args.compile,
-                fsdp=FSDPOptions(param_dtype=torch.bfloat16 if device.type == "cuda" else None))
-    model.to_empty(device=device)
+    fsdp = FSDPOptions(param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    pipe = None
+    if dims.pp_enabled:
+        pipe = pipeline_llm(model, dims, pp_options, device, ac=args.ac, compile=args.compile, fsdp=fsdp)
+        pipe.to_empty(device)
+        model = pipe.model
+    else:
+        parallelize(model, dims, ac=args.ac, compile=args.compile, fsdp=fsdp)
+        model.to_empty(device=device)
     if source is None:
         model.init_weights(args.seed)
     else:
         load_state_into(model, source)
-    return model, dims
+    return model, dims, pipe
 
 
 def local_batch(batch, dims, tokenizer, device):
@@ -173,17 +215,24 @@ def local_batch(batch, dims, tokenizer, device):
     return pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu))  # SP and Ulysses split T evenly
 
 
-def train_step(model, opt, sched, p, n_global: int, dims, on_nonfinite: str) -> dict:
+def train_step(model, opt, sched, p, n_global: int, dims, on_nonfinite: str, pipe=None) -> dict:
     """Forward, backward, clip, step; returns the loss over all ranks' tokens and the gradient norm."""
     dp_mesh = dims.mesh("dp")
-    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
     # Sum over this rank's tokens / global token count, times dp: FSDP averages gradients over
     # the dp ranks (cp included: under CP the log-probs are this rank's token shard), so every token
     # weighs the same whatever rank holds it.
-    loss = -out.logprobs.sum() / n_global * dp_mesh.size()
-    loss.backward()
-    grad_norm = float(clip_grad_norm_(model.parameters(), 1.0))
-    reported = loss.detach() / dp_mesh.size()
+    scale = dp_mesh.size() / n_global
+    if pipe is None:
+        out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+        loss = -out.logprobs.sum() * scale
+        loss.backward()
+        reported = loss.detach()
+    else:  # each microbatch's loss on the last stage; gradients add up over microbatches
+        result = pipe.step(pipe.split(p), lambda out, i: -out[0].sum() * scale)
+        reported = torch.stack(result[1]).sum() if result else torch.zeros((), device=p.input_ids.device)
+        dist.all_reduce(reported, group=dims.mesh("pp").get_group())  # from the last stage to every rank
+    grad_norm = float(clip_grad_norm_(model.parameters(), 1.0, pp_mesh=dims.mesh("pp")))
+    reported = reported / dp_mesh.size()
     dist.all_reduce(reported, group=dp_mesh.get_group())
     stepped = step_if_finite(opt, sched, float(reported), grad_norm, on_nonfinite)
     return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped)
@@ -207,7 +256,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, log = setup_distributed(args.seed)
     config, tokenizer, source = model_source(args)
-    model, dims = build_model(args, config, source, device)
+    model, dims, pipe = build_model(args, config, source, device)
     log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
         f"world {dims.world_size} on {device.type}: {dims}")
 
@@ -227,7 +276,7 @@ def main(argv=None):
         batch = next(data)
         n_global = sum(len(d) - 1 for d in batch)  # next-token targets of the whole global batch
         row = train_step(model, opt, sched, local_batch(batch, dims, tokenizer, device), n_global, dims,
-                         args.on_nonfinite)
+                         args.on_nonfinite, pipe)
         row = dict(step=step, **row, tokens_per_s=sum(map(len, batch)) / (time.perf_counter() - t0),
                    peak_mem_gib=peak_memory_gib(device))
         log(f"step {step:3d}  loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  "

@@ -66,7 +66,8 @@ def run_pp_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, v
         lp, ent = out
         return -(lp.sum() + ENTROPY_WEIGHT * ent.sum()) * scale
 
-    outs = pipe.step(mbs, loss_fn)
+    result = pipe.step(mbs, loss_fn)
+    outs = result[0] if result else None
     grads, params, norm = step(pipe.model, None, pp_mesh=dims.mesh("pp"))
     merged = None
     if outs is not None and cp_mesh is None:
@@ -76,3 +77,16 @@ def run_pp_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, v
         merged = {n: list(mbs.merge(list(c)).split(lengths)) for n, c in zip(names, cols)}
     return {"indices": mine, "outs": merged, "grads": grads, "params": params, "norm": norm, "placements": place,
             "stage_layers": sorted({int(n.split(".")[2]) for n in grads if n.startswith("model.layers.")})}
+
+
+def pp_error(config_dict: dict, seqs, labels_list, seed: int) -> str | None:
+    """On every rank: split a batch whose sequence on rank 1 exceeds a microbatch; the error each rank raised."""
+    pipe, dims = build_pipeline(config_dict, dict(pp=2), False, PipelineOptions("1F1B", 4, 16), seed)
+    if dims.mesh("pp").get_local_rank() == 1:
+        seqs = [torch.cat([seqs[0]] * 3)]
+        labels_list = [torch.cat([labels_list[0]] * 3)]
+    try:
+        pipe.split(packed(seqs, labels_list))
+    except ValueError as e:
+        return str(e)
+    return None

@@ -1,0 +1,151 @@
+"""Pipeline parallelism: every schedule, and pp composed with tp, dp_shard and cp, gives the single-device fp32
+numbers; the stage split; bad pipeline inputs raise on every rank; checkpoints move between pp and other layouts.
+
+The objective and reference are the property tests' (`parallel_cases`): log-probs + entropy, or a linear function
+of the values, over a fresh random packed batch whose sequences are packed into microbatches by a token budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import rel_err
+from parallel_cases import reference
+from pool import get_pool
+from pp_cases import pp_error, run_pp_rank
+from test_parallel_properties import TOL
+
+import dtllama
+from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths
+from dtllama.parallel import ParallelDims
+from dtllama.parallel.pp import SCHEDULES, PipelineOptions, check_options, split_layers, split_microbatches, stage_rank
+
+LENGTHS = [9, 1, 12, 8, 1, 5, 3]  # 39 tokens: four microbatches of 16 hold them only when packed first-fit
+
+
+def make_case(layers: int, tp: int = 1):
+    seed = int(torch.randint(0, 2**16, ()))
+    g = torch.Generator().manual_seed(seed)
+    config = dict(vocab_size=61, hidden_size=32, intermediate_size=8 * tp, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                  rms_norm_eps=1e-5, rope_theta=1e4, initializer_range=0.2, torch_dtype="float32")
+    seqs = [torch.randint(0, config["vocab_size"], (n,), generator=g) for n in LENGTHS]
+    labels = []
+    for s in seqs:
+        lab = torch.cat([s[1:], torch.tensor([IGNORE_INDEX])])
+        lab[torch.rand(len(s), generator=g) < 0.2] = IGNORE_INDEX
+        labels.append(lab)
+    return config, seqs, labels, seed
+
+
+def check_pipeline(world: int, layout: dict, layers: int, value: bool, options: PipelineOptions, ac: str = "none"):
+    """Gradients (joined over the ranks' parts), the gradient norm over all stages, one AdamW step, and the last
+    stage's outputs, each within fp32 rounding (TOL) of the single-device model."""
+    config, seqs, labels, seed = make_case(layers, layout.get("tp", 1))
+    ref_outs, ref_grads, ref_params, ref_norm = reference(config, seqs, labels, seed, value)
+    results = get_pool(world).run(run_pp_rank, config, layout, seqs, labels, seed, value, options, ac)
+    grads, params, outs = {}, {}, {}
+    for r in results:
+        grads.update(r["grads"])
+        params.update(r["params"])
+        for name, per_seq in (r["outs"] or {}).items():
+            for i, o in zip(r["indices"], per_seq):
+                outs.setdefault(name, {})[i] = o
+    assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < TOL, name
+        assert rel_err(params[name], ref_params[name]) < TOL, name
+    for r in results:
+        assert abs(r["norm"] - ref_norm) < TOL * ref_norm
+    if not layout.get("cp", 1) > 1:  # under cp the last stage holds a token shard of each microbatch
+        assert set(outs) == ({"values"} if value else {"logprobs", "entropy"})
+        for name, per_seq in outs.items():
+            assert sorted(per_seq) == list(range(len(seqs)))
+            for i, o in per_seq.items():
+                assert rel_err(o, ref_outs[name][i], floor=1.0) < TOL, (name, i)
+    return results
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("value", [False, True], ids=["logprobs", "values"])
+def test_every_schedule_matches_single_device(schedule, value):
+    """pp=2, two stages per rank where the schedule is interleaved or V-shaped; 4 layers in 4 (or 2) stages."""
+    results = check_pipeline(2, dict(pp=2), 4, value, PipelineOptions(schedule, microbatches=4, microbatch_tokens=16))
+    placement = SCHEDULES[schedule][1]
+    expect = {"single": [[0, 1], [2, 3]], "loop": [[0, 2], [1, 3]], "V": [[0, 3], [1, 2]]}[placement]
+    assert [r["stage_layers"] for r in results] == expect
+
+
+def test_uneven_split_five_layers():
+    """5 layers over 2 stages (1F1B): the embedding and head each count as a layer, so stage 0 gets 3 layers."""
+    results = check_pipeline(2, dict(pp=2), 5, False, PipelineOptions("1F1B", microbatches=2, microbatch_tokens=24))
+    assert [r["stage_layers"] for r in results] == [[0, 1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("layout, schedule, ac", [
+    (dict(pp=2, tp=2), "Interleaved1F1B", "none"),
+    (dict(pp=2, dp_shard=2), "1F1B", "selective"),
+    (dict(pp=2, cp=2), "ZBVZeroBubble", "full"),
+], ids=["pp2xtp2", "pp2xdp2", "pp2xcp2"])
+@pytest.mark.parametrize("value", [False, True], ids=["logprobs", "values"])
+def test_pipeline_composes(layout, schedule, ac, value):
+    check_pipeline(4, dict(layout, dp_shard=layout.get("dp_shard", -1)), 4, value,
+                   PipelineOptions(schedule, microbatches=4, microbatch_tokens=16), ac)
+
+
+def test_split_layers_balances_embedding_and_head():
+    # 8 layers + embedding + head = 10 over 4 stages: no stage can cost less than 3
+    assert split_layers(8, 4) == [[0, 1], [2, 3, 4], [5, 6], [7]]
+    assert split_layers(8, 4, embed_cost=0.0, head_cost=0.0) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert split_layers(5, 2) == [[0, 1, 2], [3, 4]]
+    for n, s in [(16, 4), (126, 16), (7, 7)]:
+        stages = split_layers(n, s)
+        assert [i for st in stages for i in st] == list(range(n)) and all(stages)
+    assert [stage_rank(s, 2, "V") for s in range(4)] == [0, 1, 1, 0]
+    assert [stage_rank(s, 2, "loop") for s in range(4)] == [0, 1, 0, 1]
+
+
+def test_microbatches_by_token_budget():
+    """Sequences are never split; microbatches are padded to the budget; merge restores the batch order."""
+    lengths = [5, 3, 7, 2]
+    ids = torch.randint(0, 50, (sum(lengths),))
+    cu = cu_seqlens_from_lengths(lengths)
+    mbs = split_microbatches(Packed(ids, None, cu, 7, None, ids.clone()), 2, 9)
+    assert [p.input_ids.numel() for p in mbs.packed] == [9, 9]
+    assert sorted(s for seqs in mbs.seqs for s in seqs) == [0, 1, 2, 3]
+    assert torch.equal(mbs.merge([p.input_ids for p in mbs.packed]), ids)
+    for p, seqs in zip(mbs.packed, mbs.seqs):  # the padding is a sequence of its own, with ignored labels
+        n_real = sum(lengths[s] for s in seqs)
+        assert int(p.cu_seqlens[len(seqs)]) == n_real and (p.labels[n_real:] == IGNORE_INDEX).all()
+
+
+def _options_error(options: PipelineOptions, layers: int = 4, pp: int = 2, tie: bool = False) -> str:
+    config = dtllama.ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=16, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    with pytest.raises(ValueError) as e:
+        check_options(config, ParallelDims(pp=pp).resolve(pp, config), options)
+    return str(e.value)
+
+
+def test_bad_pipeline_options_are_refused():
+    """Refused from the options alone, identically on every rank, before any mesh or collective exists."""
+    assert "at least 8 decoder layers" in _options_error(PipelineOptions("Interleaved1F1B", 4), layers=4, pp=4)
+    msg = _options_error(PipelineOptions("DualPipeV", microbatches=2))
+    assert "needs at least 4 microbatches" in msg and "microbatches=2" in msg
+    assert "needs at least 2 microbatches" in _options_error(PipelineOptions("1F1B", microbatches=1))
+    assert "multiple of 2" in _options_error(PipelineOptions("Interleaved1F1B", microbatches=3))
+    msg = _options_error(PipelineOptions("OneFOneB"))
+    assert "unknown pipeline schedule 'OneFOneB'" in msg and "ZBVZeroBubble" in msg
+    assert "exactly 2 stage(s)" in _options_error(PipelineOptions("ZBVZeroBubble", stages_per_rank=3))
+    assert "tie_word_embeddings" in _options_error(PipelineOptions(), tie=True)
+    assert "contiguous run" in _options_error(PipelineOptions(stage_layers=((0, 2), (1, 3))))
+
+
+def test_batch_that_does_not_split_raises_on_every_rank():
+    """Rank 1 alone gets a sequence longer than a microbatch: both ranks raise the same error, nothing hangs."""
+    config, seqs, labels, seed = make_case(4)
+    errors = get_pool(2).run(pp_error, config, seqs, labels, seed)
+    assert errors[0] == errors[1] and "do not fit 4 microbatches of 16 tokens" in errors[0], errors
+    assert "rank 1" in errors[0]
