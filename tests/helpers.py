@@ -56,3 +56,15 @@ def train(tmp_path, nproc: int, *args: str, flavor: str = "debug", timeout: int 
                     *args, timeout=timeout, cwd=tmp_path)
     print(proc.stdout[-4000:])
     return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+# Two-process layouts of the main job, each compared with the one-process run of the same global batches
+# (tests/test_train_recipe.py on CPU gloo, tests/gpu/test_layouts_gpu.py on 2 GPUs over NCCL).
+TWO_PROCESS_LAYOUTS = {
+    "fsdp": ("--dp-shard", "2"),
+    "hsdp": ("--dp-replicate", "2", "--dp-shard", "1"),
+    "tp": ("--tp", "2"),
+    "tp_compiled": ("--tp", "2", "--compile"),
+    "cp": ("--cp", "2"),
+    "pp": ("--pp", "2", "--pp-schedule", "1F1B", "--microbatches", "2"),
+}
