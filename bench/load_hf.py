@@ -45,7 +45,7 @@ def write(folder: str, flavor: str = "llama3.1-8b", shard_bytes: int = 5 * 2**30
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config).to(torch.bfloat16)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    index = _shard_index(model.state_dict(), shard_bytes)
+    index = _shard_index(model, torch.bfloat16, shard_bytes)
     n_files = max(index.values())
     weight_map = {k: f"model-{i:05d}-of-{n_files:05d}.safetensors" for k, i in index.items()}
     os.makedirs(folder, exist_ok=True)

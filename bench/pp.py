@@ -143,7 +143,7 @@ def packed(docs: list[torch.Tensor]) -> Packed:
 def theoretical_bubble(schedule: str | None, pp: int, m: int) -> float | None:
     if schedule is None:
         return 0.0
-    placement = SCHEDULES[schedule][1]
+    placement = SCHEDULES[schedule].placement
     if placement == "single":
         return (pp - 1) / m
     if placement == "loop":
@@ -166,7 +166,9 @@ def run_layout(args, schedule, config, device, batches) -> dict:
                tok_s=args.microbatches * args.microbatch_tokens / step_s,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
     row["tok_s_gpu"] = row["tok_s"] / dist.get_world_size()
-    row["mfu"] = 6 * config.num_params() * row["tok_s_gpu"] / (PEAK_TFLOPS * 1e12)  # matmul FLOPs, no attention
+    h, L, S = config.hidden_size, config.num_hidden_layers, args.microbatch_tokens
+    flops_tok = 6 * (config.num_params() - config.vocab_size * h) + 12 * L * h * S  # torchtitan's count
+    row["mfu"] = flops_tok * row["tok_s_gpu"] / (PEAK_TFLOPS * 1e12)
     row["bubble_theory"] = theoretical_bubble(schedule, run.dims.pp, args.microbatches)
     if run.pipe is not None:
         compute = torch.tensor([run.compute_seconds(batches[0][0])], device=device)
@@ -192,7 +194,12 @@ def main(argv=None):
     batches = [[torch.randint(0, config.vocab_size, (args.microbatch_tokens,), generator=g).to(device)
                 for _ in range(args.microbatches)] for _ in range(args.warmup + args.steps)]
     schedules = [None] + ([s for s in args.schedules.split(",") if s] if dist.get_world_size() > 1 else [])
-    rows = [run_layout(args, s, config, device, batches) for s in schedules]
+    rows, skipped = [], {}
+    for s in schedules:
+        try:
+            rows.append(run_layout(args, s, config, device, batches))
+        except ValueError as e:  # refused before any collective, on every rank alike (e.g. by this torch)
+            skipped[s] = str(e)
     for r in rows:
         r["loss_rel_diff"] = abs(r["first_loss"] - rows[0]["first_loss"]) / abs(rows[0]["first_loss"])
     if dist.get_rank() == 0:
@@ -206,7 +213,9 @@ def main(argv=None):
             mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
             print(f"{r['schedule']:<22}{r['pp']:>3}{r['tok_s']:>10.0f}{r['tok_s_gpu']:>11.0f}{r['mfu']:>7.1%}"
                   f"{r['bubble_measured']:>8.3f}{theory:>8}{r['first_loss']:>10.5f}{r['loss_rel_diff']:>10.1e}{mem:>7}")
-        print("JSON " + json.dumps(dict(shape=args.shape, world=dist.get_world_size(), rows=rows)))
+        for s, why in skipped.items():
+            print(f"{s}: not run: {why}")
+        print("JSON " + json.dumps(dict(shape=args.shape, world=dist.get_world_size(), rows=rows, skipped=skipped)))
     dist.destroy_process_group()
 
 

@@ -9,9 +9,11 @@ from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
 from .options import CompileOptions, FSDPOptions
 from .parallelize import parallelize
+from .pp import Pipeline, PipelineOptions, pipeline_llm
 from .tp import apply_tp
 
 __all__ = [
     "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
-    "apply_compile", "apply_cp", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "valid_cp_degrees", "valid_tp_degrees",
+    "apply_compile", "apply_cp", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline",
+    "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_tp_degrees",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,15 +39,21 @@ from .dims import ParallelDims
 from .options import FSDPOptions
 from .parallelize import parallelize
 
-# schedule name -> (torch class, stage placement, minimum microbatches as a function of (pp, stages per rank))
-SCHEDULES: dict[str, tuple[str, str, Callable[[int, int], int]]] = {
-    "GPipe": ("ScheduleGPipe", "single", lambda pp, v: 1),
-    "1F1B": ("Schedule1F1B", "single", lambda pp, v: pp),
-    "Interleaved1F1B": ("ScheduleInterleaved1F1B", "loop", lambda pp, v: pp),
-    "LoopedBFS": ("ScheduleLoopedBFS", "loop", lambda pp, v: 1),
-    "InterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", "loop", lambda pp, v: pp),
-    "ZBVZeroBubble": ("ScheduleZBVZeroBubble", "V", lambda pp, v: pp * v),
-    "DualPipeV": ("ScheduleDualPipeV", "V", lambda pp, v: pp * v),
+class Schedule(NamedTuple):
+    cls: str  # in torch.distributed.pipelining.schedules
+    placement: str  # "single" (one stage per rank), "loop" or "V"
+    min_microbatches: Callable[[int, int], int]  # of (pp, stages per rank)
+    splits_backward: bool  # input- and weight-gradient passes apart (zero bubble)
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "GPipe": Schedule("ScheduleGPipe", "single", lambda pp, v: 1, False),
+    "1F1B": Schedule("Schedule1F1B", "single", lambda pp, v: pp, False),
+    "Interleaved1F1B": Schedule("ScheduleInterleaved1F1B", "loop", lambda pp, v: pp, False),
+    "LoopedBFS": Schedule("ScheduleLoopedBFS", "loop", lambda pp, v: 1, False),
+    "InterleavedZeroBubble": Schedule("ScheduleInterleavedZeroBubble", "loop", lambda pp, v: pp, True),
+    "ZBVZeroBubble": Schedule("ScheduleZBVZeroBubble", "V", lambda pp, v: pp * v, True),
+    "DualPipeV": Schedule("ScheduleDualPipeV", "V", lambda pp, v: pp * v, True),
 }
 
 
@@ -70,7 +77,7 @@ class PipelineOptions:
     head_cost: float = 1.0
 
 
-def _schedule_entry(name: str):
+def _schedule_entry(name: str) -> Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {list(SCHEDULES)}")
     return SCHEDULES[name]
@@ -78,7 +85,7 @@ def _schedule_entry(name: str):
 
 def stages_per_rank(options: PipelineOptions) -> int:
     """The number of stages each rank holds, checked against what the schedule runs."""
-    _, placement, _ = _schedule_entry(options.schedule)
+    placement = _schedule_entry(options.schedule).placement
     v = options.stages_per_rank or (1 if placement == "single" else 2)
     need = {"single": "exactly 1", "V": "exactly 2", "loop": "at least 2"}[placement]
     if (placement == "single" and v != 1) or (placement == "V" and v != 2) or (placement == "loop" and v < 2):
@@ -132,21 +139,32 @@ def _check_stage_layers(stage_layers, n_layers: int, n_stages: int) -> list[list
     return layers
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def check_options(config, dims: ParallelDims, options: PipelineOptions) -> list[list[int]]:
     """Every refusal of a pipeline layout, the same on every rank, before any collective: returns the layers of
     each stage."""
-    cls_name, placement, min_mb = _schedule_entry(options.schedule)
+    schedule = _schedule_entry(options.schedule)
     v = stages_per_rank(options)
     n_stages = dims.pp * v
     if config.tie_word_embeddings:
         raise ValueError("tie_word_embeddings=True shares model.embed_tokens.weight between the first and the last "
                          "pipeline stage, which live on different ranks; untie it (--set tie_word_embeddings=false, "
                          "an untied copy of the checkpoint) or use pp=1")
-    need = min_mb(dims.pp, v)
+    if schedule.splits_backward and _torch_version() < (2, 13):
+        # torch 2.11's weight-gradient pass calls autograd.grad on graph edges of custom autograd functions (the
+        # fused norm and log-prob ops), which read `node._input_metadata` and fail. Seen on 2.11; runs on 2.13.
+        raise ValueError(f"schedule {options.schedule} splits backward into input- and weight-gradient passes, "
+                         f"which torch {torch.__version__} cannot run through dtllama's fused ops; use 1F1B or "
+                         "Interleaved1F1B, or torch >= 2.13")
+    need = schedule.min_microbatches(dims.pp, v)
     if options.microbatches < need:
         raise ValueError(f"schedule {options.schedule} with pp={dims.pp} and {v} stage(s) per rank needs at least "
                          f"{need} microbatches, got microbatches={options.microbatches}")
-    if placement in ("loop",) and options.schedule != "LoopedBFS" and options.microbatches % dims.pp:
+    if schedule.placement == "loop" and options.schedule != "LoopedBFS" and options.microbatches % dims.pp:
         raise ValueError(f"schedule {options.schedule} runs microbatches in rounds of pp={dims.pp}; "
                          f"microbatches={options.microbatches} must be a multiple of {dims.pp}")
     m = dims.token_multiple
@@ -247,7 +265,7 @@ class Pipeline:
         one per microbatch; None on ranks without the last stage."""
         self._loss_fn = loss_fn
         losses: list[torch.Tensor] = []
-        out = self.schedule.step(*mbs.args(), target=torch.arange(len(mbs.packed)), losses=losses, **mbs.kwargs())
+        out = self.schedule.step(*self._args(mbs), target=torch.arange(len(mbs.packed)), losses=losses, **mbs.kwargs())
         if not self.has_last_stage:
             return None
         return self._outputs(out, mbs), [x.detach() for x in losses]
@@ -255,8 +273,12 @@ class Pipeline:
     @torch.no_grad()
     def forward(self, mbs: "Microbatches") -> list | None:
         """The last stage's outputs of every microbatch, no backward (old / reference log-probs, values)."""
-        out = self.schedule.eval(*mbs.args(), **mbs.kwargs())
+        out = self.schedule.eval(*self._args(mbs), **mbs.kwargs())
         return self._outputs(out, mbs) if self.has_last_stage else None
+
+    def _args(self, mbs: "Microbatches") -> tuple:
+        """Token ids go to the first stage only (torch 2.11 refuses positional inputs on the other ranks)."""
+        return mbs.args() if any(s.is_first for s in self.stages) else ()
 
     def _loss(self, output, target):
         return self._loss_fn(output, int(target))
@@ -348,7 +370,7 @@ def pipeline_llm(model: LlamaForCausalLM | LlamaForValue, dims: ParallelDims, op
     `pipe.to_empty(device)` and `pipe.model.init_weights(seed)` or `load_state_into(pipe.model, path)`.
     `temperature` and `chunk_size` are the causal-LM head's (as in the model's forward)."""
     layers = check_options(model.config, dims, options)
-    cls_name, placement, _ = SCHEDULES[options.schedule]
+    placement = SCHEDULES[options.schedule].placement
     pp_mesh = dims.mesh("pp")
     rank, n_stages = pp_mesh.get_local_rank(), len(layers)
     mine = [s for s in range(n_stages) if stage_rank(s, dims.pp, placement) == rank]
@@ -364,7 +386,7 @@ def pipeline_llm(model: LlamaForCausalLM | LlamaForValue, dims: ParallelDims, op
         modules.append(stage)
         stages.append(PipelineStage(stage, s, n_stages, torch.device(device), group=pp_mesh.get_group()))
     pipe = Pipeline(part, modules, stages, None, dims, options)
-    cls = getattr(pp_schedules, cls_name)
+    cls = getattr(pp_schedules, SCHEDULES[options.schedule].cls)
     kwargs = dict(n_microbatches=options.microbatches, loss_fn=pipe._loss, scale_grads=False)
     pipe.schedule = cls(stages[0], **kwargs) if placement == "single" else cls(stages, **kwargs)
     return pipe

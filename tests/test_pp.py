@@ -19,7 +19,7 @@ from test_parallel_properties import TOL
 
 import dtllama
 from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths
-from dtllama.parallel import ParallelDims
+from dtllama.parallel import ParallelDims, pp
 from dtllama.parallel.pp import SCHEDULES, PipelineOptions, check_options, split_layers, split_microbatches, stage_rank
 
 LENGTHS = [9, 1, 12, 8, 1, 5, 3]  # 39 tokens: four microbatches of 16 hold them only when packed first-fit
@@ -73,7 +73,7 @@ def check_pipeline(world: int, layout: dict, layers: int, value: bool, options: 
 def test_every_schedule_matches_single_device(schedule, value):
     """pp=2, two stages per rank where the schedule is interleaved or V-shaped; 4 layers in 4 (or 2) stages."""
     results = check_pipeline(2, dict(pp=2), 4, value, PipelineOptions(schedule, microbatches=4, microbatch_tokens=16))
-    placement = SCHEDULES[schedule][1]
+    placement = SCHEDULES[schedule].placement
     expect = {"single": [[0, 1], [2, 3]], "loop": [[0, 2], [1, 3]], "V": [[0, 3], [1, 2]]}[placement]
     assert [r["stage_layers"] for r in results] == expect
 
@@ -141,6 +141,18 @@ def test_bad_pipeline_options_are_refused():
     assert "exactly 2 stage(s)" in _options_error(PipelineOptions("ZBVZeroBubble", stages_per_rank=3))
     assert "tie_word_embeddings" in _options_error(PipelineOptions(), tie=True)
     assert "contiguous run" in _options_error(PipelineOptions(stage_layers=((0, 2), (1, 3))))
+
+
+def test_zero_bubble_schedules_are_refused_on_torch_2_11(monkeypatch):
+    """torch 2.11's weight-gradient pass fails on custom autograd functions (seen on the GPU machine's 2.11)."""
+    monkeypatch.setattr(pp, "_torch_version", lambda: (2, 11))
+    for name, schedule in SCHEDULES.items():
+        options = PipelineOptions(name, microbatches=4)
+        if schedule.splits_backward:
+            assert "splits backward" in _options_error(options) and "torch >= 2.13" in _options_error(options)
+        else:
+            check_options(dtllama.ModelConfig(num_hidden_layers=4, tie_word_embeddings=False),
+                          ParallelDims(pp=2).resolve(2), options)
 
 
 def test_batch_that_does_not_split_raises_on_every_rank():
