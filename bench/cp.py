@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import SHAPES, dtllama_config  # noqa: E402  (bench/train.py: the shared model shapes)
+from train import SHAPES, dtllama_config, init_distributed  # noqa: E402  (bench/train.py: the shared model shapes)
 
 import dtllama  # noqa: E402
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels  # noqa: E402
@@ -154,11 +154,8 @@ def run_layout(a, cp: int, device: torch.device, loss_docs: list[torch.Tensor]) 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = init_distributed()
+    cuda = device.type == "cuda"
     world = dist.get_world_size()
     loss_docs = documents(world, a.loss_len, dtllama_config(a.shape).vocab_size, seed=0)
     rows = [run_layout(a, cp, device, loss_docs) for cp in (1, a.cp)]

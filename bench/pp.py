@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import PEAK_TFLOPS, SHAPES, dtllama_config  # noqa: E402  (bench/train.py: the shared model shapes)
+from train import PEAK_TFLOPS, SHAPES, dtllama_config, init_distributed  # noqa: E402  (bench/train.py: the shared model shapes)
 
 import dtllama  # noqa: E402
 from dtllama.ops import Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens, shift_labels  # noqa: E402
@@ -178,17 +178,15 @@ def run_layout(args, schedule, config, device, batches) -> dict:
     else:
         row["bubble_measured"] = 0.0
     del run
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = init_distributed()
+    cuda = device.type == "cuda"
     config = dtllama_config(args.shape)
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, config.vocab_size, (args.microbatch_tokens,), generator=g).to(device)

@@ -183,14 +183,21 @@ def build_hf(a, world, device):
     return model, step
 
 
-def worker(a) -> None:
-    """One implementation under torchrun: time `warmup + steps` steps, then train on to `loss_steps`."""
+def init_distributed() -> torch.device:
+    """Join the torchrun process group (NCCL on GPUs, gloo on the CPU); this rank's device."""
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    return device
+
+
+def worker(a) -> None:
+    """One implementation under torchrun: time `warmup + steps` steps, then train on to `loss_steps`."""
+    device = init_distributed()
+    cuda = device.type == "cuda"
+    rank, world = dist.get_rank(), dist.get_world_size()
     t0 = time.perf_counter()
     model, step = {"dtllama": build_dtllama, "titan": build_titan, "hf": build_hf}[a.impl](a, world, device)
     setup_s = time.perf_counter() - t0

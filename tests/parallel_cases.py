@@ -22,6 +22,17 @@ LR = 1e-2
 _DIMS: dict = {}
 
 
+def random_sequences(lengths, vocab_size: int, g: torch.Generator):
+    """Random token sequences with next-token labels, a fifth of them (and each sequence's last) ignored."""
+    seqs = [torch.randint(0, vocab_size, (n,), generator=g) for n in lengths]
+    labels = []
+    for s in seqs:
+        lab = torch.cat([s[1:], torch.tensor([IGNORE_INDEX])])
+        lab[torch.rand(len(s), generator=g) < 0.2] = IGNORE_INDEX
+        labels.append(lab)
+    return seqs, labels
+
+
 def build(config: dtllama.ModelConfig, value: bool):
     cls = dtllama.LlamaForValue if value else dtllama.LlamaForCausalLM
     return cls(config)

@@ -13,12 +13,11 @@ import pytest
 import torch
 from fault_cases import CONFIG, backward_all_to_alls, run_bad_cp_batch
 from helpers import rel_err
-from parallel_cases import cp_boundary_logprobs, validate_rank
+from parallel_cases import cp_boundary_logprobs, random_sequences, validate_rank
 from pool import get_pool
 from test_parallel_properties import TOL, check_case
 
 import dtllama
-from dtllama.ops import IGNORE_INDEX
 from dtllama.parallel import ParallelDims, valid_cp_degrees
 
 # Lengths sum to 31: not a multiple of 2 or 4 (padded to 32). Every shard boundary of every layout below
@@ -35,12 +34,7 @@ def make_case(world: int, layout: dict, heads: tuple[int, int], value: bool, ac:
     config = dict(vocab_size=61, hidden_size=32, intermediate_size=8 * tp, num_hidden_layers=2,
                   num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=8, tie_word_embeddings=False,
                   rms_norm_eps=1e-5, rope_theta=1e4, initializer_range=0.2, torch_dtype="float32")
-    seqs = [torch.randint(0, config["vocab_size"], (n,), generator=g) for n in LENGTHS]
-    labels = []
-    for s in seqs:
-        lab = torch.cat([s[1:], torch.tensor([IGNORE_INDEX])])
-        lab[torch.rand(len(s), generator=g) < 0.2] = IGNORE_INDEX
-        labels.append(lab)
+    seqs, labels = random_sequences(LENGTHS, config["vocab_size"], g)
     return world, dict(layout, dp_shard=layout.get("dp_shard", -1)), config, seqs, labels, seed, value, ac
 
 

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from helpers import rel_err as rel
 from hypothesis import strategies as st
-from parallel_cases import reference, run_rank, validate_rank
+from parallel_cases import random_sequences, reference, run_rank, validate_rank
 from pool import get_pool
 
 import dtllama
@@ -62,12 +62,7 @@ def cases(draw, tp_min: int = 1, ac_modes=("none", "full", "selective")):
     lengths = draw(st.lists(st.integers(1, 12), min_size=n_seqs, max_size=n_seqs))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(0, config["vocab_size"], (n,), generator=g) for n in lengths]
-    labels = []
-    for s in seqs:
-        lab = torch.cat([s[1:], torch.tensor([-100])])
-        lab[torch.rand(len(s), generator=g) < 0.2] = -100
-        labels.append(lab)
+    seqs, labels = random_sequences(lengths, config["vocab_size"], g)
     value = draw(st.booleans())
     ac = draw(st.sampled_from(ac_modes))
     return world, layout, config, seqs, labels, seed, value, ac

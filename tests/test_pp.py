@@ -7,12 +7,10 @@ of the values, over a fresh random packed batch whose sequences are packed into 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from helpers import rel_err
-from parallel_cases import reference
+from parallel_cases import random_sequences, reference
 from pool import get_pool
 from pp_cases import pp_error, run_pp_rank
 from test_parallel_properties import TOL
@@ -31,12 +29,7 @@ def make_case(layers: int, tp: int = 1):
     config = dict(vocab_size=61, hidden_size=32, intermediate_size=8 * tp, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
                   rms_norm_eps=1e-5, rope_theta=1e4, initializer_range=0.2, torch_dtype="float32")
-    seqs = [torch.randint(0, config["vocab_size"], (n,), generator=g) for n in LENGTHS]
-    labels = []
-    for s in seqs:
-        lab = torch.cat([s[1:], torch.tensor([IGNORE_INDEX])])
-        lab[torch.rand(len(s), generator=g) < 0.2] = IGNORE_INDEX
-        labels.append(lab)
+    seqs, labels = random_sequences(LENGTHS, config["vocab_size"], g)
     return config, seqs, labels, seed
 
 
