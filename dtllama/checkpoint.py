@@ -65,6 +65,20 @@ class TrainState(Stateful):
                 torch.cuda.set_rng_state(rng["cuda"])
 
 
+def check_compatible(path: str, model) -> None:
+    """A ValueError naming the first parameter of `model` that the checkpoint at `path` lacks or holds in another
+    shape (a checkpoint of another model), before DCP's load fails deep inside on some rank."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for name, p in model.state_dict().items():
+        entry = saved.get(f"train.model.{name}")
+        size = getattr(entry, "size", None)
+        if entry is None or (size is not None and tuple(size) != tuple(p.shape)):
+            there = "is missing there" if entry is None else f"has shape {list(size)} there"
+            raise ValueError(f"checkpoint {path} was written for another model: {name} {there}, shape "
+                             f"{list(p.shape)} here; resume with the model and config it was written for, or start "
+                             "in an empty --checkpoint-dir")
+
+
 class Checkpointer:
     """`save(step, state)` and `load_latest(state)` in `folder`, keeping the last `keep_last` checkpoints."""
 
@@ -73,6 +87,9 @@ class Checkpointer:
             raise ValueError(f"keep_last={keep_last} must be at least 1")
         self.folder, self.keep_last, self.async_save = os.fspath(folder), keep_last, async_save
         self._pending = None  # (future, step) of an async save not yet committed
+        # An async save runs its collectives in a background thread: on a process group of its own, so that they
+        # never interleave with training's on the same group (on a gloo-only CPU run that hung the next step).
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints (partial ones are ignored)."""
@@ -98,7 +115,7 @@ class Checkpointer:
 
         on_rank0(fresh)
         if self.async_save:
-            self._pending = (dcp.async_save({"train": state}, checkpoint_id=partial), step)
+            self._pending = (dcp.async_save({"train": state}, checkpoint_id=partial, process_group=self._group), step)
         else:
             dcp.save({"train": state}, checkpoint_id=partial)
             self._commit(step)

@@ -1,4 +1,5 @@
-"""The optimizer step of a training loop, guarded against non-finite losses and gradients."""
+"""The optimizer of a training loop: AdamW with decay groups, the LR schedule, and a step guarded against non-finite
+losses and gradients."""
 
 from __future__ import annotations
 
@@ -33,3 +34,31 @@ def step_if_finite(optimizer: torch.optim.Optimizer, scheduler, loss: float, gra
             "Lower the learning rate, check the data, or pass on_nonfinite='skip' (--on-nonfinite skip) to drop such steps"
         )
     return finite
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_multiplier(step: int, warmup: int, total: int, schedule: str = "cosine", floor: float = 0.1) -> float:
+    """The LR factor after `step` optimizer steps: linear warm-up over `warmup` steps to 1, then constant, or a
+    linear or cosine decay to `floor` at `total` steps (torchtitan's and HF's shapes)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"LR schedule {schedule!r} is unknown; choose one of {list(LR_SCHEDULES)}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed), fused on GPU."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    fused = all(p.device.type == "cuda" for p in decay + no_decay)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=fused)

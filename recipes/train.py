@@ -24,18 +24,20 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import resource
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import dtllama
-from dtllama.checkpoint import Checkpointer, TrainState
+from dtllama.checkpoint import Checkpointer, TrainState, check_compatible
+from dtllama.data import Example, Examples, balance, global_batch, microbatches
 from dtllama.hf_io import load_state_into
-from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
-from dtllama.optim import NONFINITE_POLICIES, step_if_finite
+from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple
+from dtllama.optim import LR_SCHEDULES, NONFINITE_POLICIES, adamw, lr_multiplier, step_if_finite
 from dtllama.parallel import AC_MODES, FSDPOptions, ParallelDims, clip_grad_norm_, parallelize
 from dtllama.parallel import pp
 from dtllama.parallel.pp import SCHEDULES, PipelineOptions, pipeline_llm
@@ -49,10 +51,18 @@ def parse_args(argv=None):
     src.add_argument("--model", "--init-from-hf", dest="model",
                      help="Hugging Face folder to fine-tune (default: SmolLM2-135M-Instruct)")
     src.add_argument("--flavor", choices=list(dtllama.flavors), help="train a randomly initialized flavor instead")
-    p.add_argument("--data", default=DATA, help="text file, documents separated by blank lines")
+    p.add_argument("--config", help="a TOML file of these options (keys as the flags, '-' or '_'); flags override it")
+    p.add_argument("--data", default=DATA,
+                   help="text file (documents separated by blank lines), a folder of .txt/.jsonl files, or JSONL rows "
+                        "{text}, {prompt, response} or {messages} (SFT: loss on the response / assistant tokens)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per step over all data-parallel ranks")
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--max-seq-len", type=int, default=512, help="longest sequence (longer ones are errors without "
+                                                                "--truncate)")
+    p.add_argument("--truncate", action="store_true", help="cut sequences longer than --max-seq-len")
+    p.add_argument("--max-tokens-per-microbatch", type=int,
+                   help="token budget of a forward/backward: a rank's sequences are packed first-fit into micro-batches "
+                        "of at most this many tokens and their gradients accumulated (default: --batch-tokens)")
     p.add_argument("--dp-replicate", type=int, default=1)
     p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
     p.add_argument("--tp", type=int, default=1)
@@ -68,7 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--ac", choices=list(AC_MODES), default="none", help="activation checkpointing per layer")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (fullgraph)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=2, help="linear LR warmup, then constant")
+    p.add_argument("--warmup-steps", type=int, default=2, help="linear LR warm-up steps")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="after warm-up: decay to the floor")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the LR floor at the last step, as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on norms and biases)")
     p.add_argument("--checkpoint-dir", help="folder of sharded training-state checkpoints (DCP)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
@@ -81,7 +94,47 @@ def parse_args(argv=None):
     p.add_argument("--on-nonfinite", choices=NONFINITE_POLICIES, default="stop",
                    help="a step whose loss or gradient norm is NaN/inf: stop the run, or skip the step")
     p.add_argument("--metrics", help="write per-step metrics as JSON lines to this file (rank 0)")
-    return p.parse_args(argv)
+    p.add_argument("--tensorboard", help="also write the metrics as TensorBoard scalars to this folder (rank 0; needs "
+                                         "the tensorboard package)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors (otherwise one line from rank 0)")
+    return with_config_file(p, argv)
+
+
+def with_config_file(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse `argv` over the defaults a `--config` TOML file sets (torchtitan's job configs); an unknown key is an
+    error naming the file and the key."""
+    import tomllib
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--config {path!r}: no such file")
+        with open(path, "rb") as f:
+            try:
+                table = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from None
+        dests = {a.dest for a in parser._actions}
+        values = {}
+        for key, value in table.items():
+            dest = key.replace("-", "_")
+            if dest not in dests or dest in ("config", "help"):
+                raise ValueError(f"{path}: unknown key {key!r}; the keys are the flags of recipes/train.py "
+                                 f"({', '.join(sorted(d for d in dests if d not in ('config', 'help')))})")
+            values[dest] = value
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    if args.model and args.flavor:  # one came from the file: the flag on the command line wins
+        given = argv if argv is not None else sys.argv[1:]
+        if "--flavor" in given:
+            args.model = None
+        elif not {"--model", "--init-from-hf"} & set(given):
+            raise ValueError(f"{path}: sets both model and flavor; keep one")
+        else:
+            args.flavor = None
+    return args
 
 
 class ByteTokenizer:
@@ -91,32 +144,6 @@ class ByteTokenizer:
 
     def encode(self, text):
         return list(text.encode())
-
-
-def load_documents(path: str, tokenizer, max_len: int) -> list[list[int]]:
-    with open(path) as f:
-        docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
-    if not docs:
-        raise ValueError(f"no documents in {path!r}; separate documents with a blank line")
-    eos = tokenizer.eos_token_id
-    return [(tokenizer.encode(d) + [eos])[:max_len] for d in docs]
-
-
-def batches(docs, batch_tokens: int, seed: int):
-    """Endless global batches (lists of documents) of at most `batch_tokens` tokens, epoch-shuffled."""
-    epoch = 0
-    while True:
-        order = list(range(len(docs)))
-        random.Random(seed + epoch).shuffle(order)
-        batch = []
-        for i in order:
-            if batch and sum(map(len, batch)) + len(docs[i]) > batch_tokens:
-                yield batch
-                batch = []
-            batch.append(docs[i])
-        if batch:
-            yield batch
-        epoch += 1
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -134,7 +161,7 @@ def setup_distributed(seed: int):
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
-    log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
+    log = tqdm.write if dist.get_rank() == 0 else (lambda *a, **k: None)  # above rank 0's progress bar
     return device, log
 
 
@@ -148,6 +175,9 @@ def model_source(args):
     from transformers import AutoTokenizer
 
     source = args.model
+    if source is not None and not os.path.isdir(source):
+        raise FileNotFoundError(f"--model {source!r}: no such folder; pass a local Hugging Face checkpoint folder "
+                                "(config.json, *.safetensors and the tokenizer files)")
     if source is None:
         from dtllama.pretrained import smollm2_135m_instruct
 
@@ -205,36 +235,54 @@ def build_model(args, config, source, device):
     return model, dims, pipe
 
 
-def local_batch(batch, dims, tokenizer, device):
-    """This rank's share of a global batch, packed, with next-token labels: the same for the CP ranks of a
-    group (each then runs its own token shard), so sequences are dealt over the batch mesh, not dp."""
-    rank, n = dims.mesh("batch").get_local_rank(), dims.mesh("batch").size()
-    seqs = batch[rank::n] or [[tokenizer.eos_token_id]]  # a rank with no sequence still steps
-    ids = torch.tensor([t for s in seqs for t in s], device=device)
-    cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=device)
-    return pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu))  # SP and Ulysses split T evenly
+def pack(examples: list[Example], multiple: int, device):
+    """Examples as one packed batch with next-token labels, padded to a multiple of tp*cp (SP and Ulysses split T)."""
+    ids = torch.tensor([t for ex in examples for t in ex.ids], device=device)
+    labels = torch.tensor([t for ex in examples for t in ex.labels()], device=device)
+    cu = cu_seqlens_from_lengths([len(ex.ids) for ex in examples], device=device)
+    return pad_to_multiple(ids, cu, multiple, labels)
 
 
-def train_step(model, opt, sched, p, n_global: int, dims, on_nonfinite: str, pipe=None) -> dict:
-    """Forward, backward, clip, step; returns the loss over all ranks' tokens and the gradient norm."""
+def my_microbatches(batch: list[Example], dims, max_tokens: int, filler: Example) -> list[list[Example]]:
+    """This rank's micro-batches of a global batch: sequences balanced over the batch mesh (`dp_replicate x
+    dp_shard`; the CP ranks of a group share theirs), packed by the token budget, and topped up with `filler`
+    micro-batches to the count of the busiest rank, so that FSDP's collectives stay in step."""
+    mesh = dims.mesh("batch")
+    shares = [microbatches(share, max_tokens) for share in balance(batch, mesh.size())]
+    mine = shares[mesh.get_local_rank()]
+    return mine + [[filler]] * (max(map(len, shares)) - len(mine))
+
+
+def train_step(model, opt, sched, batch: list[Example], dims, args, filler: Example, pipe=None) -> dict:
+    """Forward and backward of this rank's micro-batches, clip, step; returns the loss over all ranks' loss tokens,
+    the gradient norm and whether the optimizer stepped."""
     dp_mesh = dims.mesh("dp")
-    # Sum over this rank's tokens / global token count, times dp: FSDP averages gradients over
+    device = next(model.parameters()).device
+    # Sum over this rank's tokens / the global count of loss tokens, times dp: FSDP averages gradients over
     # the dp ranks (cp included: under CP the log-probs are this rank's token shard), so every token
-    # weighs the same whatever rank holds it.
-    scale = dp_mesh.size() / n_global
+    # weighs the same whatever rank holds it, and the result does not depend on the layout.
+    scale = dp_mesh.size() / max(sum(ex.loss_tokens for ex in batch), 1)
     if pipe is None:
-        out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
-        loss = -out.logprobs.sum() * scale
-        loss.backward()
-        reported = loss.detach()
-    else:  # each microbatch's loss on the last stage; gradients add up over microbatches
+        reported = torch.zeros((), device=device)
+        mbs = my_microbatches(batch, dims, args.max_tokens_per_microbatch or args.batch_tokens, filler)
+        for i, mb in enumerate(mbs):
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last one
+                model.set_requires_gradient_sync(i == len(mbs) - 1)
+            p = pack(mb, dims.token_multiple, device)
+            out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+            loss = -out.logprobs.sum() * scale
+            loss.backward()
+            reported += loss.detach()
+    else:  # the pipeline cuts its own micro-batches by its token budget; gradients add up over them
+        shares = balance(batch, dims.mesh("batch").size())
+        p = pack(shares[dims.mesh("batch").get_local_rank()] or [filler], dims.token_multiple, device)
         result = pipe.step(pipe.split(p), lambda out, i: -out[0].sum() * scale)
-        reported = torch.stack(result[1]).sum() if result else torch.zeros((), device=p.input_ids.device)
+        reported = torch.stack(result[1]).sum() if result else torch.zeros((), device=device)
         dist.all_reduce(reported, group=dims.mesh("pp").get_group())  # from the last stage to every rank
     grad_norm = float(clip_grad_norm_(model.parameters(), 1.0, pp_mesh=dims.mesh("pp")))
     reported = reported / dp_mesh.size()
     dist.all_reduce(reported, group=dp_mesh.get_group())
-    stepped = step_if_finite(opt, sched, float(reported), grad_norm, on_nonfinite)
+    stepped = step_if_finite(opt, sched, float(reported), grad_norm, args.on_nonfinite)
     return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped)
 
 
@@ -247,9 +295,31 @@ def open_checkpointer(args, state, log):
     if args.resume:
         if ckpt is None:
             raise ValueError("--resume needs --checkpoint-dir")
+        if ckpt.steps():
+            check_compatible(ckpt.path(ckpt.steps()[-1]), state.model)
         found = ckpt.load_latest(state)
         log(f"resumed from {ckpt.path(found)}" if found is not None else "no checkpoint to resume from: starting at step 1")
     return ckpt
+
+
+def tensorboard(folder: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ModuleNotFoundError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                                  "(or dtllama[tensorboard])") from None
+    return SummaryWriter(folder)
+
+
+def step_flops(config, batch: list[Example]) -> float:
+    """Training FLOPs of a step, torchtitan's count: 6 per parameter and token (embedding excluded) plus causal
+    attention's 12 * layers * hidden per token pair of each sequence."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    dense = 6 * (config.num_params() - config.vocab_size * h) * sum(len(ex.ids) for ex in batch)
+    return dense + 12 * L * h * sum(len(ex.ids) ** 2 for ex in batch)
+
+
+PEAK_FLOPS = 989e12  # bf16 dense, H100/H200 SXM: the MFU reference
 
 
 def main(argv=None):
@@ -260,36 +330,54 @@ def main(argv=None):
     log(f"model: {config.num_params() / 1e6:.1f} M parameters, {config.num_hidden_layers} layers; "
         f"world {dims.world_size} on {device.type}: {dims}")
 
-    data = batches(load_documents(args.data, tokenizer, args.max_seq_len), args.batch_tokens, args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    examples = Examples(args.data, tokenizer, args.max_seq_len, config.vocab_size, args.seed, args.truncate)
+    filler = Example([tokenizer.eos_token_id], [False], "(filler)")  # a micro-batch of no loss tokens
+    opt = adamw(model, args.lr, args.weight_decay)
     warmup = max(args.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
-    state = TrainState(model, opt, sched, {"step": 0})
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: lr_multiplier(i, warmup, args.steps, args.lr_schedule, args.min_lr_ratio))
+    state = TrainState(model, opt, sched, {"step": 0, "data_position": 0})
     ckpt = open_checkpointer(args, state, log)
     start = state.extra["step"]
-    for _ in range(start):  # the data position: the global batches already consumed
-        next(data)
+    examples.skip(state.extra.get("data_position", 0))  # the examples the resumed run already trained on
     metrics = open(args.metrics, "a" if start else "w") if args.metrics and dist.get_rank() == 0 else None
-
+    board = tensorboard(args.tensorboard) if args.tensorboard and dist.get_rank() == 0 else None
+    progress = tqdm(total=args.steps, initial=start, disable=dist.get_rank() != 0, unit="step", dynamic_ncols=True)
+    t_start, tokens_seen = time.perf_counter(), 0
     for step in range(start + 1, args.steps + 1):
         t0 = time.perf_counter()
-        batch = next(data)
-        n_global = sum(len(d) - 1 for d in batch)  # next-token targets of the whole global batch
-        row = train_step(model, opt, sched, local_batch(batch, dims, tokenizer, device), n_global, dims,
-                         args.on_nonfinite, pipe)
-        row = dict(step=step, **row, tokens_per_s=sum(map(len, batch)) / (time.perf_counter() - t0),
-                   peak_mem_gib=peak_memory_gib(device))
-        log(f"step {step:3d}  loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  "
-            f"tokens/s {row['tokens_per_s']:8.1f}  peak mem {row['peak_mem_gib']:.2f} GiB"
-            + ("  (non-finite: step skipped)" if row["skipped"] else ""))
+        batch = global_batch(examples, args.batch_tokens)
+        lr = sched.get_last_lr()[0]
+        row = train_step(model, opt, sched, batch, dims, args, filler, pipe)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(ex.ids) for ex in batch)
+        tokens_seen += tokens
+        mfu = step_flops(config, batch) / dt / (PEAK_FLOPS * dims.world_size) if device.type == "cuda" else None
+        row = dict(step=step, **row, tokens_per_s=tokens / dt, peak_mem_gib=peak_memory_gib(device), lr=lr, mfu=mfu,
+                   tokens=tokens, loss_tokens=sum(ex.loss_tokens for ex in batch))
+        log(f"step {step:3d}  loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  lr {lr:.2e}  "
+            f"tokens/s {row['tokens_per_s']:8.1f}" + (f"  MFU {mfu:.1%}" if mfu is not None else "")
+            + f"  peak mem {row['peak_mem_gib']:.2f} GiB" + ("  (non-finite: step skipped)" if row["skipped"] else ""))
+        progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        progress.update()
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-        state.extra["step"] = step
+        if board:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    board.add_scalar(f"train/{key}", value, step)
+        state.extra.update(step=step, data_position=examples.position)
         if ckpt is not None and (step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0)):
             ckpt.save(step, state)
+    progress.close()
+    if board:
+        board.close()
     if ckpt is not None:
         ckpt.wait()
+    elapsed = time.perf_counter() - t_start
+    log(f"trained steps {start + 1}-{args.steps}: {tokens_seen} tokens in {elapsed:.1f} s "
+        f"({tokens_seen / max(elapsed, 1e-9):.0f} tokens/s)")
     export(args, model, source, log)
     dist.barrier()
     dist.destroy_process_group()
@@ -318,5 +406,18 @@ def greedy_sample(path: str, prompt: str, max_new_tokens: int) -> None:
     print(prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 
+def run(argv=None) -> None:
+    """`main`, with the errors a user can fix printed as one line by rank 0 and a non-zero exit (`--debug`: raise)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        if "--debug" in argv:
+            raise
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,8 +1,12 @@
 """The main job end to end: torchrun, 2 processes, FSDP2 over gloo, export, transformers load."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from helpers import TWO_PROCESS_LAYOUTS, rel_err, train
+from helpers import ROOT, TWO_PROCESS_LAYOUTS, rel_err, train
 
 import dtllama
 from dtllama.ops import cu_seqlens_from_lengths
@@ -99,3 +103,44 @@ def test_pipeline_checkpoint_resumes_without_pp_and_exports_to_transformers(tmp_
         ref = hf(input_ids=ids).logits[0]
         got = ours(ids[0], cu_seqlens=cu_seqlens_from_lengths([20])).logits
     assert rel_err(got, ref) <= 1e-5  # fp32, the same weights (see test_hf_parity)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--flavor", "debug", "--tp", "4"), "world size 2 is not divisible by pp*dp_replicate*cp*tp = 4"),
+    (("--model", "no/such/folder"), "--model 'no/such/folder': no such folder"),
+    (("--flavor", "debug", "--data", "missing.txt"), "data file 'missing.txt' does not exist"),
+    (("--flavor", "debug", "--resume"), "--resume needs --checkpoint-dir"),
+], ids=["tp", "model", "data", "resume"])
+def test_user_errors_are_one_line_from_rank_zero(tmp_path, args, message):
+    """A new user's mistakes: one `error:` line from rank 0 and a non-zero exit, no worker tracebacks (the
+    launcher's own failure report follows, as for any failed worker)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "recipes", "train.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "recipes/train.py\", line" not in proc.stderr, proc.stderr[-3000:]  # no frame of the recipe's
+
+
+def test_sft_on_jsonl_trains_on_responses_with_layout_independent_loss(tmp_path):
+    """prompt/response rows: the loss covers the responses only (loss_tokens < tokens); 2 processes with
+    micro-batches of at most 128 tokens give the one-process losses (the loss is a mean over all ranks'
+    loss tokens), and the loss falls."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(60):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        rows.append({"prompt": f"Q: {a}+{b}=", "response": f"{a + b}" + "!" * rng.randint(0, 40)})
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ("--data", str(data), "--steps", "6", "--batch-tokens", "500", "--lr", "3e-3", "--export-hf", "")
+    one = train(tmp_path, 1, *common)
+    two = train(tmp_path, 2, *common, "--max-tokens-per-microbatch", "128")
+    for a, b in zip(one, two):
+        assert 0 < a["loss_tokens"] < a["tokens"] and (a["tokens"], a["loss_tokens"]) == (b["tokens"], b["loss_tokens"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)  # fp32 sums in another order
+    assert one[-1]["loss"] < one[0]["loss"] - 0.5, [r["loss"] for r in one]
+    assert {"lr", "mfu", "tokens", "loss_tokens", "tokens_per_s", "peak_mem_gib", "grad_norm"} <= set(one[0])
