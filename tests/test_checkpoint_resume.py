@@ -17,11 +17,11 @@ LONG = ("--steps", "12", *COMMON[2:])  # long enough to be killed mid-way (a ste
 
 
 def killed_run(tmp_path, ckpt: str, after_step: int) -> list[dict]:
-    """The main job (2 processes, a checkpoint every step, saved asynchronously) SIGKILLed, all its processes, once
+    """The main job (4 processes, a checkpoint every step, saved asynchronously) SIGKILLed, all its processes, once
     its metrics show `after_step`; returns the steps it logged."""
     metrics = tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", *LONG, "--dp-shard", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", *LONG, "--dp-shard", "4",
            "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--async-checkpoint", "--metrics", str(metrics)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -59,19 +59,20 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_run_killed_mid_way_resumes_bitwise_on_the_same_mesh_and_within_1e6_on_another(tmp_path):
-    straight = train(tmp_path, 2, *LONG, "--dp-shard", "2")
+    """The shipped demo corpus on 4 processes: killed with SIGKILL after step 3, resumed; and resumed on 2."""
+    straight = train(tmp_path, 4, *LONG, "--dp-shard", "4")
     ckpt = str(tmp_path / "ckpt")
     logged = killed_run(tmp_path, ckpt, after_step=3)
     saved = Checkpointer(ckpt).steps()[-1]  # an async save under way at the kill is never loaded
     assert saved >= 2, os.listdir(ckpt)
     ckpt_copy = str(tmp_path / "ckpt-copy")
     shutil.copytree(ckpt, ckpt_copy)
-    resumed = train(tmp_path, 2, *LONG, "--dp-shard", "2", "--checkpoint-dir", ckpt, "--resume")
+    resumed = train(tmp_path, 4, *LONG, "--dp-shard", "4", "--checkpoint-dir", ckpt, "--resume")
     assert [r["step"] for r in resumed] == list(range(saved + 1, 13))
     # Same mesh, new process group: model, AdamW moments, LR schedule and data position all restored.
     assert [r["loss"] for r in logged[:saved] + resumed] == [r["loss"] for r in straight]
-    # Another mesh (tp=2 x dp_shard=2 on 4 processes) reads the dp_shard=2 shards, resharded.
-    other = train(tmp_path, 4, *LONG, "--dp-shard", "2", "--tp", "2", "--checkpoint-dir", ckpt_copy, "--resume")
+    # Another mesh (tp=2 on 2 processes) reads the dp_shard=4 shards, resharded.
+    other = train(tmp_path, 2, *LONG, "--tp", "2", "--checkpoint-dir", ckpt_copy, "--resume")
     assert [r["step"] for r in other] == list(range(saved + 1, 13))
     for i, (a, b) in enumerate(zip(other, straight[saved:])):
         # fp32 sums in another order (sharded matmuls): ~1e-7 a step, then grown by later AdamW steps.

@@ -140,7 +140,7 @@ def test_lr_schedule_and_weight_decay_groups():
     with pytest.raises(ValueError, match="choose one of"):
         lr_multiplier(0, 1, 2, "step")
     config = dtllama.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, qkv_bias=True)
+                                 num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
     model = dtllama.LlamaForCausalLM(config)
     decay, no_decay = adamw(model, 1e-3, 0.1).param_groups
     names = {id(p): n for n, p in model.named_parameters()}

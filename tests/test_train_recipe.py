@@ -52,29 +52,6 @@ def test_every_two_process_layout_gives_the_one_process_losses(tmp_path, one_pro
         assert abs(a["loss"] - b["loss"]) <= tol * abs(a["loss"]), (a, b)
 
 
-def test_four_process_tp_x_fsdp_and_cp_x_tp_give_the_one_process_losses(tmp_path):
-    """`--dp-shard 2 --tp 2` with selective AC and `--cp 2 --tp 2` with full AC (the CP ranks share each sequence)
-    on 4 processes vs 1 process."""
-    common = ("--steps", "3", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf", "")
-    one = train(tmp_path, 1, *common)
-    four = train(tmp_path, 4, "--dp-shard", "2", "--tp", "2", "--ac", "selective", *common)
-    context = train(tmp_path, 4, "--cp", "2", "--tp", "2", "--ac", "full", *common)
-    for a, b, d in zip(one, four, context):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
-        assert abs(a["loss"] - d["loss"]) <= 1e-5 * abs(a["loss"]), (a, d)
-    assert len(one) == len(four) == len(context) == 3
-
-
-def test_compiled_fsdp_run_matches_eager(tmp_path):
-    """Per-block torch.compile(fullgraph=True) under FSDP2 gives the eager losses."""
-    common = ("--steps", "3", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf", "", "--dp-shard", "2")
-    eager = train(tmp_path, 2, *common)
-    compiled = train(tmp_path, 2, *common, "--compile")
-    for a, b in zip(eager, compiled):
-        # Inductor fuses and reorders fp32 arithmetic; after 3 AdamW steps ~1e-6 apart, 1e-4 bounds it.
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
-
-
 def test_pipeline_checkpoint_resumes_without_pp_and_exports_to_transformers(tmp_path):
     """`--pp 2 --dp-shard 2` (ZBV schedule) writes a checkpoint that `--tp 2` resumes with the same next-step
     loss; its HF export, written by the pipeline ranks, loads in transformers with the checkpoint's logits."""
@@ -136,7 +113,7 @@ def test_sft_on_jsonl_trains_on_responses_with_layout_independent_loss(tmp_path)
         rows.append({"prompt": f"Q: {a}+{b}=", "response": f"{a + b}" + "!" * rng.randint(0, 40)})
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ("--data", str(data), "--steps", "6", "--batch-tokens", "500", "--lr", "3e-3", "--export-hf", "")
+    common = ("--data", str(data), "--steps", "4", "--batch-tokens", "500", "--lr", "3e-3", "--export-hf", "")
     one = train(tmp_path, 1, *common)
     two = train(tmp_path, 2, *common, "--max-tokens-per-microbatch", "128")
     for a, b in zip(one, two):
