@@ -77,6 +77,14 @@ def test_uneven_split_five_layers():
     assert [r["stage_layers"] for r in results] == [[0, 1, 2], [3, 4]]
 
 
+def test_explicit_stage_layers():
+    """An explicit split (one layer, then four) instead of the balanced one, interleaved over 2 ranks x 2 stages."""
+    options = PipelineOptions("Interleaved1F1B", microbatches=4, microbatch_tokens=16,
+                              stage_layers=((0,), (1, 2), (3,), (4,)))
+    results = check_pipeline(2, dict(pp=2), 5, True, options)
+    assert [r["stage_layers"] for r in results] == [[0, 3], [1, 2, 4]]
+
+
 @pytest.mark.parametrize("layout, schedule, ac", [
     (dict(pp=2, tp=2), "Interleaved1F1B", "none"),
     (dict(pp=2, dp_shard=2), "1F1B", "selective"),
