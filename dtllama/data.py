@@ -19,7 +19,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from dtllama.ops import IGNORE_INDEX
 
 
 @dataclass
@@ -224,19 +224,28 @@ def balance(batch: list[Example], n_ranks: int) -> list[list[Example]]:
     return shares
 
 
-def microbatches(share: list[Example], max_tokens: int) -> list[list[Example]]:
-    """A rank's examples packed first-fit (longest first) into micro-batches of at most `max_tokens` tokens."""
-    bins: list[list[Example]] = []
-    fill: list[int] = []
-    for ex in sorted(share, key=lambda e: -len(e.ids)):
-        if len(ex.ids) > max_tokens:
-            raise ValueError(f"{ex.where}: {len(ex.ids)} tokens exceed --max-tokens-per-microbatch {max_tokens}; "
-                             "raise it, or pass --truncate with a --max-seq-len within it")
-        k = next((k for k in range(len(bins)) if fill[k] + len(ex.ids) <= max_tokens), None)
+def first_fit(lengths: list[int], capacity: int, n_bins: int | None = None) -> list[list[int]] | None:
+    """Indices of `lengths` packed longest first into the first bin with room for them: into `n_bins` bins (None
+    if one does not fit), or into as many bins as needed (every length must be at most `capacity`)."""
+    bins: list[list[int]] = [[] for _ in range(n_bins or 0)]
+    fill = [0] * len(bins)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = next((k for k in range(len(bins)) if fill[k] + lengths[i] <= capacity), None)
         if k is None:
+            if n_bins is not None:
+                return None
             bins.append([])
             fill.append(0)
             k = len(bins) - 1
-        bins[k].append(ex)
-        fill[k] += len(ex.ids)
+        bins[k].append(i)
+        fill[k] += lengths[i]
     return bins
+
+
+def microbatches(share: list[Example], max_tokens: int) -> list[list[Example]]:
+    """A rank's examples packed first-fit (longest first) into micro-batches of at most `max_tokens` tokens."""
+    for ex in share:
+        if len(ex.ids) > max_tokens:
+            raise ValueError(f"{ex.where}: {len(ex.ids)} tokens exceed --max-tokens-per-microbatch {max_tokens}; "
+                             "raise it, or pass --truncate with a --max-seq-len within it")
+    return [[share[i] for i in b] for b in first_fit([len(ex.ids) for ex in share], max_tokens)]

@@ -31,8 +31,9 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as pp_schedules
 
+from dtllama.data import first_fit
 from dtllama.model import LlamaForCausalLM, LlamaForValue, LlamaModel
-from dtllama.ops import IGNORE_INDEX, Packed, position_ids_from_cu_seqlens, prepare_batch
+from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens, prepare_batch
 
 from .batch_check import agree_on_error
 from .dims import ParallelDims
@@ -327,18 +328,13 @@ def split_microbatches(batch: Packed, n: int, tokens: int) -> Microbatches:
     each, then pad each to exactly `tokens` with a tail sequence whose labels are ignored."""
     cu = batch.cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    bins: list[list[int]] = [[] for _ in range(n)]
-    fill = [0] * n
-    for s in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
-        k = next((k for k in range(n) if fill[k] + lengths[s] <= tokens), None)
-        if k is None:
-            total = sum(lengths)
-            raise ValueError(
-                f"the batch's {total} tokens in {len(lengths)} sequences (longest {max(lengths)}) do not fit "
-                f"{n} microbatches of {tokens} tokens; raise microbatch_tokens to at least "
-                f"{max(lengths) + -(-total // n)} (always enough) or the number of microbatches")
-        bins[k].append(s)
-        fill[k] += lengths[s]
+    bins = first_fit(lengths, tokens, n)
+    if bins is None:
+        total = sum(lengths)
+        raise ValueError(
+            f"the batch's {total} tokens in {len(lengths)} sequences (longest {max(lengths)}) do not fit "
+            f"{n} microbatches of {tokens} tokens; raise microbatch_tokens to at least "
+            f"{max(lengths) + -(-total // n)} (always enough) or the number of microbatches")
     packed = []
     for seqs in bins:
         seqs.sort()
@@ -356,8 +352,7 @@ def _pack(batch: Packed, spans: list[tuple[int, int]], tokens: int) -> Packed:
         if labels is not None:
             labels.append(batch.input_ids.new_full((pad,), IGNORE_INDEX))
         lengths.append(pad)
-    cu = torch.nn.functional.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-    cu = cu.to(batch.cu_seqlens.device)
+    cu = cu_seqlens_from_lengths(lengths, device=batch.cu_seqlens.device)
     return Packed(torch.cat(ids), position_ids_from_cu_seqlens(cu, tokens), cu, max(lengths), None,
                   torch.cat(labels) if labels is not None else None)
 
