@@ -11,7 +11,9 @@ microbatches. bf16 parameters with fp32 reduction on GPU (fp32 on CPU), AdamW, m
 steps after `--warmup`.
 
 Bubble: a rank's compute per step, C, is its stages' forward + backward of one microbatch, timed in isolation
-(no send/recv, no schedule), times the microbatch count; the step takes T. The measured bubble is (T - C) / C,
+(no send/recv, no schedule), times the microbatch count; the schedule (`pipe.step`: every microbatch's forward
+and backward with their sends and receives, not the optimizer step, gradient clipping or the loss all-reduce
+that follow it and cost the same without a pipeline) takes T. The measured bubble is (T - C) / C,
 idle time relative to compute, the quantity the schedules' formulas give: (p-1)/m for GPipe and 1F1B,
 (p-1)/(v*m) for interleaved ones with v stages per rank; the zero-bubble schedules fill part of it with
 weight-gradient work (no closed form: expected below 1F1B). The table shows the worst rank.
@@ -82,6 +84,7 @@ class Run:
         model.init_weights(0)
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        self.schedule_s: list[float] = []  # each step's `pipe.step` alone (no optimizer, clipping, loss reduce)
 
     def step(self, docs: list[torch.Tensor]) -> float:
         """One optimizer step over all `docs` (one per microbatch); returns the mean loss over all tokens."""
@@ -97,7 +100,12 @@ class Run:
                 total += loss.detach() / world
             dist.all_reduce(total)
         else:
-            result = self.pipe.step(self.pipe.split(packed(docs)), lambda out, i: -out[0].sum() / n_global)
+            mbs = self.pipe.split(packed(docs))
+            sync(self.device)
+            t = time.perf_counter()
+            result = self.pipe.step(mbs, lambda out, i: -out[0].sum() / n_global)
+            sync(self.device)
+            self.schedule_s.append(time.perf_counter() - t)
             total = torch.stack(result[1]).sum() if result else torch.zeros((), device=self.device)
             dist.all_reduce(total)
         clip_grad_norm_(self.model.parameters(), 1.0, pp_mesh=self.dims.mesh("pp"))
@@ -174,7 +182,9 @@ def run_layout(args, schedule, config, device, batches) -> dict:
         compute = torch.tensor([run.compute_seconds(batches[0][0])], device=device)
         worst = compute.clone()
         dist.all_reduce(worst, op=dist.ReduceOp.MIN)  # the least busy rank idles the most
-        row["bubble_measured"] = (step_s - float(worst)) / float(worst)
+        schedule_s = statistics.median(run.schedule_s[args.warmup:])
+        row["bubble_measured"] = (schedule_s - float(worst)) / float(worst)
+        row["schedule_s"], row["compute_s_min_rank"] = schedule_s, float(worst)
     else:
         row["bubble_measured"] = 0.0
     del run
