@@ -1,0 +1,441 @@
+"""Llama 4 text model (Scout, Maverick) in plain torch modules whose parameter names are exactly Hugging Face's.
+
+As the dense model (`dtllama.model`), it runs packed `[T, hidden]` activations described by `cu_seqlens`, takes a
+padded `[B, S]` batch through `prepare_batch`, and keeps decoder layers in a ModuleDict keyed "0".."N-1". What
+Llama 4 adds, each checked against transformers' `Llama4ForCausalLM`:
+
+- iRoPE attention: RoPE layers rotate interleaved pairs (complex form) and attend within chunks of
+  `attention_chunk_size` tokens of their sequence (varlen attention over a chunked `cu_seqlens`, built once per
+  forward), after a weightless L2 norm of q and k when `use_qk_norm`; NoPE layers (`no_rope_layers[i] == 0`)
+  attend to the whole sequence and scale q by a position-dependent temperature.
+- MoE feed-forward: a sigmoid top-k router; each routed expert takes its token pre-scaled by its score; a shared
+  SwiGLU expert is added. Experts run as a loop (the reference) or as one `torch._grouped_mm` over the
+  expert-sorted tokens (CUDA bf16). Maverick interleaves dense SwiGLU layers.
+- Router statistics (tokens per expert, a load-balance loss) on the output, for the recipe to log or add.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtllama.ops import linear_logits, position_ids_from_cu_seqlens, prepare_batch
+
+from ._flavors import UnknownFlavorError
+from .llama4_config import Llama4Config
+from .model import AttentionCore, CausalLMOutput, LogprobsHead, RMSNorm, _LlamaBase, rope_inv_freq
+
+MOE_BACKENDS = ("auto", "loop", "grouped")
+_moe_backend = "auto"
+
+
+def set_moe_backend(name: str) -> None:
+    """How routed experts run: `loop` (one matmul pair per expert: the reference), `grouped` (`torch._grouped_mm`
+    over the expert-sorted tokens), or `auto` (grouped for CUDA bf16, where it is the fast path; loop elsewhere)."""
+    global _moe_backend
+    if name not in MOE_BACKENDS:
+        raise ValueError(f"MoE backend {name!r} is unknown; choose one of {list(MOE_BACKENDS)}")
+    _moe_backend = name
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+class Llama4RotaryEmbedding(nn.Module):
+    """Rotations as complex numbers `e^{i * position * inv_freq}` `[T, head_dim/2]`, as HF's `freqs_cis`;
+    `inv_freq` (default or llama3 scaling) is the dense model's."""
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset_parameters(self):
+        """Recompute the buffer after `to_empty` (it is not part of any checkpoint)."""
+        self.inv_freq = rope_inv_freq(self.config, self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        freqs = position_ids.float()[:, None] * self.inv_freq.float()[None, :]
+        return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rope_interleaved(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [T, H, D]` by `freqs_cis [T, D/2]` with pairs `(x[2j], x[2j+1])` as complex numbers: Llama 4's
+    (and Meta's original) layout, not the dense HF models' halves. Weights are HF's as is, so nothing is permuted."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's `Llama4TextL2Norm`: an RMS norm without weight, in fp32."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class AttentionSpans(NamedTuple):
+    """What attention needs of one packed batch, built once per forward and shared by every layer."""
+
+    cu_seqlens: torch.Tensor  # whole sequences (NoPE layers)
+    max_seqlen: int
+    chunk_cu_seqlens: torch.Tensor  # sequences cut into chunks (RoPE layers)
+    chunk_max_seqlen: int
+    temperature: torch.Tensor | None  # per-token q scale of NoPE layers `[T]`, None without temperature tuning
+
+
+def chunked_cu_seqlens(cu_seqlens: torch.Tensor, chunk_size: int, total: int) -> torch.Tensor:
+    """`cu_seqlens` with a boundary added at every multiple of `chunk_size` inside each sequence: varlen causal
+    attention over it is HF's chunked attention (a token sees the earlier tokens of its own chunk). Positions for
+    RoPE are unchanged; the offset inside the sequence, not the position id, places the boundaries, as HF's
+    padding-aware chunk mask does."""
+    offset = position_ids_from_cu_seqlens(cu_seqlens, total)
+    starts = torch.nonzero(offset % chunk_size == 0).squeeze(1)
+    return torch.cat([starts, starts.new_tensor([total])]).to(cu_seqlens.dtype)
+
+
+def temperature_scales(position_ids: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """NoPE layers' q scale `1 + attn_scale * log(1 + floor((pos + 1) / floor_scale))` (HF's formula, from
+    arXiv:2501.19399): it sharpens attention far into long sequences, where no position signal is left."""
+    return torch.log1p(torch.floor((position_ids.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def attention_spans(config: Llama4Config, position_ids, cu_seqlens, max_seqlen: int) -> AttentionSpans:
+    chunk = config.attention_chunk_size
+    if chunk is None:
+        chunk_cu, chunk_max = cu_seqlens, max_seqlen
+    else:
+        chunk_cu, chunk_max = chunked_cu_seqlens(cu_seqlens, chunk, position_ids.shape[0]), min(max_seqlen, chunk)
+    temp = (temperature_scales(position_ids, config.floor_scale, config.attn_scale)
+            if config.attn_temperature_tuning else None)
+    return AttentionSpans(cu_seqlens, max_seqlen, chunk_cu, chunk_max, temp)
+
+
+class Llama4TextAttention(nn.Module):
+    def __init__(self, config: Llama4Config, layer: int):
+        super().__init__()
+        h, d, b = config.hidden_size, config.head_dim, config.attention_bias
+        self.head_dim = d
+        self.use_rope = config.use_rope(layer)
+        # HF gives only RoPE layers the q/k norm; its eps is rms_norm_eps.
+        self.qk_norm_eps = config.rms_norm_eps if config.use_qk_norm and self.use_rope else None
+        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=b)
+        self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=b)
+        self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=b)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=b)
+        self.attn_core = AttentionCore()
+
+    def forward(self, x, freqs_cis, spans: AttentionSpans):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, -1, self.head_dim)
+        k = self.k_proj(x).view(T, -1, self.head_dim)
+        v = self.v_proj(x).view(T, -1, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope_interleaved(q, freqs_cis), apply_rope_interleaved(k, freqs_cis)
+            if self.qk_norm_eps is not None:  # after RoPE, as HF
+                q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
+            out = self.attn_core(q, k, v, spans.chunk_cu_seqlens, spans.chunk_max_seqlen)
+        else:
+            if spans.temperature is not None:
+                q = (q * spans.temperature[:, None, None]).to(q.dtype)
+            out = self.attn_core(q, k, v, spans.cu_seqlens, spans.max_seqlen)
+        return self.o_proj(out.reshape(T, -1))
+
+
+# ---------------------------------------------------------------------------------------------------- feed-forward
+
+
+class Llama4TextMLP(nn.Module):
+    """SwiGLU without biases: the dense layers' feed-forward and the MoE's shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Llama4TextExperts(nn.Module):
+    """All routed experts' SwiGLU weights stacked as HF stores them: `gate_up_proj [E, H, 2I]` (gate first, then
+    up, along the last dim) and `down_proj [E, I, H]`, applied as `x @ W` (no transposes)."""
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
+        self.down_proj = nn.Parameter(torch.empty(e, i, h))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`x [N, H]`: routed rows sorted by expert, `counts[e]` of them for expert e; returns `[N, H]`."""
+        if self._grouped(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(x, self.gate_up_proj, offs=offs).chunk(2, dim=-1)
+            return torch._grouped_mm(up * F.silu(gate), self.down_proj, offs=offs)
+        out, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            gate, up = (x[start:start + n] @ self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.append((up * F.silu(gate)) @ self.down_proj[e])
+            start += n
+        return torch.cat(out)
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        """Whether to take the grouped-GEMM path (see `set_moe_backend`). `_grouped_mm` wants every row stride a
+        multiple of 16 bytes, so hidden and intermediate sizes a multiple of 16 / itemsize."""
+        h, i = self.down_proj.shape[2], self.down_proj.shape[1]
+        aligned = all(n * x.element_size() % 16 == 0 for n in (h, i))
+        if _moe_backend == "grouped" and not aligned:
+            raise ValueError(f"MoE backend 'grouped' needs hidden_size={h} and intermediate_size={i} to be multiples "
+                             f"of {16 // x.element_size()} for {x.dtype}; use set_moe_backend('loop')")
+        if _moe_backend == "auto":
+            return aligned and x.is_cuda and x.dtype == torch.bfloat16
+        return _moe_backend == "grouped"
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(experts [T, k], scores [T, k])`: the top-k experts by router logit and their scores `sigmoid(logit)`,
+    computed in fp32 as HF's `Llama4Router` does (its other experts get sigmoid(-inf) = 0, i.e. nothing)."""
+    top, experts = torch.topk(logits, top_k, dim=1)
+    return experts, torch.sigmoid(top.float()).to(logits.dtype)
+
+
+class Llama4TextMoe(nn.Module):
+    """Token-choice MoE. HF runs every expert on every token (scaled by a score of 0 where unrouted); this runs
+    each expert on its own tokens only, which is the same sum: an expert's SwiGLU of a zero row is zero."""
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.experts = Llama4TextExperts(config)
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(output [T, H], router logits [T, E])`."""
+        logits = self.router(x)
+        experts, scores = route(logits, self.top_k)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within each
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=logits.shape[1])
+        routed = self.experts(x[token] * scores.flatten()[order, None], counts)
+        return self.shared_expert(x) + torch.zeros_like(x).index_add_(0, token, routed), logits
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+class Llama4TextDecoderLayer(nn.Module):
+    def __init__(self, config: Llama4Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Llama4TextAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe(layer)
+        self.feed_forward = (Llama4TextMoe(config) if self.is_moe
+                             else Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp))
+
+    def forward(self, x, freqs_cis, spans: AttentionSpans):
+        """`(x, router logits or None for a dense layer)`."""
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, spans)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, logits = self.feed_forward(h)
+            return x + h, logits
+        return x + self.feed_forward(h), None
+
+
+class Llama4TextModel(nn.Module):
+    """Embedding (without `padding_idx`, as `dtllama.model.LlamaModel` explains), decoder layers, final norm."""
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Llama4RotaryEmbedding(config)
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
+        """`(normed hidden states [T, H], router logits of each MoE layer)`. As in `LlamaModel`, a pipeline stage
+        without the embedding takes hidden states, and one without the final norm returns its last layer's output."""
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
+        freqs_cis = self.rotary_emb(position_ids)
+        spans = attention_spans(self.config, position_ids, cu_seqlens, max_seqlen)
+        router_logits = []
+        for layer in self.layers.values():
+            x, logits = layer(x, freqs_cis, spans)
+            if logits is not None:
+                router_logits.append(logits)
+        return (self.norm(x) if self.norm is not None else x), router_logits
+
+
+@dataclass
+class RouterStats:
+    """Per MoE layer (in layer order): `tokens_per_expert [L, E]` (int64; each row sums to T * top_k) and the
+    load-balance loss `aux_loss` (already times `router_aux_loss_coef`; None when that is 0)."""
+
+    tokens_per_expert: torch.Tensor
+    aux_loss: torch.Tensor | None
+
+
+def router_stats(router_logits: list[torch.Tensor], top_k: int, coef: float) -> RouterStats | None:
+    """Counts of the routing `route` made, and the Switch Transformer load-balance loss (arXiv:2101.03961, eq. 4)
+    `coef * E * sum_e f_e * P_e` per layer, averaged over MoE layers: `f_e` the share of tokens sent to expert e
+    (of T, so top-k routing sums to k, as HF's `load_balancing_loss_func` counts), `P_e` the mean softmax router
+    probability (the differentiable part). HF's Llama 4 text model computes no such loss (its config's
+    `router_aux_loss_coef` is unused there); this is that helper's formula, per layer rather than over all
+    layers' tokens pooled."""
+    if not router_logits:
+        return None
+    logits = torch.stack(router_logits)  # [L, T, E]
+    n_layers, T, E = logits.shape
+    experts = torch.topk(logits.detach(), top_k, dim=-1).indices.reshape(n_layers, -1)
+    counts = torch.zeros(n_layers, E, dtype=torch.int64, device=logits.device)
+    counts.scatter_add_(1, experts, torch.ones_like(experts))
+    if not coef:
+        return RouterStats(counts, None)
+    share = counts.float() / max(T, 1)
+    prob = torch.softmax(logits.float(), dim=-1).mean(1)
+    return RouterStats(counts, coef * E * (share * prob).sum(-1).mean())
+
+
+@dataclass
+class Llama4CausalLMOutput(CausalLMOutput):
+    router_stats: RouterStats | None = None
+
+
+class Llama4ForCausalLM(nn.Module):
+    """Causal LM with HF's `Llama4ForCausalLM` parameter names. With tied embeddings there is no `lm_head`."""
+
+    hf_architecture = "ForCausalLM"
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        self.config = config
+        self.model = Llama4TextModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logprobs_head = LogprobsHead()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
+        attention_mask=None, temperature: float = 1.0, chunk_size: int = 1024,
+    ) -> Llama4CausalLMOutput:
+        """As `LlamaForCausalLM.forward` (logits, or log-probs and entropy of `labels`), plus `router_stats` over
+        the batch's real tokens."""
+        batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
+                              attention_mask)
+        h, router_logits = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        stats = router_stats(router_logits, self.config.num_experts_per_tok, self.config.router_aux_loss_coef)
+        if batch.labels is None:
+            logits = linear_logits(h, self.output_weight, temperature)
+            return Llama4CausalLMOutput(logits=batch.repad(logits), router_stats=stats)
+        lp, ent = self.logprobs_head(h, self.output_weight, batch.labels, temperature, chunk_size)
+        return Llama4CausalLMOutput(logprobs=batch.repad(lp), entropy=batch.repad(ent), router_stats=stats)
+
+    # The dense model's layout-independent init (per-name seeded generators; norms 1, the rest normal(0, std)),
+    # which covers the experts' stacked weights and the router as HF initializes them.
+    init_weights = _LlamaBase.init_weights
+
+    def reset_buffers(self) -> None:
+        self.model.rotary_emb.reset_parameters()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32) -> "Llama4ForCausalLM":
+        """Load a transformers-saved `Llama4ForCausalLM` folder, or the text model of a multimodal
+        (`Llama4ForConditionalGeneration`) one, whose tensors are the same names under `language_model.`."""
+        from .hf_io import load_state_into
+
+        path = os.fspath(path)
+        config = Llama4Config.from_hf(path)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        if dtype is not None:
+            model.to(dtype)
+        load_state_into(_MultimodalView(model) if _is_multimodal(path) else model, path)
+        return model
+
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, source: str | None = None) -> None:
+        """Write an HF `Llama4ForCausalLM` folder (one `model.safetensors`, `config.json`, and the tokenizer files of
+        `source`) from an unsharded model. A host-side stand-in until `hf_io.save_pretrained` can build this class
+        (it writes sharded models without gathering them)."""
+        from safetensors.torch import save_file
+        from torch.distributed.tensor import DTensor
+
+        from .fsutil import staged_dir
+        from .hf_io import _write_metadata
+
+        state = self.state_dict()
+        sharded = [k for k, v in state.items() if isinstance(v, DTensor)]
+        if sharded:
+            raise TypeError(f"Llama4ForCausalLM.save_pretrained takes an unsharded model, but {sharded[0]!r} is a "
+                            "DTensor; gather the state dict (e.g. DTensor.full_tensor) and load it into a host model")
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
+        with staged_dir(os.fspath(path)) as tmp:
+            save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            dtypes = {t.dtype for t in state.values()}
+            _write_metadata(tmp, self.config, self.hf_architecture, dtypes.pop() if len(dtypes) == 1 else None, source)
+
+
+class _MultimodalView(nn.Module):
+    """The text model as a multimodal checkpoint names it: its own state-dict keys under `language_model.` (a
+    prefix, not a key map); the checkpoint's vision tensors are simply not read."""
+
+    def __init__(self, model: Llama4ForCausalLM):
+        super().__init__()
+        self.language_model = model
+
+    def reset_buffers(self) -> None:
+        self.language_model.reset_buffers()
+
+
+def _is_multimodal(path: str) -> bool:
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f).get("model_type") == "llama4"
+
+
+# ---------------------------------------------------------------------------------------------------- flavors
+
+_LLAMA4_COMMON = dict(
+    vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
+    num_attention_heads=40, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, num_experts_per_tok=1,
+    bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
+)
+
+# The text models of the published `config.json`s (meta-llama/Llama-4-{Scout-17B-16E,Maverick-17B-128E}).
+LLAMA4_FLAVORS = {
+    "llama4-scout": lambda: Llama4Config(
+        **_LLAMA4_COMMON, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
+        max_position_embeddings=10485760,
+        rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "llama4-maverick": lambda: Llama4Config(
+        **_LLAMA4_COMMON, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+        max_position_embeddings=1048576,
+    ),
+}
+
+
+def llama4_flavor(name: str) -> Llama4Config:
+    """A fresh config of a named Llama 4 shape (safe to modify)."""
+    if name not in LLAMA4_FLAVORS:
+        raise UnknownFlavorError(f"unknown Llama 4 flavor {name!r}; choose one of {list(LLAMA4_FLAVORS)}")
+    return LLAMA4_FLAVORS[name]()
+
+
+__all__ = ["LLAMA4_FLAVORS", "Llama4CausalLMOutput", "Llama4Config", "Llama4ForCausalLM", "RouterStats",
+           "llama4_flavor", "set_moe_backend"]
