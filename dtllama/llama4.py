@@ -16,6 +16,7 @@ Llama 4 adds, each checked against transformers' `Llama4ForCausalLM`:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -197,6 +198,13 @@ class Llama4TextExperts(nn.Module):
         return _moe_backend == "grouped"
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of the rows' entries name each expert: `[..., n]` expert ids to `[..., num_experts]` int64 counts.
+    A scatter rather than `bincount`, whose output size depends on the data (a graph break when compiled)."""
+    counts = experts.new_zeros(*experts.shape[:-1], num_experts, dtype=torch.int64)
+    return counts.scatter_add_(-1, experts.long(), torch.ones_like(experts, dtype=torch.int64))
+
+
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(experts [T, k], scores [T, k])`: the top-k experts by router logit and their scores `sigmoid(logit)`,
     computed in fp32 as HF's `Llama4Router` does (its other experts get sigmoid(-inf) = 0, i.e. nothing)."""
@@ -222,7 +230,7 @@ class Llama4TextMoe(nn.Module):
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within each
         token = order // self.top_k
-        counts = torch.bincount(flat, minlength=logits.shape[1])
+        counts = expert_counts(flat, logits.shape[1])
         routed = self.experts(x[token] * scores.flatten()[order, None], counts)
         return self.shared_expert(x) + torch.zeros_like(x).index_add_(0, token, routed), logits
 
@@ -257,7 +265,8 @@ class Llama4TextModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers)})
+        n = config.num_hidden_layers
+        self.layers = nn.ModuleDict({str(i): Llama4TextDecoderLayer(config, i) for i in range(n)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Llama4RotaryEmbedding(config)
 
@@ -295,9 +304,7 @@ def router_stats(router_logits: list[torch.Tensor], top_k: int, coef: float) -> 
         return None
     logits = torch.stack(router_logits)  # [L, T, E]
     n_layers, T, E = logits.shape
-    experts = torch.topk(logits.detach(), top_k, dim=-1).indices.reshape(n_layers, -1)
-    counts = torch.zeros(n_layers, E, dtype=torch.int64, device=logits.device)
-    counts.scatter_add_(1, experts, torch.ones_like(experts))
+    counts = expert_counts(torch.topk(logits.detach(), top_k, dim=-1).indices.reshape(n_layers, -1), E)
     if not coef:
         return RouterStats(counts, None)
     share = counts.float() / max(T, 1)
@@ -319,7 +326,8 @@ class Llama4ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Llama4TextModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        h, v = config.hidden_size, config.vocab_size
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(h, v, bias=False)
         self.logprobs_head = LogprobsHead()
 
     @property
@@ -400,8 +408,6 @@ class _MultimodalView(nn.Module):
 
 
 def _is_multimodal(path: str) -> bool:
-    import json
-
     with open(os.path.join(path, "config.json")) as f:
         return json.load(f).get("model_type") == "llama4"
 

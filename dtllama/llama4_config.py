@@ -78,7 +78,8 @@ class Llama4Config:
         if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
             raise ValueError(f"attention_chunk_size={self.attention_chunk_size} must be positive (or None: no chunks)")
         self.attn_temperature_tuning = bool(self.attn_temperature_tuning)  # published Scout configs say 4
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) == "default":
+        s = self.rope_scaling
+        if s is not None and s.get("rope_type", s.get("type")) == "default":
             self.rope_scaling = None
         if self.rope_scaling is not None:
             self.rope_scaling = _check_rope(dict(self.rope_scaling))

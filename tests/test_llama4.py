@@ -63,6 +63,19 @@ def moe_backend():
     set_moe_backend("auto")
 
 
+@pytest.fixture
+def grouped_mm_calls(monkeypatch):
+    """A list that grows by one per `torch._grouped_mm` call: proof that a test ran the grouped path."""
+    calls, real = [], torch._grouped_mm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    return calls
+
+
 def random_sequences(vocab: int, seed: int, lengths=None) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if lengths is None:
@@ -88,7 +101,8 @@ def hf_per_sequence(hf, seqs, **kw):
 
 
 def packed(ours, seqs, **kw):
-    return ours(torch.cat(seqs), cu_seqlens=cu_seqlens_from_lengths([len(s) for s in seqs]), **kw)
+    cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=seqs[0].device)
+    return ours(torch.cat(seqs), cu_seqlens=cu, **kw)
 
 
 def test_logits_match_transformers_packed_and_padded(pair):
@@ -110,7 +124,8 @@ def test_logits_match_transformers_packed_and_padded(pair):
         untuned.load_state_dict(ours.state_dict())
         effect = rel_err(packed(untuned, seqs).logits, alone)
     errs = {"right-padded vs HF batch": rel_err(right[mask], ref[mask]), "packed vs HF batch": rel_err(pk, ref[mask]),
-            "packed vs HF per sequence": rel_err(pk, alone), "mixed padding vs HF per sequence": rel_err(mixed[mask_m], alone)}
+            "packed vs HF per sequence": rel_err(pk, alone),
+            "mixed padding vs HF per sequence": rel_err(mixed[mask_m], alone)}
     print(errs, f"without temperature tuning the logits would differ by {effect:.2e}")
     assert all(e <= TOL for e in errs.values()), errs
     assert effect > 1e-3  # temperature tuning acts at these positions, so the parity above covers it
@@ -189,9 +204,10 @@ def test_router_stats_count_hf_routing(pair):
     assert stats.tokens_per_expert.sum(-1).tolist() == [T * cfg.num_experts_per_tok] * len(cfg.moe_layers)
     assert torch.equal(padded_stats.tokens_per_expert, stats.tokens_per_expert)  # padding is not routed
     E = cfg.num_local_experts
-    by_hand = torch.stack([E * (c.float() / T * torch.softmax(lg, -1).mean(0)).sum() for c, lg in zip(counts, hf_logits)])
-    aux_err = rel_err(stats.aux_loss, cfg.router_aux_loss_coef * by_hand.mean())
-    print(f"tokens per expert {stats.tokens_per_expert.tolist()}; aux loss {float(stats.aux_loss):.6f} err {aux_err:.2e}")
+    switch = [E * (c.float() / T * torch.softmax(lg, -1).mean(0)).sum() for c, lg in zip(counts, hf_logits)]
+    aux_err = rel_err(stats.aux_loss, cfg.router_aux_loss_coef * torch.stack(switch).mean())
+    print(f"tokens per expert {stats.tokens_per_expert.tolist()}; aux loss {float(stats.aux_loss):.6f}, "
+          f"error {aux_err:.2e}")
     assert aux_err <= TOL
     assert router_stats([], 1, 0.001) is None and router_stats(hf_logits, 1, 0.0).aux_loss is None
 
@@ -206,7 +222,7 @@ def _grouped_mm_runs_on_cpu() -> bool:
 
 @pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="this torch has no CPU torch._grouped_mm; the loop "
                     "(which runs the same expert-sorted rows and counts) is then the only CPU path")
-def test_grouped_mm_matches_expert_loop_on_cpu(pair, moe_backend):
+def test_grouped_mm_matches_expert_loop_on_cpu(pair, moe_backend, grouped_mm_calls):
     """The grouped-GEMM path (tokens sorted by expert, int32 offsets) against the per-expert loop, forward and
     backward, in fp32 on CPU, where this torch runs `_grouped_mm` too."""
     hf, ours, _ = pair
@@ -219,15 +235,19 @@ def test_grouped_mm_matches_expert_loop_on_cpu(pair, moe_backend):
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
 
-    (loop, loop_g), (grouped, grouped_g) = run("loop"), run("grouped")
+    (loop, loop_g) = run("loop")
+    assert not grouped_mm_calls
+    (grouped, grouped_g) = run("grouped")
+    assert len(grouped_mm_calls) == 2 * len(ours.config.moe_layers)  # gate_up and down of every MoE layer
     errs = [rel_err(grouped, loop)] + [rel_err(g, loop_g[n]) for n, g in grouped_g.items()]
     print(f"grouped vs loop: logits {errs[0]:.2e}, worst gradient {max(errs[1:]):.2e}")
     assert max(errs) <= TOL
 
 
 @pytest.mark.gpu
-def test_grouped_mm_matches_expert_loop_bf16_cuda(moe_backend):
-    """`auto` takes `torch._grouped_mm` for CUDA bf16: it must agree with the loop run in bf16."""
+def test_grouped_mm_matches_expert_loop_bf16_cuda(moe_backend, grouped_mm_calls):
+    """`auto` takes `torch._grouped_mm` for CUDA bf16: it must agree with the loop run in bf16. On a GPU machine:
+    `python -m pytest tests/test_llama4.py -m gpu`."""
     cfg = Llama4Config.from_hf(dict(KINDS["maverick"], model_type="llama4_text", interleave_moe_layer_step=1,
                                     intermediate_size=64))
     model = Llama4ForCausalLM(cfg)
@@ -242,7 +262,10 @@ def test_grouped_mm_matches_expert_loop_bf16_cuda(moe_backend):
         out.float().square().mean().backward()
         return out.float(), model.model.layers["0"].feed_forward.experts.gate_up_proj.grad.float()
 
-    (loop, loop_g), (grouped, grouped_g) = run("loop"), run("auto")
+    (loop, loop_g) = run("loop")
+    assert not grouped_mm_calls
+    (grouped, grouped_g) = run("auto")
+    assert len(grouped_mm_calls) == 2 * cfg.num_hidden_layers  # auto took the grouped path in every MoE layer
     errs = rel_err(grouped, loop), rel_err(grouped_g, loop_g)
     print(f"bf16 grouped vs loop: logits {errs[0]:.2e}, experts.gate_up_proj gradient {errs[1]:.2e}")
     # bf16 (8 mantissa bits): the two paths round partial sums differently; 1e-2 is DESIGN.md's bf16 bound.
@@ -272,6 +295,21 @@ def test_flavor_parameter_counts_match_transformers_meta_model(name):
     unused = experts * (cfg.num_local_experts - cfg.num_experts_per_tok) // cfg.num_local_experts
     assert sum(p.numel() for p in hf.parameters()) - unused == active
     print(f"{name}: {total / 1e9:.2f}B total, {active / 1e9:.2f}B active")
+
+
+def test_init_weights_is_hfs_init_and_seeded():
+    cfg = Llama4Config.from_hf(dict(KINDS["maverick"], model_type="llama4_text", num_local_experts=16))
+    a, b = Llama4ForCausalLM(cfg), Llama4ForCausalLM(cfg)
+    a.init_weights(seed=3)
+    b.init_weights(seed=3)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name  # the same seed gives the same weights
+    layer = a.model.layers["1"]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(cfg.hidden_size))
+    for w in (layer.feed_forward.experts.gate_up_proj, layer.feed_forward.router.weight):
+        assert 0.015 < float(w.std()) < 0.025  # normal(0, initializer_range=0.02), as HF's _init_weights
+    assert torch.allclose(a.model.rotary_emb.inv_freq, transformers.Llama4ForCausalLM(
+        transformers.Llama4TextConfig(**KINDS["maverick"])).model.rotary_emb.inv_freq)
 
 
 def test_save_pretrained_loads_in_transformers_as_is(pair, tmp_path):
