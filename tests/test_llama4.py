@@ -2,8 +2,9 @@
 
 Two tiny shapes mirror the published models: "scout" (every layer MoE, top-1, q/k L2 norm, llama3 RoPE scaling with
 Scout's equal band factors) and "maverick" (MoE every 2nd layer between dense SwiGLU layers, no q/k norm, tied
-embeddings, attention biases, and top-2 routing so that routed outputs are summed). Both have a NoPE layer (layer 3), chunks of 8 tokens
-on sequences of up to 24 (so chunking matters), and `floor_scale=4` so temperature tuning changes q from position 3 on.
+embeddings, attention biases, and top-2 routing so that routed outputs are summed). Both have a NoPE layer (layer 3),
+chunks of 8 tokens on sequences of up to 24 (so chunking matters), and `floor_scale=4` so temperature tuning changes q
+from position 3 on.
 """
 
 import dataclasses
