@@ -10,13 +10,16 @@ microbatches one after the other (gradient accumulation); each schedule runs `pp
 microbatches. bf16 parameters with fp32 reduction on GPU (fp32 on CPU), AdamW, median of `--steps` timed
 steps after `--warmup`.
 
-Bubble: a rank's compute per step, C, is its stages' forward + backward of one microbatch, timed in isolation
-(no send/recv, no schedule), times the microbatch count; the schedule (`pipe.step`: every microbatch's forward
-and backward with their sends and receives, not the optimizer step, gradient clipping or the loss all-reduce
-that follow it and cost the same without a pipeline) takes T. The measured bubble is (T - C) / C,
+Bubble: a rank's compute per step, C, is its stages' forward + backward of all microbatches one after the other,
+timed without the schedule (no send/recv; FSDP's gradient reduction deferred as in the schedule), so it carries
+the same host overhead; the schedule (`pipe.step`: every microbatch's forward and backward with their sends and
+receives, not the optimizer step, gradient clipping or the loss all-reduce that follow it and cost the same
+without a pipeline) takes T. The measured bubble is (T - C) / C,
 idle time relative to compute, the quantity the schedules' formulas give: (p-1)/m for GPipe and 1F1B,
 (p-1)/(v*m) for interleaved ones with v stages per rank; the zero-bubble schedules fill part of it with
-weight-gradient work (no closed form: expected below 1F1B). The table shows the worst rank.
+weight-gradient work (no closed form: expected below 1F1B). The formulas assume equal stages, so the bubble is
+read on the busiest rank (the one that bounds the step); the least busy rank idles that much plus the stages'
+imbalance, shown beside it ("idle, least busy").
 Each layout's first-step loss is compared with the baseline's (bf16 noise on GPU, fp32 rounding on CPU).
 """
 
@@ -50,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--microbatch-tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--head-cost", type=float, help="the head in decoder layers for the stage split (default: by FLOPs)")
     p.add_argument("--ac", choices=["none", "selective", "full"], default="none")
     p.add_argument("--compile", action="store_true", help="compile each block")
     return p.parse_args(argv)
@@ -74,7 +78,7 @@ class Run:
             model = dtllama.LlamaForCausalLM(config)
         self.pipe = None
         if schedule:
-            options = PipelineOptions(schedule, args.microbatches, args.microbatch_tokens)
+            options = PipelineOptions(schedule, args.microbatches, args.microbatch_tokens, head_cost=args.head_cost)
             self.pipe = pipeline_llm(model, self.dims, options, device, ac=args.ac, compile=args.compile, fsdp=fsdp)
             self.pipe.to_empty(device)
             model = self.pipe.model
@@ -114,31 +118,40 @@ class Run:
         return float(total)
 
     def compute_seconds(self, doc: torch.Tensor) -> float:
-        """This rank's stages' forward + backward of one microbatch, timed alone (median of 3), times the count."""
+        """This rank's stages' forward + backward of `microbatches` microbatches one after the other, with no
+        schedule, send or receive (median of 3 after a warm-up). FSDP defers its gradient reduction and keeps
+        parameters unsharded in between, as the schedule does for every microbatch but the last."""
+        from torch.distributed.fsdp import FSDPModule
+
         mbs = self.pipe.split(packed([doc]))
         kwargs = {k: v[: v.numel() // self.args.microbatches] for k, v in mbs.kwargs().items()}
+        fsdp = [m for module in self.pipe.stage_modules for m in module.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp:
+            m.set_requires_gradient_sync(False, recurse=False)
+            m.set_reshard_after_backward(False, recurse=False)
         times = []
         for _ in range(4):
             sync(self.device)
             t = time.perf_counter()
-            for stage, module in zip(self.pipe.stages, self.pipe.stage_modules):
-                if stage.is_first:
-                    x = mbs.args()[0][: self.args.microbatch_tokens]
-                else:
-                    x = torch.randn(*stage_input_shape(self.dims, self.args, module), device=self.device,
-                                    dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                                    requires_grad=True)
-                out = module(x, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                out.backward(torch.randn_like(out) * 1e-3)
+            for _ in range(self.args.microbatches):
+                for stage, module in zip(self.pipe.stages, self.pipe.stage_modules):
+                    out = module(self.stage_input(stage, module, mbs), **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    out.backward(torch.randn_like(out) * 1e-3)
             sync(self.device)
             times.append(time.perf_counter() - t)
+        for m in fsdp:
+            m.set_requires_gradient_sync(True, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
         self.opt.zero_grad(set_to_none=True)
-        return statistics.median(times[1:]) * self.args.microbatches
+        return statistics.median(times[1:])
 
-
-def stage_input_shape(dims, args, module) -> tuple[int, int]:
-    return args.microbatch_tokens // dims.token_multiple, module.config.hidden_size
+    def stage_input(self, stage, module, mbs) -> torch.Tensor:
+        if stage.is_first:
+            return mbs.args()[0][: self.args.microbatch_tokens]
+        return torch.randn(self.args.microbatch_tokens // self.dims.token_multiple, module.config.hidden_size,
+                           device=self.device, requires_grad=True,
+                           dtype=torch.bfloat16 if self.device.type == "cuda" else torch.float32)
 
 
 def packed(docs: list[torch.Tensor]) -> Packed:
@@ -180,13 +193,16 @@ def run_layout(args, schedule, config, device, batches) -> dict:
     row["bubble_theory"] = theoretical_bubble(schedule, run.dims.pp, args.microbatches)
     if run.pipe is not None:
         compute = torch.tensor([run.compute_seconds(batches[0][0])], device=device)
-        worst = compute.clone()
-        dist.all_reduce(worst, op=dist.ReduceOp.MIN)  # the least busy rank idles the most
+        per_rank = [torch.zeros_like(compute) for _ in range(dist.get_world_size())]
+        dist.all_gather(per_rank, compute)
+        busiest, least = max(float(c) for c in per_rank), min(float(c) for c in per_rank)
+        row["compute_s_per_rank"] = [round(float(c), 4) for c in per_rank]
         schedule_s = statistics.median(run.schedule_s[args.warmup:])
-        row["bubble_measured"] = (schedule_s - float(worst)) / float(worst)
-        row["schedule_s"], row["compute_s_min_rank"] = schedule_s, float(worst)
+        row["bubble_measured"] = (schedule_s - busiest) / busiest  # the rank that bounds the step
+        row["idle_least_busy"] = (schedule_s - least) / least  # the bubble plus the stages' imbalance
+        row["schedule_s"] = schedule_s
     else:
-        row["bubble_measured"] = 0.0
+        row["bubble_measured"] = row["idle_least_busy"] = 0.0
     del run
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -214,13 +230,14 @@ def main(argv=None):
         print(f"{args.shape} shape, {config.num_params() / 1e9:.2f} B params, {dist.get_world_size()} x "
               f"{torch.cuda.get_device_name() if cuda else 'cpu'}, {args.microbatches} microbatches x "
               f"{args.microbatch_tokens} tokens, ac={args.ac}, compile={args.compile}")
-        print(f"{'schedule':<22}{'pp':>3}{'tok/s':>10}{'tok/s/gpu':>11}{'MFU':>7}{'bubble':>8}{'theory':>8}"
+        print(f"{'schedule':<22}{'pp':>3}{'tok/s':>10}{'tok/s/gpu':>11}{'MFU':>7}{'bubble':>8}{'theory':>8}{'idle*':>7}"
               f"{'loss':>10}{'vs pp=1':>10}{'GiB':>7}")
         for r in rows:
             theory = "-" if r["bubble_theory"] is None else f"{r['bubble_theory']:.3f}"
             mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
             print(f"{r['schedule']:<22}{r['pp']:>3}{r['tok_s']:>10.0f}{r['tok_s_gpu']:>11.0f}{r['mfu']:>7.1%}"
-                  f"{r['bubble_measured']:>8.3f}{theory:>8}{r['first_loss']:>10.5f}{r['loss_rel_diff']:>10.1e}{mem:>7}")
+                  f"{r['bubble_measured']:>8.3f}{theory:>8}{r['idle_least_busy']:>7.3f}{r['first_loss']:>10.5f}{r['loss_rel_diff']:>10.1e}{mem:>7}")
+        print("bubble: the busiest rank's idle time over its compute; idle*: the least busy rank's (imbalance too)")
         for s, why in skipped.items():
             print(f"{s}: not run: {why}")
         print("JSON " + json.dumps(dict(shape=args.shape, world=dist.get_world_size(), rows=rows, skipped=skipped)))

@@ -66,7 +66,8 @@ class PipelineOptions:
     token count (a budget sequences are packed into first-fit, then padded to it; a multiple of tp*cp).
     stages_per_rank: 1 for GPipe/1F1B, 2 for the V schedules; interleaved ones default to 2.
     stage_layers: explicit decoder layers of each stage (contiguous, in order), instead of the balanced split.
-    embed_cost / head_cost: the embedding and the final norm + head in decoder-layer equivalents, for balancing.
+    embed_cost / head_cost: the embedding and the final norm + head in decoder-layer equivalents, for balancing;
+    unset, they are estimated from the config (`default_costs`).
     """
 
     schedule: str = "1F1B"
@@ -74,8 +75,8 @@ class PipelineOptions:
     microbatch_tokens: int = 1024
     stages_per_rank: int | None = None
     stage_layers: tuple[tuple[int, ...], ...] | None = None
-    embed_cost: float = 1.0
-    head_cost: float = 1.0
+    embed_cost: float | None = None
+    head_cost: float | None = None
 
 
 def _schedule_entry(name: str) -> Schedule:
@@ -140,14 +141,24 @@ def _check_stage_layers(stage_layers, n_layers: int, n_stages: int) -> list[list
     return layers
 
 
+def default_costs(config, causal_lm: bool = True) -> tuple[float, float]:
+    """(embedding, head) cost in decoder layers, by matmul FLOPs. A layer runs 3 matmuls per weight (forward and
+    two backward); the fused log-prob head 4 over its `vocab x hidden` weight (its backward recomputes the
+    logits). The embedding is a row gather and a value head one column: both ~0. On the Llama-3.2-1B shape
+    the head costs ~5.8 layers: splitting as if it cost one leaves the last stage a third busier than the first."""
+    h, d = config.hidden_size, config.head_dim
+    layer = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 3 * h * config.intermediate_size
+    return 0.0, (4 / 3 * config.vocab_size * h / layer if causal_lm else 0.0)
+
+
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
 
 
-def check_options(config, dims: ParallelDims, options: PipelineOptions) -> list[list[int]]:
+def check_options(config, dims: ParallelDims, options: PipelineOptions, causal_lm: bool = True) -> list[list[int]]:
     """Every refusal of a pipeline layout, the same on every rank, before any collective: returns the layers of
-    each stage."""
+    each stage (`causal_lm`: the last stage has the log-prob head, not a value head)."""
     schedule = _schedule_entry(options.schedule)
     v = stages_per_rank(options)
     n_stages = dims.pp * v
@@ -174,7 +185,10 @@ def check_options(config, dims: ParallelDims, options: PipelineOptions) -> list[
                          "(sequence parallel and Ulysses split each microbatch's tokens evenly)")
     if options.stage_layers is not None:
         return _check_stage_layers(options.stage_layers, config.num_hidden_layers, n_stages)
-    return split_layers(config.num_hidden_layers, n_stages, options.embed_cost, options.head_cost)
+    embed, head = default_costs(config, causal_lm)
+    embed = embed if options.embed_cost is None else options.embed_cost
+    head = head if options.head_cost is None else options.head_cost
+    return split_layers(config.num_hidden_layers, n_stages, embed, head)
 
 
 class PipelineStageForward:
@@ -364,7 +378,7 @@ def pipeline_llm(model: LlamaForCausalLM | LlamaForValue, dims: ParallelDims, op
     compile, fsdp, param_dtype), and build the schedule. `dims.build_mesh()` must have run. Then call
     `pipe.to_empty(device)` and `pipe.model.init_weights(seed)` or `load_state_into(pipe.model, path)`.
     `temperature` and `chunk_size` are the causal-LM head's (as in the model's forward)."""
-    layers = check_options(model.config, dims, options)
+    layers = check_options(model.config, dims, options, causal_lm=isinstance(model, LlamaForCausalLM))
     placement = SCHEDULES[options.schedule].placement
     pp_mesh = dims.mesh("pp")
     rank, n_stages = pp_mesh.get_local_rank(), len(layers)
