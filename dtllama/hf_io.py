@@ -92,7 +92,7 @@ def read_safetensors_index(path: str) -> dict[str, TensorEntry]:
 def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
     """Build `cls` on the meta device, materialize it on the host, and read the HF weights into it."""
     path = os.fspath(path)
-    config = ModelConfig.from_hf(path)
+    config = getattr(cls, "config_class", ModelConfig).from_hf(path)
     with torch.device("meta"):
         model = cls(config)
     model.to_empty(device="cpu")
@@ -253,9 +253,10 @@ def _shard_index(model, dtype: torch.dtype, max_shard_bytes: int) -> dict[str, i
     """File number (1..N) of each tensor of the whole model, filling files up to `max_shard_bytes` in state-dict
     order. Taken from a meta-device copy built from the config, so that every rank computes the same index even
     when it holds only some layers (a pipeline stage)."""
-    from .model import LlamaForCausalLM, LlamaForValue
+    from torch.distributed.fsdp import FSDPModule
 
-    cls = next(c for c in type(model).__mro__ if c in (LlamaForCausalLM, LlamaForValue))
+    # The model's own class: fully_shard swaps in a subclass of FSDPModule and it.
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         whole = cls(model.config)
     index, used, shard = {}, 0, 1

@@ -321,6 +321,7 @@ class Llama4ForCausalLM(nn.Module):
     """Causal LM with HF's `Llama4ForCausalLM` parameter names. With tied embeddings there is no `lm_head`."""
 
     hf_architecture = "ForCausalLM"
+    config_class = Llama4Config  # what `hf_io` reads config.json with
 
     def __init__(self, config: Llama4Config):
         super().__init__()
@@ -373,26 +374,12 @@ class Llama4ForCausalLM(nn.Module):
         load_state_into(_MultimodalView(model) if _is_multimodal(path) else model, path)
         return model
 
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, source: str | None = None) -> None:
-        """Write an HF `Llama4ForCausalLM` folder (one `model.safetensors`, `config.json`, and the tokenizer files of
-        `source`) from an unsharded model. A host-side stand-in until `hf_io.save_pretrained` can build this class
-        (it writes sharded models without gathering them)."""
-        from safetensors.torch import save_file
-        from torch.distributed.tensor import DTensor
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31,
+                        source: str | None = None) -> None:
+        """Write an HF `Llama4ForCausalLM` folder from any layout (`source`: a folder whose tokenizer files to copy)."""
+        from .hf_io import save_pretrained
 
-        from .fsutil import staged_dir
-        from .hf_io import _write_metadata
-
-        state = self.state_dict()
-        sharded = [k for k, v in state.items() if isinstance(v, DTensor)]
-        if sharded:
-            raise TypeError(f"Llama4ForCausalLM.save_pretrained takes an unsharded model, but {sharded[0]!r} is a "
-                            "DTensor; gather the state dict (e.g. DTensor.full_tensor) and load it into a host model")
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
-        with staged_dir(os.fspath(path)) as tmp:
-            save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            dtypes = {t.dtype for t in state.values()}
-            _write_metadata(tmp, self.config, self.hf_architecture, dtypes.pop() if len(dtypes) == 1 else None, source)
+        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
 
 
 class _MultimodalView(nn.Module):

@@ -1,0 +1,41 @@
+"""`torchrun` that ends a failed run with the workers' own message, not the launcher's report.
+
+    python -m dtllama.launch --standalone --nproc-per-node 2 recipes/train.py --tp 4
+
+takes torchrun's arguments unchanged and runs them through torchrun's own `run`. When a worker fails,
+torchrun prints a ~30-line `ChildFailedError` traceback and failure table after whatever the worker said;
+the recipe already reports a user's mistake as one `error:` line from rank 0, so this launcher exits
+with the failed worker's exit code and nothing more (`DTLLAMA_LAUNCH_DEBUG=1`: torchrun's report too).
+A worker that crashed without a message of its own still gets one line naming its rank and exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("DTLLAMA_LAUNCH_DEBUG") == "1"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner saying so
+    if not debug:  # the agent logs each failed worker at ERROR level before raising
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except ChildFailedError as e:
+        if debug:
+            raise
+        rank, failure = e.get_first_failure()
+        if failure.exitcode != 2:  # 2: the recipe's own one-line user error, already printed
+            print(f"error: worker rank {rank} exited with code {failure.exitcode} (DTLLAMA_LAUNCH_DEBUG=1 shows "
+                  "torchrun's report; the recipe's --debug shows worker tracebacks)", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
