@@ -423,6 +423,16 @@ LLAMA4_FLAVORS = {
 }
 
 
+# A tiny Scout-like shape (every 4th layer NoPE, chunked attention, qk norm, MoE in every layer) for CPU runs.
+LLAMA4_FLAVORS["llama4-debug"] = lambda: Llama4Config(
+    vocab_size=512, hidden_size=64, intermediate_size=128, intermediate_size_mlp=256, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
+    attention_chunk_size=64, attn_temperature_tuning=True, floor_scale=64, attn_scale=0.1, num_experts_per_tok=1,
+    num_local_experts=4, interleave_moe_layer_step=1, use_qk_norm=True, max_position_embeddings=1024,
+    torch_dtype="float32",
+)
+
+
 def llama4_flavor(name: str) -> Llama4Config:
     """A fresh config of a named Llama 4 shape (safe to modify)."""
     if name not in LLAMA4_FLAVORS:

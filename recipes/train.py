@@ -36,6 +36,7 @@ import dtllama
 from dtllama.checkpoint import Checkpointer, TrainState, check_compatible
 from dtllama.data import Example, Examples, balance, global_batch, microbatches
 from dtllama.hf_io import load_state_into
+from dtllama.llama4 import LLAMA4_FLAVORS, Llama4Config, Llama4ForCausalLM, llama4_flavor
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple
 from dtllama.optim import LR_SCHEDULES, NONFINITE_POLICIES, adamw, lr_multiplier, step_if_finite
 from dtllama.parallel import AC_MODES, FSDPOptions, ParallelDims, clip_grad_norm_, parallelize
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", "--init-from-hf", dest="model",
                      help="Hugging Face folder to fine-tune (default: SmolLM2-135M-Instruct)")
-    src.add_argument("--flavor", choices=list(dtllama.flavors), help="train a randomly initialized flavor instead")
+    src.add_argument("--flavor", choices=[*dtllama.flavors, *LLAMA4_FLAVORS],
+                     help="train a randomly initialized flavor instead")
     p.add_argument("--config", help="a TOML file of these options (keys as the flags, '-' or '_'); flags override it")
     p.add_argument("--data", default=DATA,
                    help="text file (documents separated by blank lines), a folder of .txt/.jsonl files, or JSONL rows "
@@ -168,7 +170,8 @@ def setup_distributed(seed: int):
 def model_source(args):
     """`(config, tokenizer, HF folder or None)`: a random flavor with byte tokens, or an HF checkpoint."""
     if args.flavor:
-        config = override(dtllama.flavors[args.flavor], args.set)
+        flavor = llama4_flavor(args.flavor) if args.flavor in LLAMA4_FLAVORS else dtllama.flavors[args.flavor]
+        config = override(flavor, args.set)
         if config.vocab_size < 256:
             raise ValueError(f"flavor {args.flavor!r} has vocab_size={config.vocab_size} < 256 byte tokens")
         return config, ByteTokenizer(), None
@@ -185,13 +188,18 @@ def model_source(args):
             smollm2_135m_instruct()  # converts once; the other ranks wait for the cache
         dist.barrier()
         source = smollm2_135m_instruct()
-    return override(dtllama.ModelConfig.from_hf(source), args.set), AutoTokenizer.from_pretrained(source), source
+    with open(os.path.join(source, "config.json")) as f:
+        llama4 = json.load(f).get("model_type", "").startswith("llama4")  # the text model, or a multimodal one's
+    config = (Llama4Config if llama4 else dtllama.ModelConfig).from_hf(source)
+    return override(config, args.set), AutoTokenizer.from_pretrained(source), source
 
 
 def override(config, assignments: list[str]):
     """The config with `FIELD=VALUE` overrides (VALUE read as JSON: numbers, true/false, null, else a string)."""
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
+    if isinstance(config, Llama4Config) and any(a.startswith("num_hidden_layers=") for a in assignments):
+        changes.update(moe_layers=None, no_rope_layers=[])  # re-derived for the new depth unless set too
     for item in assignments:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
@@ -216,9 +224,12 @@ def build_model(args, config, source, device):
         tokens += -tokens % dims.token_multiple
         pp_options = PipelineOptions(args.pp_schedule, args.microbatches, tokens)
         pp.check_options(config, dims, pp_options)
+    if isinstance(config, Llama4Config) and (dims.pp_enabled or dims.cp > 1 or dims.tp > 1):
+        raise ValueError(f"{dims}: Llama 4 models train with data parallelism (dp_shard, dp_replicate) here; "
+                         "pp, cp and tp are not wired for them yet: set them to 1")
     dims.build_mesh(device.type)
     with torch.device("meta"):
-        model = dtllama.LlamaForCausalLM(config)
+        model = (Llama4ForCausalLM if isinstance(config, Llama4Config) else dtllama.LlamaForCausalLM)(config)
     fsdp = FSDPOptions(param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     pipe = None
     if dims.pp_enabled:
@@ -262,6 +273,7 @@ def train_step(model, opt, sched, batch: list[Example], dims, args, filler: Exam
     # the dp ranks (cp included: under CP the log-probs are this rank's token shard), so every token
     # weighs the same whatever rank holds it, and the result does not depend on the layout.
     scale = dp_mesh.size() / max(sum(ex.loss_tokens for ex in batch), 1)
+    router = RouterTotals()
     if pipe is None:
         reported = torch.zeros((), device=device)
         mbs = my_microbatches(batch, dims, args.max_tokens_per_microbatch or args.batch_tokens, filler)
@@ -271,7 +283,7 @@ def train_step(model, opt, sched, batch: list[Example], dims, args, filler: Exam
             p = pack(mb, dims.token_multiple, device)
             out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
             loss = -out.logprobs.sum() * scale
-            loss.backward()
+            (loss + router.add(getattr(out, "router_stats", None), len(mbs))).backward()
             reported += loss.detach()
     else:  # the pipeline cuts its own micro-batches by its token budget; gradients add up over them
         shares = balance(batch, dims.mesh("batch").size())
@@ -283,7 +295,37 @@ def train_step(model, opt, sched, batch: list[Example], dims, args, filler: Exam
     reported = reported / dp_mesh.size()
     dist.all_reduce(reported, group=dp_mesh.get_group())
     stepped = step_if_finite(opt, sched, float(reported), grad_norm, args.on_nonfinite)
-    return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped)
+    return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped, **router.metrics(dp_mesh))
+
+
+class RouterTotals:
+    """A MoE model's router statistics over a step's micro-batches: tokens per expert (summed over MoE layers, then
+    over all data-parallel ranks) and the mean load-balance loss, which joins the training loss (the LM `loss`
+    metric stays without it). Empty for dense models."""
+
+    def __init__(self):
+        self.counts, self.aux, self.n = None, 0.0, 0
+
+    def add(self, stats, n_microbatches: int):
+        """Record one micro-batch's stats; returns what to add to its loss (its share of the step's aux loss)."""
+        if stats is None:
+            return 0.0
+        counts = stats.tokens_per_expert.sum(0)
+        self.counts = counts if self.counts is None else self.counts + counts
+        if stats.aux_loss is None:
+            return 0.0
+        self.aux, self.n = self.aux + float(stats.aux_loss.detach()), self.n + 1
+        return stats.aux_loss / n_microbatches
+
+    def metrics(self, dp_mesh) -> dict:
+        if self.counts is None:
+            return {}
+        dist.all_reduce(self.counts, group=dp_mesh.get_group())
+        out = {"tokens_per_expert": self.counts.tolist(),
+               "expert_load_max_over_mean": float(self.counts.max() / self.counts.float().mean().clamp_min(1))}
+        if self.n:
+            out["aux_loss"] = self.aux / self.n
+        return out
 
 
 def open_checkpointer(args, state, log):
@@ -315,7 +357,8 @@ def step_flops(config, batch: list[Example]) -> float:
     """Training FLOPs of a step, torchtitan's count: 6 per parameter and token (embedding excluded) plus causal
     attention's 12 * layers * hidden per token pair of each sequence."""
     h, L = config.hidden_size, config.num_hidden_layers
-    dense = 6 * (config.num_params() - config.vocab_size * h) * sum(len(ex.ids) for ex in batch)
+    active = config.num_params(active=True) if isinstance(config, Llama4Config) else config.num_params()  # MoE: top-k
+    dense = 6 * (active - config.vocab_size * h) * sum(len(ex.ids) for ex in batch)
     return dense + 12 * L * h * sum(len(ex.ids) ** 2 for ex in batch)
 
 
@@ -357,7 +400,8 @@ def main(argv=None):
                    tokens=tokens, loss_tokens=sum(ex.loss_tokens for ex in batch))
         log(f"step {step:3d}  loss {row['loss']:.4f}  grad_norm {row['grad_norm']:.3f}  lr {lr:.2e}  "
             f"tokens/s {row['tokens_per_s']:8.1f}" + (f"  MFU {mfu:.1%}" if mfu is not None else "")
-            + f"  peak mem {row['peak_mem_gib']:.2f} GiB" + ("  (non-finite: step skipped)" if row["skipped"] else ""))
+            + f"  peak mem {row['peak_mem_gib']:.2f} GiB" + ("  (non-finite: step skipped)" if row["skipped"] else "")
+            + (f"  expert load max/mean {row['expert_load_max_over_mean']:.2f}" if "tokens_per_expert" in row else ""))
         progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         progress.update()
         if metrics:
