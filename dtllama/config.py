@@ -102,17 +102,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "ModelConfig":
         """Read a transformers 4 or 5 `config.json` (a folder, the file, or its dict)."""
-        if isinstance(path_or_dict, dict):
-            d = dict(path_or_dict)
-        else:
-            p = os.fspath(path_or_dict)
-            if os.path.isdir(p):
-                p = os.path.join(p, "config.json")
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"no config.json at {p!r}; pass a Hugging Face model folder")
-            with open(p) as f:
-                d = json.load(f)
-        return cls._from_dict(d)
+        return cls._from_dict(read_config_json(path_or_dict))
 
     @classmethod
     def _from_dict(cls, d: dict) -> "ModelConfig":
@@ -181,6 +171,19 @@ class ModelConfig:
         layer = attn + mlp + 2 * h
         head = h + self.score_bias if value_head else (0 if self.tie_word_embeddings else self.vocab_size * h)
         return self.vocab_size * h + self.num_hidden_layers * layer + h + head
+
+
+def read_config_json(path_or_dict: str | os.PathLike | dict) -> dict:
+    """The dict of a `config.json`: given as a dict, or read from the file or the folder holding it."""
+    if isinstance(path_or_dict, dict):
+        return dict(path_or_dict)
+    p = os.fspath(path_or_dict)
+    if os.path.isdir(p):
+        p = os.path.join(p, "config.json")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no config.json at {p!r}; pass a Hugging Face model folder")
+    with open(p) as f:
+        return json.load(f)
 
 
 def _read_rope(d: dict) -> tuple[float, dict | None]:

@@ -9,12 +9,11 @@ not implement is an error naming it, never a silent default.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ROPE_TYPES, _check_rope, _read_rope
+from .config import ROPE_TYPES, _check_rope, _read_rope, read_config_json
 
 DEFAULT_ROPE_THETA = 500000.0  # Llama4TextConfig.default_theta: what a config without any theta means
 
@@ -116,17 +115,7 @@ class Llama4Config:
     def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "Llama4Config":
         """Read a transformers 4 or 5 `config.json` (a folder, the file, or its dict) of a Llama 4 text model, or
         the text part of a multimodal one."""
-        if isinstance(path_or_dict, dict):
-            d = dict(path_or_dict)
-        else:
-            p = os.fspath(path_or_dict)
-            if os.path.isdir(p):
-                p = os.path.join(p, "config.json")
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"no config.json at {p!r}; pass a Hugging Face model folder")
-            with open(p) as f:
-                d = json.load(f)
-        return cls._from_dict(text_config_of(d))
+        return cls._from_dict(text_config_of(read_config_json(path_or_dict)))
 
     @classmethod
     def _from_dict(cls, d: dict) -> "Llama4Config":

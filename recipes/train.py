@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import dtllama
 from dtllama.checkpoint import Checkpointer, TrainState, check_compatible
+from dtllama.config import read_config_json
 from dtllama.data import Example, Examples, balance, global_batch, microbatches
 from dtllama.hf_io import load_state_into
 from dtllama.llama4 import LLAMA4_FLAVORS, Llama4Config, Llama4ForCausalLM, llama4_flavor
@@ -188,8 +189,7 @@ def model_source(args):
             smollm2_135m_instruct()  # converts once; the other ranks wait for the cache
         dist.barrier()
         source = smollm2_135m_instruct()
-    with open(os.path.join(source, "config.json")) as f:
-        llama4 = json.load(f).get("model_type", "").startswith("llama4")  # the text model, or a multimodal one's
+    llama4 = read_config_json(source).get("model_type", "").startswith("llama4")  # text, or a multimodal one's
     config = (Llama4Config if llama4 else dtllama.ModelConfig).from_hf(source)
     return override(config, args.set), AutoTokenizer.from_pretrained(source), source
 
