@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dtllama.ops import linear_logits, position_ids_from_cu_seqlens, prepare_batch
 
@@ -173,15 +174,19 @@ class Llama4TextExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, i, h))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`x [N, H]`: routed rows sorted by expert, `counts[e]` of them for expert e; returns `[N, H]`."""
+        """`x [N, H]`: routed rows sorted by expert, `counts[e]` of them for expert e; returns `[N, H]`.
+
+        Under expert parallel the weights are DTensors sharded on experts and `x`, `counts` are the rows of this
+        rank's experts only (`dtllama.parallel.ep` dispatches them): the math runs on the local shards."""
+        gate_up, down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate_up_proj, self.down_proj))
         if self._grouped(x):
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(x, self.gate_up_proj, offs=offs).chunk(2, dim=-1)
-            return torch._grouped_mm(up * F.silu(gate), self.down_proj, offs=offs)
+            gate, up = torch._grouped_mm(x, gate_up, offs=offs).chunk(2, dim=-1)
+            return torch._grouped_mm(up * F.silu(gate), down, offs=offs)
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
-            gate, up = (x[start:start + n] @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            out.append((up * F.silu(gate)) @ self.down_proj[e])
+            gate, up = (x[start:start + n] @ gate_up[e]).chunk(2, dim=-1)
+            out.append((up * F.silu(gate)) @ down[e])
             start += n
         return torch.cat(out)
 

@@ -4,7 +4,8 @@ from .ac import AC_MODES, apply_ac
 from .compile import apply_compile
 from .cp import apply_cp
 from .batch_check import agree_on_error, apply_batch_check
-from .dims import ParallelDims, valid_cp_degrees, valid_tp_degrees
+from .dims import ParallelDims, valid_cp_degrees, valid_ep_degrees, valid_tp_degrees
+from .ep import apply_ep
 from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
 from .options import CompileOptions, FSDPOptions
@@ -14,6 +15,6 @@ from .tp import apply_tp
 
 __all__ = [
     "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
-    "apply_compile", "apply_cp", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline",
-    "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_tp_degrees",
+    "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline",
+    "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_ep_degrees", "valid_tp_degrees",
 ]

@@ -4,6 +4,9 @@ Mesh dims, outer to inner: `pp, dp_replicate, dp_shard, cp, tp`; their product i
 `dp_shard=-1` takes what is left. Flattened views: `dp_shard_cp` (FSDP shards over it: CP ranks hold
 the same parameters), `dp` = `dp_replicate x dp_shard x cp` (batch reductions: loss, token counts) and
 `batch` = `dp_replicate x dp_shard` (sequences are dealt out over it: the CP ranks of a group share theirs).
+Expert parallel (`ep`, a mixture-of-experts model only) is carved from `dp_shard x cp x tp`, the ranks that hold
+distinct tokens at the MoE (sequence parallel deals tokens over TP ranks): `ep` (innermost) shards the routed
+experts, `efsdp` (what remains) FSDP-shards them; every other parameter keeps the dense layout.
 `ParallelDims` builds and keeps every mesh; callers ask it (`dims.mesh("tp")`), never slice one.
 """
 
@@ -53,6 +56,31 @@ def check_cp(config: ModelConfig, cp: int, tp: int) -> None:
         )
 
 
+def valid_ep_degrees(config, dp_shard: int = 1, cp: int = 1, tp: int = 1) -> list[int]:
+    """EP degrees for this layout: whole experts per rank (ep divides `num_local_experts`) over ranks of distinct
+    tokens (ep divides `dp_shard*cp*tp`). A dense model has no experts: only 1."""
+    experts = getattr(config, "num_local_experts", 1)
+    ranks = dp_shard * cp * tp
+    return [e for e in range(1, min(experts, ranks) + 1) if experts % e == 0 and ranks % e == 0]
+
+
+def check_ep(config, ep: int, dp_shard: int, cp: int, tp: int) -> None:
+    """A ValueError naming ep, the experts, the ranks it is carved from and the valid degrees, before any
+    collective runs."""
+    if ep == 1:
+        return
+    if not getattr(config, "moe_layers", None):
+        raise ValueError(f"ep={ep} needs a mixture-of-experts model; this {type(config).__name__} has no MoE layer: "
+                         "use ep=1")
+    valid = valid_ep_degrees(config, dp_shard, cp, tp)
+    if ep not in valid:
+        raise ValueError(
+            f"ep={ep} does not fit num_local_experts={config.num_local_experts} over dp_shard*cp*tp="
+            f"{dp_shard * cp * tp} ranks (dp_shard={dp_shard}, cp={cp}, tp={tp}; ep must divide both); "
+            f"choose ep in {valid}"
+        )
+
+
 def check_tp(config: ModelConfig, tp: int) -> None:
     if tp > 1 and tp not in valid_tp_degrees(config):
         raise ValueError(
@@ -64,7 +92,8 @@ def check_tp(config: ModelConfig, tp: int) -> None:
 
 @dataclass
 class ParallelDims:
-    """Degrees of the five mesh dims; after `build_mesh` it also owns the meshes (`dims.mesh("tp")`).
+    """Degrees of the five mesh dims and of expert parallel (`ep`, carved from `dp_shard x cp x tp`); after
+    `build_mesh` it also owns the meshes (`dims.mesh("tp")`).
 
     Callers never slice a mesh themselves, so no code can pair a mesh with dims it disagrees with.
     """
@@ -74,11 +103,12 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     _meshes: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def resolve(self, world_size: int, config: ModelConfig | None = None) -> "ParallelDims":
         """A copy with `dp_shard` resolved, or a ValueError naming the bad degree and the fix."""
-        for name in DIM_NAMES:
+        for name in (*DIM_NAMES, "ep"):
             v = getattr(self, name)
             if not isinstance(v, int) or (v < 1 and not (name == "dp_shard" and v == -1)):
                 raise ValueError(f"{name}={v!r} must be a positive integer" + (" or -1" if name == "dp_shard" else ""))
@@ -96,9 +126,13 @@ class ParallelDims:
                 f"pp*dp_replicate*dp_shard*cp*tp = {fixed * dp_shard} != world size {world_size}; "
                 "set dp_shard=-1 to take the remaining ranks"
             )
-        dims = ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp)
+        dims = ParallelDims(self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.ep)
         if config is not None:
             dims.check_model(config)
+        elif (dp_shard * self.cp * self.tp) % self.ep:  # a config names the experts too; without one, the ranks
+            ranks = dp_shard * self.cp * self.tp
+            raise ValueError(f"ep={self.ep} does not divide dp_shard*cp*tp={ranks} (the ranks experts are spread "
+                             f"over); choose ep in {[e for e in range(1, ranks + 1) if ranks % e == 0]}")
         return dims
 
     def check_model(self, config: ModelConfig, compile: bool = False, ac: str = "none",
@@ -109,6 +143,7 @@ class ParallelDims:
             raise ValueError("call ParallelDims.resolve(world_size) first (dp_shard is still -1)")
         check_tp(config, self.tp)
         check_cp(config, self.cp, self.tp)
+        check_ep(config, self.ep, self.dp_shard, self.cp, self.tp)
         if compile and self.tp > 1 and ac == "full" and device_type == "cpu":
             # torch 2.13 on CPU: full AC recomputes the CPU SDPA op (tagged random-seeded), and AOTAutograd's
             # RNG functionalization appends its state after the DeviceMesh inputs that DTensor parameters
@@ -126,6 +161,10 @@ class ParallelDims:
     @property
     def tp_enabled(self) -> bool:
         return self.tp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
 
     @property
     def cp_enabled(self) -> bool:
@@ -176,6 +215,11 @@ class ParallelDims:
         self._meshes["fsdp"] = dense["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else dense["dp_shard_cp"]
         self._meshes["dp"] = reduce["dp"]
         self._meshes["batch"] = data["batch"]
+        if self.ep_enabled or self.tp_enabled:  # under TP the experts' FSDP mesh sums the TP ranks' tokens too
+            moe = root._unflatten(0, (self.pp, self.dp_replicate, self.dp_shard * self.cp * self.tp // self.ep,
+                                      self.ep), ("pp", "dp_replicate", "efsdp", "ep"))
+            self._meshes["ep"] = moe["ep"]
+            self._meshes["efsdp"] = moe["dp_replicate", "efsdp"] if self.dp_replicate > 1 else moe["efsdp"]
         return full
 
     @property
@@ -184,7 +228,8 @@ class ParallelDims:
 
     def mesh(self, name: str) -> DeviceMesh:
         """One of the meshes built by `build_mesh`: a dim of `DIM_NAMES`, `dp_shard_cp`, `fsdp`, `dp`, `batch`,
-        `world` (all five dims) or `flat` (all ranks in one dim)."""
+        `world` (all five dims), `flat` (all ranks in one dim), and with ep > 1 `ep` and `efsdp` (the routed
+        experts' FSDP mesh: `dp_shard*cp*tp/ep` ranks, or `(dp_replicate, efsdp)` for HSDP)."""
         if not self._meshes:
             raise ValueError("call dims.build_mesh() on every rank before asking for a mesh")
         if name not in self._meshes:

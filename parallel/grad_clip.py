@@ -22,10 +22,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, pp_mesh
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
         key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
-        groups.setdefault(key, []).append(p.grad)
+        groups.setdefault(key, []).append(p)
     norms = []
-    for grads in groups.values():
-        n = torch.nn.utils.get_total_norm(grads, norm_type)
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
         norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type) if norms else torch.tensor(0.0)
     if pp_mesh is not None and pp_mesh.size() > 1:
@@ -38,5 +38,6 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, pp_mesh
             total = total.pow(1.0 / norm_type)
     if not params:
         return total
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    for group in groups.values():  # one foreach op per mesh: DTensor ops take one mesh (e.g. experts on `ep`)
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

@@ -10,6 +10,7 @@ from .batch_check import apply_batch_check
 from .compile import apply_compile
 from .cp import apply_cp, cp_batch_check
 from .dims import ParallelDims
+from .ep import apply_ep, apply_moe_compile, moe_layers, shard_experts
 from .fsdp import apply_fsdp
 from .options import CompileOptions, FSDPOptions
 from .tp import apply_tp
@@ -25,7 +26,8 @@ def parallelize(
     fsdp: FSDPOptions | None = None,
     param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """Apply TP/SP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP -> batch check,
+    """Apply TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
+    experts first, over `efsdp`) -> batch check,
     in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm` calls it per stage).
 
     `dims` must have built its meshes (`dims.build_mesh()`); `mesh`, if given, must be the one it
@@ -39,13 +41,21 @@ def parallelize(
                      cpu_offload=fsdp.cpu_offload)
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"))
+    if dims.ep_enabled:
+        apply_ep(model, dims.mesh("ep"))
     if dims.cp_enabled:
         apply_cp(model, dims.mesh("cp"))
     apply_ac(model, ac)
     if compile is not None:
-        apply_compile(model, compile.backend)
+        (apply_moe_compile if moe_layers(model) else apply_compile)(model, compile.backend)
     # FSDP also carries mixed precision: with a param dtype it is applied even on a single dp rank.
-    if dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload:
+    use_fsdp = dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload
+    # Under EP or TP, routed experts first, over their own mesh (the layers' FSDP then leaves them be); under TP
+    # even without FSDP elsewhere, since their reduce-scatter is what sums the TP ranks' token shards. Otherwise
+    # they are dense parameters of their layer's FSDP group.
+    if moe_layers(model) and ((dims.ep_enabled and use_fsdp) or dims.tp_enabled):
+        shard_experts(model, dims.mesh("efsdp"), fsdp, dims.mesh("dp").size())
+    if use_fsdp:
         apply_fsdp(model, dims.mesh("fsdp"), fsdp)
     # Under pp the pipeline validates each step's batch before its schedule runs (`Pipeline.split`).
     if dims.world_size > 1 and not dims.pp_enabled:

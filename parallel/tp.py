@@ -7,6 +7,9 @@ the output back to tokens. Embedding and output head are vocab-parallel (`Shard(
 the head's log-probs, entropy and loss are computed without gathering full-vocab logits
 (`dtllama.ops.linear_logprobs_entropy` sees the DTensor weight). When `tp` exceeds the KV heads,
 each rank computes all KV heads and keeps the one its query heads use (`ReplicatedKV`).
+Llama 4 (`Llama4ForCausalLM`) takes the same attention plan; its dense layers' `feed_forward` and its MoE
+layers' shared expert are SwiGLUs as above, while its router and routed experts work on this rank's own
+tokens (`RoutedRouter`; the experts are sharded by `parallel.ep`, never by TP).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from dtllama.llama4 import Llama4ForCausalLM
 from dtllama.model import LlamaForCausalLM, LlamaForValue
 
 from .dims import check_tp
@@ -86,32 +90,71 @@ class ReplicatedHead(ParallelStyle):
         return distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
 
 
-def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> None:
+class RoutedRouter(ParallelStyle):
+    """A MoE router (`nn.Linear` to expert logits) on this rank's token shard, weight replicated: all tokens'
+    logits are computed on every TP rank and each keeps its own tokens'.
+
+    The routed experts take this rank's tokens only (`parallel.ep`), so the logits' gradient differs per rank;
+    the `Replicate -> Shard(0)` of the logits all-gathers it in backward, so the replicated weight receives the
+    same, complete gradient on every rank (as `ReplicatedKV`). The router is small: E outputs per token."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def input_fn(mod, inputs, mesh):
+            return DTensor.from_local(inputs[0], mesh, [Shard(0)], run_check=False).redistribute(mesh, [Replicate()])
+
+        def output_fn(mod, out, mesh):
+            return out.redistribute(mesh, [Shard(0)]).to_local()
+
+        return distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
+
+
+def _to_all_tokens(n_args: int) -> PrepareModuleInput:
+    rest = (None,) * (n_args - 1)  # the attention's positions and spans pass through untouched
+    return PrepareModuleInput(
+        input_layouts=(Shard(0), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
+    )
+
+
+def _swiglu_plan(prefix: str) -> dict[str, ParallelStyle]:
+    """A SwiGLU on all tokens: column-wise gate/up, row-wise down reduce-scattered back to tokens."""
+    return {
+        prefix: _to_all_tokens(1),
+        f"{prefix}.gate_proj": ColwiseParallel(),
+        f"{prefix}.up_proj": ColwiseParallel(),
+        f"{prefix}.down_proj": RowwiseParallel(output_layouts=Shard(0)),
+    }
+
+
+def _feed_forward_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
+    """The dense models' `mlp`, Llama 4's dense `feed_forward`, or its MoE: the router and the routed experts on
+    this rank's tokens (the experts are sharded by `parallel.ep`, never by TP), the shared expert as a SwiGLU."""
+    if hasattr(layer, "mlp"):
+        return _swiglu_plan("mlp")
+    if not hasattr(layer.feed_forward, "router"):
+        return _swiglu_plan("feed_forward")
+    keep_tokens = PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
+                                     use_local_output=True)
+    return {"feed_forward": keep_tokens, "feed_forward.router": RoutedRouter(),
+            **_swiglu_plan("feed_forward.shared_expert")}
+
+
+def apply_tp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, tp_mesh: DeviceMesh) -> None:
     """Shard `model` in place over the 1-D `tp_mesh` (tensor + sequence parallel)."""
     config, tp = model.config, tp_mesh.size()
     check_tp(config, tp)
     kv = ColwiseParallel() if config.num_key_value_heads % tp == 0 else ReplicatedKV(config.head_dim)
-    def to_all_tokens(n_args: int) -> PrepareModuleInput:
-        rest = (None,) * (n_args - 1)  # cos, sin, cu_seqlens, max_seqlen pass through untouched
-        return PrepareModuleInput(
-            input_layouts=(Shard(0), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True
-        )
-
-    layer_plan = {
+    attn_args = 3 if isinstance(model, Llama4ForCausalLM) else 5  # (x, freqs_cis, spans) / (x, cos, sin, cu, max)
+    attention_plan = {
         "input_layernorm": SequenceParallel(sequence_dim=0),
-        "self_attn": to_all_tokens(5),
+        "self_attn": _to_all_tokens(attn_args),
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": kv,
         "self_attn.v_proj": kv,
         "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
         "post_attention_layernorm": SequenceParallel(sequence_dim=0),
-        "mlp": to_all_tokens(1),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(0)),
     }
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, layer_plan)
+        parallelize_module(layer, tp_mesh, {**attention_plan, **_feed_forward_plan(layer)})
     plan = {}  # a pipeline stage may lack the embedding, or the final norm and the head
     if model.model.embed_tokens is not None:
         plan["model.embed_tokens"] = TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0))
@@ -125,4 +168,4 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue, tp_mesh: DeviceMesh) -> No
     parallelize_module(model, tp_mesh, plan)
 
 
-__all__ = ["ReplicatedHead", "ReplicatedKV", "TokenShardedEmbedding", "apply_tp"]
+__all__ = ["ReplicatedHead", "ReplicatedKV", "RoutedRouter", "TokenShardedEmbedding", "apply_tp"]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import dtllama
+from dtllama.llama4 import Llama4Config, Llama4ForCausalLM
 from dtllama.model import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
 from dtllama.parallel import CompileOptions, ParallelDims, clip_grad_norm_, parallelize
@@ -33,7 +34,18 @@ def random_sequences(lengths, vocab_size: int, g: torch.Generator):
     return seqs, labels
 
 
-def build(config: dtllama.ModelConfig, value: bool):
+def model_config(config_dict: dict):
+    """A dense `ModelConfig`, or a `Llama4Config` (MoE) for `model_type="llama4_text"`."""
+    if config_dict.get("model_type") == "llama4_text":
+        return Llama4Config(**config_dict)
+    return dtllama.ModelConfig(**config_dict)
+
+
+def build(config, value: bool):
+    if isinstance(config, Llama4Config):
+        if value:
+            raise ValueError("Llama 4 has no value head; draw value=False for a llama4_text case")
+        return Llama4ForCausalLM(config)
     cls = dtllama.LlamaForValue if value else dtllama.LlamaForCausalLM
     return cls(config)
 
@@ -108,7 +120,7 @@ def step(model, loss, pp_mesh=None):
 
 
 def reference(config_dict: dict, seqs, labels_list, seed: int, value: bool):
-    config = dtllama.ModelConfig(**config_dict)
+    config = model_config(config_dict)
     model = build(config, value)
     model.init_weights(seed)
     n_global = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list)
@@ -133,7 +145,7 @@ def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, valu
 
     `compile_backend`: compile each block with it (the pool's dynamo caches are reset first: every
     example is a new model, and a full recompile cache would silently fall back to eager)."""
-    config = dtllama.ModelConfig(**config_dict)
+    config = model_config(config_dict)
     ParallelDims(**layout).resolve(dist.get_world_size(), config)  # validates against this config
     key = tuple(sorted(layout.items()))
     if key not in _DIMS:  # process groups are created once per layout and reused across examples
@@ -165,7 +177,7 @@ def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, valu
 def validate_rank(config_dict: dict, layout: dict) -> str | None:
     """On every rank: validate a layout as `run_rank` does first; return the error message, if any."""
     try:
-        ParallelDims(**layout).resolve(dist.get_world_size(), dtllama.ModelConfig(**config_dict))
+        ParallelDims(**layout).resolve(dist.get_world_size(), model_config(config_dict))
     except ValueError as e:
         return str(e)
     return None
@@ -222,3 +234,44 @@ def pretrained_cp_logprobs(path: str, seqs: list[torch.Tensor], cp: int) -> torc
     with torch.no_grad():
         lp = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels).logprobs
     return cp_gather(lp, dims.mesh("cp"))[:ids.numel()]
+
+
+def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int, folder: str, save: bool):
+    """On every rank: AdamW training of a parallelized model, 3 steps on the same batch. `save`: init from `seed`,
+    take step 1, checkpoint to `folder` (DCP, `Checkpointer`); otherwise init from another seed and resume from
+    `folder`. Then steps 2 and 3; returns their global losses (the sum over the data-parallel ranks' sequences)."""
+    from dtllama.checkpoint import Checkpointer, TrainState
+
+    config = model_config(config_dict)
+    key = tuple(sorted(layout.items()))
+    if key not in _DIMS:
+        _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
+        _DIMS[key].build_mesh("cpu")
+    dims = _DIMS[key]
+    with torch.device("meta"):
+        model = build(config, value=False)
+    parallelize(model, dims)
+    model.to_empty(device="cpu")
+    model.init_weights(seed if save else seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-2, weight_decay=0.1, foreach=False)
+    batch = dims.mesh("batch")
+    mine = list(range(batch.get_local_rank(), len(seqs), batch.size()))
+    n_global = max(sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list), 1)
+
+    def train_step() -> float:
+        loss, _ = objective(model, [seqs[i] for i in mine], [labels_list[i] for i in mine], False, n_global,
+                            dims.mesh("dp").size(), dims.token_multiple)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach() / dims.mesh("dp").size()
+        dist.all_reduce(total, group=batch.get_group())
+        return float(total)
+
+    checkpointer, state = Checkpointer(folder), TrainState(model, opt)
+    if save:
+        train_step()
+        checkpointer.save(1, state)
+    else:
+        assert checkpointer.load_latest(state) == 1
+    return [train_step(), train_step()]

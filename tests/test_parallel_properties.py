@@ -2,7 +2,8 @@
 
 Hypothesis draws a world size (1, 2 or 4), a layout that factorizes it (`dp_replicate x dp_shard x
 cp x tp`), model dims consistent with it (query/KV heads incl. `tp > kv`, explicit head_dim, vocab not
-divisible by tp, tied or not, Qwen2 biases), activation checkpointing, and a random packed batch.
+divisible by tp, tied or not, Qwen2 biases), activation checkpointing, and a random packed batch; and,
+for the Llama 4 MoE model, layouts with expert parallel (`ep`, with tp and HSDP).
 A persistent pool of gloo workers (`pool.py`) runs the sharded computation; the reference runs here.
 
 Settings: `max_examples` below (200 in all per CI run), `deadline=None` (an example's time is
@@ -19,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from helpers import rel_err as rel
 from hypothesis import strategies as st
-from parallel_cases import random_sequences, reference, run_rank, validate_rank
+from parallel_cases import model_config, random_sequences, reference, run_rank, validate_rank
 from pool import get_pool
 
 import dtllama
@@ -86,11 +87,48 @@ def test_compiled_tensor_parallel_blocks_match_single_device(case):
     check_case(case, compile_backend="aot_eager")
 
 
+@st.composite
+def moe_cases(draw):
+    """A Llama 4 MoE case: world 2 or 4, `tp` and HSDP as above (no cp: Llama 4's chunked spans are not
+    CP-sharded), `ep` any valid degree (1 included), 2-8 experts with top-1 or top-2 routing, every layer MoE or
+    a dense layer first."""
+    world = draw(st.sampled_from([2, 4]))
+    tp = draw(st.sampled_from([t for t in (1, 2) if world % t == 0]))
+    dp_replicate = draw(st.sampled_from([r for r in (1, 2) if (world // tp) % r == 0]))
+    dp_shard = world // tp // dp_replicate
+    experts = draw(st.sampled_from([2, 4, 8]))
+    ep = draw(st.sampled_from([e for e in (1, 2, 4) if experts % e == 0 and (dp_shard * tp) % e == 0]))
+    config = dict(
+        model_type="llama4_text", vocab_size=draw(st.integers(40, 130)), hidden_size=draw(st.sampled_from([16, 32])),
+        intermediate_size=tp * draw(st.integers(2, 8)), intermediate_size_mlp=tp * draw(st.integers(2, 8)),
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=draw(st.sampled_from([2, 4])), head_dim=8,
+        rms_norm_eps=1e-5, rope_theta=1e4, attention_chunk_size=draw(st.sampled_from([None, 3, 8])),
+        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1, no_rope_layer_interval=2,
+        use_qk_norm=draw(st.booleans()), num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, 2)),
+        moe_layers=draw(st.sampled_from([None, [1]])), tie_word_embeddings=draw(st.booleans()),
+        initializer_range=0.2, torch_dtype="float32",
+    )
+    n_batch = world // tp
+    lengths = draw(st.lists(st.integers(1, 12), min_size=n_batch, max_size=n_batch + 3))
+    seed = draw(st.integers(0, 2**16))
+    seqs, labels = random_sequences(lengths, config["vocab_size"], torch.Generator().manual_seed(seed))
+    layout = dict(dp_replicate=dp_replicate, dp_shard=-1, tp=tp, ep=ep)
+    return world, layout, config, seqs, labels, seed, False, draw(st.sampled_from(["none", "full", "selective"]))
+
+
+# Each example builds and runs the MoE model on a 4-rank pool in ~2 s; a few examples per run keep the suite's time
+# while hypothesis draws fresh layouts every run (tests/test_ep.py pins the acceptance layouts).
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=moe_cases())
+def test_any_expert_parallel_layout_matches_single_device(case):
+    check_case(case)
+
+
 def check_case(case, compile_backend=None):
     world, layout, config, seqs, labels, seed, value, ac = case
     results = get_pool(world).run(run_rank, config, layout, seqs, labels, seed, value, ac, compile_backend)
     outs, grads, params, norm = reference(config, seqs, labels, seed, value)
-    dims = ParallelDims(**layout).resolve(world, dtllama.ModelConfig(**config))
+    dims = ParallelDims(**layout).resolve(world, model_config(config))
     for rank, r in enumerate(results):
         # (a) forward outputs of this rank's sequences. A value is one dot product of a unit-RMS
         # hidden state with the head's weights, which can cancel to far below its terms (a value of
@@ -120,7 +158,7 @@ def check_case(case, compile_backend=None):
 
 
 def expected_tp_placement(name: str, config: dict, tp: int) -> str:
-    if name.endswith("norm.weight") or name.startswith("score."):
+    if name.endswith("norm.weight") or name.startswith("score.") or ".router." in name:
         return "R"
     if ".k_proj." in name or ".v_proj." in name:
         return "S(0)" if config["num_key_value_heads"] % tp == 0 else "R"
@@ -131,7 +169,32 @@ def expected_tp_placement(name: str, config: dict, tp: int) -> str:
     return "S(0)"  # q/gate/up (weights and biases), embedding and lm_head rows
 
 
+def check_expert_placement(name: str, place, dims: ParallelDims) -> None:
+    """Routed experts: `S(0)` over `ep`, FSDP over `efsdp` (with dp_replicate for HSDP) wherever FSDP runs or TP
+    needs their reduction, never on the TP mesh."""
+    dp = dims.dp_replicate * dims.dp_shard * dims.cp
+    if dims.ep == 1 and dims.tp == 1:  # dense parameters of their layer's FSDP group
+        assert place == ((("dp_replicate",) if dims.dp_replicate > 1 else ()) + ("dp_shard_cp",),
+                         (("R",) if dims.dp_replicate > 1 else ()) + ("S(0)",)) if dp > 1 else place is None, place
+        return
+    fsdp = dp > 1 or dims.tp > 1
+    expected = (("dp_replicate",) if dims.dp_replicate > 1 else ()) + (("efsdp",) if fsdp else ())
+    expected += ("ep",) if dims.ep > 1 else ()
+    if not expected:
+        assert place is None, (name, place)
+        return
+    mesh_dims, placements = place
+    assert mesh_dims == expected, (name, mesh_dims)
+    if dims.ep > 1:
+        assert placements[-1] == "S(0)", (name, placements)
+    if fsdp:  # FSDP shards dim 0 again (strided when ep has sharded it already)
+        f = placements[-2 if dims.ep > 1 else -1]
+        assert f == "S(0)" or f.startswith("_S"), (name, placements)
+
+
 def check_placement(name: str, place, dims: ParallelDims, config: dict) -> None:
+    if ".experts." in name:
+        return check_expert_placement(name, place, dims)
     dp = dims.dp_replicate * dims.dp_shard * dims.cp  # FSDP shards over dp_shard x cp
     if dp == 1 and dims.tp == 1:
         assert place is None, (name, place)
