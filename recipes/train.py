@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1, help="Ulysses context parallel degree (splits each batch's tokens)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel degree (MoE models; carved from dp_shard*cp*tp)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel degree")
     p.add_argument("--pp-schedule", default="1F1B", choices=list(SCHEDULES), help="pipeline schedule (with --pp > 1)")
     p.add_argument("--microbatches", type=int, default=4, help="pipeline microbatches per step")
@@ -216,7 +217,8 @@ def build_model(args, config, source, device):
     """Meta model -> pipeline stages (pp > 1) -> parallelize -> materialize -> init or load (each rank reads only
     its shards). Returns `(model, dims, pipeline or None)`; under pp, `model` is this rank's part of the model."""
     # Validate the layout against world size and model before any collective can hang on it.
-    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp, pp=args.pp)
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp, pp=args.pp,
+                        ep=args.ep)
     dims = dims.resolve(dist.get_world_size(), config)
     pp_options = None
     if dims.pp_enabled:
@@ -224,9 +226,9 @@ def build_model(args, config, source, device):
         tokens += -tokens % dims.token_multiple
         pp_options = PipelineOptions(args.pp_schedule, args.microbatches, tokens)
         pp.check_options(config, dims, pp_options)
-    if isinstance(config, Llama4Config) and (dims.pp_enabled or dims.cp > 1 or dims.tp > 1):
-        raise ValueError(f"{dims}: Llama 4 models train with data parallelism (dp_shard, dp_replicate) here; "
-                         "pp, cp and tp are not wired for them yet: set them to 1")
+    if isinstance(config, Llama4Config) and (dims.pp_enabled or dims.cp > 1):
+        raise ValueError(f"{dims}: Llama 4 models train with dp_shard, dp_replicate, tp and ep here; pp and cp are "
+                         "not wired for them yet (chunked attention would need the global positions): set them to 1")
     dims.build_mesh(device.type)
     with torch.device("meta"):
         model = (Llama4ForCausalLM if isinstance(config, Llama4Config) else dtllama.LlamaForCausalLM)(config)
@@ -295,12 +297,13 @@ def train_step(model, opt, sched, batch: list[Example], dims, args, filler: Exam
     reported = reported / dp_mesh.size()
     dist.all_reduce(reported, group=dp_mesh.get_group())
     stepped = step_if_finite(opt, sched, float(reported), grad_norm, args.on_nonfinite)
-    return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped, **router.metrics(dp_mesh))
+    return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped, **router.metrics())
 
 
 class RouterTotals:
     """A MoE model's router statistics over a step's micro-batches: tokens per expert (summed over MoE layers, then
-    over all data-parallel ranks) and the mean load-balance loss, which joins the training loss (the LM `loss`
+    over all ranks: data-parallel ranks hold other sequences, TP ranks other token shards) and the mean load-balance
+    loss, which joins the training loss (the LM `loss`
     metric stays without it). Empty for dense models."""
 
     def __init__(self):
@@ -317,10 +320,10 @@ class RouterTotals:
         self.aux, self.n = self.aux + float(stats.aux_loss.detach()), self.n + 1
         return stats.aux_loss / n_microbatches
 
-    def metrics(self, dp_mesh) -> dict:
+    def metrics(self) -> dict:
         if self.counts is None:
             return {}
-        dist.all_reduce(self.counts, group=dp_mesh.get_group())
+        dist.all_reduce(self.counts)
         out = {"tokens_per_expert": self.counts.tolist(),
                "expert_load_max_over_mean": float(self.counts.max() / self.counts.float().mean().clamp_min(1))}
         if self.n:

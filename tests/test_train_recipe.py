@@ -30,8 +30,9 @@ def test_train_recipe_loss_falls_and_export_loads_in_transformers(tmp_path):
     assert rel_err(got, ref) <= 1e-5  # fp32, same checkpoint (see test_hf_parity)
 
 
-def test_llama4_moe_trains_on_two_processes_with_the_one_process_losses_and_exports(tmp_path):
-    """A Llama 4 MoE flavor through the recipe: FSDP over 2 processes gives the 1-process losses and router counts
+def test_llama4_moe_trains_with_fsdp_and_expert_parallel_with_the_one_process_losses_and_exports(tmp_path):
+    """A Llama 4 MoE flavor through the recipe: FSDP over 2 processes, and expert parallel (`--ep 2`: two experts
+    per rank, tokens sent to their experts by all-to-all), give the 1-process losses and router counts
     (tokens per expert over all ranks: each of the 4 layers routes every token once), and the export loads in
     transformers' Llama4ForCausalLM with our logits."""
     from transformers import AutoModelForCausalLM
@@ -41,7 +42,8 @@ def test_llama4_moe_trains_on_two_processes_with_the_one_process_losses_and_expo
     common = ("--steps", "3", "--batch-tokens", "600", "--lr", "3e-3")
     one = train(tmp_path, 1, *common, "--export-hf", "", flavor="llama4-debug")
     two = train(tmp_path, 2, *common, "--export-hf", str(tmp_path / "export"), flavor="llama4-debug")
-    for a, b in zip(one, two):
+    ep = train(tmp_path, 2, *common, "--ep", "2", "--export-hf", "", flavor="llama4-debug")
+    for a, b in [*zip(one, two), *zip(one, ep)]:
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
         # Tokens are packed differently on 2 ranks: fp32 rounding flips a few near-tie top-1 choices (~0.5% by step 3).
         assert sum(a["tokens_per_expert"]) == sum(b["tokens_per_expert"]) == 4 * a["tokens"]
