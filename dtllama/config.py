@@ -147,11 +147,7 @@ class ModelConfig:
 
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """A `config.json` dict that transformers 4 and 5 both load as this model."""
-        d = dict(self.extra)
-        d.pop("quantization_config", None)
-        for f in dataclasses.fields(self):
-            if f.name not in ("extra", "rope_scaling"):
-                d[f.name] = getattr(self, f.name)
+        d = fields_for_hf(self)
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d.setdefault("use_sliding_window", False)
@@ -171,6 +167,17 @@ class ModelConfig:
         layer = attn + mlp + 2 * h
         head = h + self.score_bias if value_head else (0 if self.tie_word_embeddings else self.vocab_size * h)
         return self.vocab_size * h + self.num_hidden_layers * layer + h + head
+
+
+def fields_for_hf(config) -> dict[str, Any]:
+    """A config dataclass's fields as `config.json` keys, over the source file's uninterpreted ones (`extra`, less
+    any quantization: weights are written in plain dtypes); `rope_scaling` is left to the caller's spelling."""
+    d = dict(config.extra)
+    d.pop("quantization_config", None)
+    for f in dataclasses.fields(config):
+        if f.name not in ("extra", "rope_scaling"):
+            d[f.name] = getattr(config, f.name)
+    return d
 
 
 def read_config_json(path_or_dict: str | os.PathLike | dict) -> dict:

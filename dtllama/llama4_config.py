@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ROPE_TYPES, _check_rope, _read_rope, read_config_json
+from .config import ROPE_TYPES, _check_rope, _read_rope, fields_for_hf, read_config_json
 
 DEFAULT_ROPE_THETA = 500000.0  # Llama4TextConfig.default_theta: what a config without any theta means
 
@@ -140,11 +140,7 @@ class Llama4Config:
 
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """A `config.json` dict (model_type "llama4_text") that transformers 4 and 5 load as this model."""
-        d = dict(self.extra)
-        d.pop("quantization_config", None)
-        for f in dataclasses.fields(self):
-            if f.name not in ("extra", "rope_scaling"):
-                d[f.name] = getattr(self, f.name)
+        d = fields_for_hf(self)
         d["architectures"] = ["Llama4" + architecture]
         d["hidden_act"] = "silu"
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
