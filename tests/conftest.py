@@ -24,6 +24,16 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_worker_pools_after_each_module():
+    """Worker pools live for a module: the next module's torchrun tests then run without them."""
+    yield
+    import sys
+
+    if "pool" in sys.modules:  # only where a test used one
+        sys.modules["pool"].close_pools()
+
+
 def hf_model(family: str, seed: int = 0, head: str = "ForCausalLM", **overrides):
     """A tiny HF model of `family` with every parameter random (biases and norms too); `overrides` are config
     fields on top of the family's (e.g. `pad_token_id`)."""

@@ -37,6 +37,12 @@ import time
 import traceback
 
 _CTX = mp.get_context("spawn")
+# Every DeviceMesh a task builds adds process groups, and gloo keeps threads for each (a device loop and work
+# threads) for the life of the process; a worker that ran a few hundred property examples held thousands of
+# threads, and the load average passed 400 on 2 cores, slowing every test after. Destroying a task's groups is not
+# safe (torch caches groups by name, e.g. for functional collectives), so a pool whose workers hold more than
+# this many groups is restarted after the task.
+MAX_GROUPS = 60
 GRACE = 5.0  # once one rank has failed, wait at most this long for the rest (they may hang in a collective)
 
 
@@ -90,7 +96,10 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: lis
             fn, args, kwargs = pickle.loads(blob)
             # Pickle here, by value: a bad result is reported as this rank's error, and tensors don't travel
             # through torch's shared-memory reductions, which would need file descriptors kept alive.
-            reply = (True, pickle.dumps(fn(*args, **kwargs)))
+            result = fn(*args, **kwargs)
+            from torch.distributed.distributed_c10d import _world
+
+            reply = (True, pickle.dumps((result, len(_world.pg_map))))
         except BaseException:  # pytest.skip/fail outcomes are BaseExceptions too
             reply = (False, traceback.format_exc())
         result_q.put((rank, task_id, *reply))
@@ -220,7 +229,10 @@ class WorkerPool:
             self._restart()
             raise TimeoutError(f"{name} timed out after {self.timeout:g} s on world {self.world_size}: "
                                f"ranks {missing} did not answer (pool restarted)")
-        return [pickle.loads(ok[r]) for r in range(self.world_size)]
+        results, groups = zip(*(pickle.loads(ok[r]) for r in range(self.world_size)))
+        if max(groups) > MAX_GROUPS:
+            self._restart()  # fresh workers, started now, awaited by the next run()
+        return list(results)
 
     def close(self) -> None:
         """Ask the workers to leave, give them a few seconds, then kill whatever is left."""
@@ -247,7 +259,7 @@ _POOLS: dict[int, WorkerPool] = {}
 
 
 def get_pool(world_size: int) -> WorkerPool:
-    """The pool for `world_size`, started on first use and kept for the whole session (closed at exit)."""
+    """The pool for `world_size`, started on first use and kept until `close_pools` (after each test module)."""
     pool = _POOLS.get(world_size)
     if pool is None or pool.closed:
         pool = _POOLS[world_size] = WorkerPool(world_size)
@@ -255,6 +267,8 @@ def get_pool(world_size: int) -> WorkerPool:
 
 
 @atexit.register
-def _close_pools() -> None:
+def close_pools() -> None:
+    """Close every pool (at exit, and after each test module: idle workers should not hold threads meanwhile)."""
     for pool in _POOLS.values():
         pool.close()
+    _POOLS.clear()
