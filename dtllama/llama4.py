@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -298,13 +298,18 @@ class RouterStats:
     aux_loss: torch.Tensor | None
 
 
-def router_stats(router_logits: list[torch.Tensor], top_k: int, coef: float) -> RouterStats | None:
+def router_stats(router_logits: list[torch.Tensor], top_k: int, coef: float,
+                 token_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RouterStats | None:
     """Counts of the routing `route` made, and the Switch Transformer load-balance loss (arXiv:2101.03961, eq. 4)
     `coef * E * sum_e f_e * P_e` per layer, averaged over MoE layers: `f_e` the share of tokens sent to expert e
     (of T, so top-k routing sums to k, as HF's `load_balancing_loss_func` counts), `P_e` the mean softmax router
     probability (the differentiable part). HF's Llama 4 text model computes no such loss (its config's
     `router_aux_loss_coef` is unused there); this is that helper's formula, per layer rather than over all
-    layers' tokens pooled."""
+    layers' tokens pooled.
+
+    `token_sum`: where this rank holds a shard of the sequences' tokens (sequence parallel), the sum over the
+    ranks holding the others, so `f_e` and `P_e` are means over all the sequences' tokens as on one device.
+    The counts returned stay this rank's own."""
     if not router_logits:
         return None
     logits = torch.stack(router_logits)  # [L, T, E]
@@ -312,8 +317,10 @@ def router_stats(router_logits: list[torch.Tensor], top_k: int, coef: float) -> 
     counts = expert_counts(torch.topk(logits.detach(), top_k, dim=-1).indices.reshape(n_layers, -1), E)
     if not coef:
         return RouterStats(counts, None)
-    share = counts.float() / max(T, 1)
-    prob = torch.softmax(logits.float(), dim=-1).mean(1)
+    total = token_sum or (lambda x: x)
+    n_tokens = total(torch.tensor(float(T), device=logits.device)).clamp_min(1)
+    share = total(counts.float()) / n_tokens
+    prob = total(torch.softmax(logits.float(), dim=-1).sum(1)) / n_tokens
     return RouterStats(counts, coef * E * (share * prob).sum(-1).mean())
 
 
@@ -335,6 +342,9 @@ class Llama4ForCausalLM(nn.Module):
         h, v = config.hidden_size, config.vocab_size
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(h, v, bias=False)
         self.logprobs_head = LogprobsHead()
+        # Sums a tensor over the ranks that hold other token shards of this rank's sequences (set by the TP plan,
+        # whose sequence parallelism deals tokens over TP ranks), so the load-balance loss is that of all tokens.
+        self.router_token_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -349,7 +359,8 @@ class Llama4ForCausalLM(nn.Module):
         batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
                               attention_mask)
         h, router_logits = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        stats = router_stats(router_logits, self.config.num_experts_per_tok, self.config.router_aux_loss_coef)
+        stats = router_stats(router_logits, self.config.num_experts_per_tok, self.config.router_aux_loss_coef,
+                             self.router_token_sum)
         if batch.labels is None:
             logits = linear_logits(h, self.output_weight, temperature)
             return Llama4CausalLMOutput(logits=batch.repad(logits), router_stats=stats)

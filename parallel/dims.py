@@ -22,12 +22,23 @@ from dtllama.config import ModelConfig
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
+def _mlp_widths(config: ModelConfig) -> dict[str, int]:
+    """The SwiGLU widths TP splits: `intermediate_size`, and Llama 4's `intermediate_size_mlp` when it has dense
+    layers (its MoE layers' shared expert is `intermediate_size` wide; routed experts are never TP-split)."""
+    widths = {"intermediate_size": config.intermediate_size}
+    moe_layers = getattr(config, "moe_layers", None)
+    if moe_layers is not None and len(moe_layers) < config.num_hidden_layers:
+        widths["intermediate_size_mlp"] = config.intermediate_size_mlp
+    return widths
+
+
 def valid_tp_degrees(config: ModelConfig) -> list[int]:
-    """TP degrees the plan supports: whole query heads per rank, KV heads split or replicated evenly."""
+    """TP degrees the plan supports: whole query heads per rank, KV heads split or replicated evenly, every
+    SwiGLU width split evenly."""
     q, kv = config.num_attention_heads, config.num_key_value_heads
     return [
         t for t in range(1, q + 1)
-        if q % t == 0 and (kv % t == 0 or t % kv == 0) and config.intermediate_size % t == 0
+        if q % t == 0 and (kv % t == 0 or t % kv == 0) and all(w % t == 0 for w in _mlp_widths(config).values())
     ]
 
 
@@ -85,7 +96,8 @@ def check_tp(config: ModelConfig, tp: int) -> None:
     if tp > 1 and tp not in valid_tp_degrees(config):
         raise ValueError(
             f"tp={tp} does not fit num_attention_heads={config.num_attention_heads}, "
-            f"num_key_value_heads={config.num_key_value_heads}, intermediate_size={config.intermediate_size}; "
+            f"num_key_value_heads={config.num_key_value_heads}, "
+            + "".join(f"{k}={v}, " for k, v in _mlp_widths(config).items()).rstrip(", ") + "; "
             f"choose tp in {valid_tp_degrees(config)}"
         )
 

@@ -14,6 +14,8 @@ tokens (`RoutedRouter`; the experts are sharded by `parallel.ep`, never by TP).
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
@@ -108,6 +110,23 @@ class RoutedRouter(ParallelStyle):
         return distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)
 
 
+class _SumOverTokenShards(torch.autograd.Function):
+    """All-reduce (sum) in forward, identity in backward. Every TP rank computes the same load-balance loss from
+    the summed statistics, and sends its gradient only into its own tokens' router logits; `RoutedRouter`'s
+    backward gathers those, so the replicated router weight gets the one-device gradient (an all-reduce in
+    backward would count it tp times)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def _to_all_tokens(n_args: int) -> PrepareModuleInput:
     rest = (None,) * (n_args - 1)  # the attention's positions and spans pass through untouched
     return PrepareModuleInput(
@@ -155,6 +174,9 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, tp_mes
     }
     for layer in model.model.layers.values():
         parallelize_module(layer, tp_mesh, {**attention_plan, **_feed_forward_plan(layer)})
+    if isinstance(model, Llama4ForCausalLM):
+        group = tp_mesh.get_group()
+        model.router_token_sum = lambda x: _SumOverTokenShards.apply(x, group)
     plan = {}  # a pipeline stage may lack the embedding, or the final norm and the head
     if model.model.embed_tokens is not None:
         plan["model.embed_tokens"] = TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0))

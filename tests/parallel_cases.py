@@ -275,3 +275,27 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
     else:
         assert checkpointer.load_latest(state) == 1
     return [train_step(), train_step()]
+
+
+def aux_loss_rank(config_dict: dict, layout: dict, seqs, seed: int):
+    """On every rank (or on one process for `layout=None`, the reference): the load-balance loss of all `seqs`
+    (a layout whose batch mesh is one rank: every rank sees them all, TP ranks each a token shard) and the router
+    weights' gradients of that loss alone."""
+    config = model_config(config_dict)
+    ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
+    with torch.device("meta" if layout is not None else "cpu"):
+        model = build(config, value=False)
+    if layout is not None:
+        key = tuple(sorted(layout.items()))
+        if key not in _DIMS:
+            _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
+            _DIMS[key].build_mesh("cpu")
+        assert _DIMS[key].mesh("batch").size() == 1, "every rank must see every sequence"
+        parallelize(model, _DIMS[key])
+        model.to_empty(device="cpu")
+    model.init_weights(seed)
+    aux = model(ids, cu_seqlens=cu_seqlens_from_lengths(lengths)).router_stats.aux_loss
+    aux.backward()
+    grads = {hf_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+             for n, p in model.named_parameters() if n.endswith("router.weight")}
+    return float(aux.detach()), grads

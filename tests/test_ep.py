@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from parallel_cases import random_sequences, resume_losses, validate_rank
+from parallel_cases import aux_loss_rank, random_sequences, resume_losses, validate_rank
 from pool import get_pool
 from test_parallel_properties import check_case
 
@@ -123,3 +123,35 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_next_losses(tmp_pa
     for a, b in zip(saved[0], resumed[0]):
         assert abs(a - b) <= 1e-5 * abs(a), (saved[0], resumed[0])
     assert all(r == saved[0] for r in saved) and all(r == resumed[0] for r in resumed)  # one global loss
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(tp=2, ep=2)], ids=["tp2", "tp2-ep2"])
+def test_load_balance_loss_under_tp_is_that_of_all_tokens(layout):
+    """Sequence parallel deals a batch's tokens over the TP ranks; the load-balance loss and its router gradient
+    must still be those of all the tokens on one device (per-shard losses would differ and count tp times)."""
+    config = dict(moe_config(tp=2), router_aux_loss_coef=0.25)
+    seed = int(torch.randint(0, 2**16, ()))
+    seqs, _ = random_sequences([11, 7, 14], config["vocab_size"], torch.Generator().manual_seed(seed))  # 32 tokens
+    ref_aux, ref_grads = aux_loss_rank(config, None, seqs, seed)
+    ranks = get_pool(2).run(aux_loss_rank, config, layout, seqs, seed)
+    print(f"aux loss: one device {ref_aux:.8f}, per rank {[a for a, _ in ranks]}")
+    for aux, grads in ranks:
+        assert abs(aux - ref_aux) <= 1e-6 * abs(ref_aux)
+        for name, ref in ref_grads.items():
+            assert float(ref.abs().max()) > 0, name
+            assert float((grads[name] - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), name
+
+
+def test_valid_tp_degrees_split_the_dense_layers_of_an_interleaved_moe_model():
+    """Maverick-style interleave: TP splits the dense layers' `intermediate_size_mlp` as well as the shared
+    expert's `intermediate_size`; an all-MoE model has no dense layer, so its `intermediate_size_mlp` is free."""
+    from dtllama.parallel.dims import check_tp, valid_tp_degrees
+
+    interleaved = Llama4Config(**dict(moe_config(moe_layers=[1]), intermediate_size=8, intermediate_size_mlp=10))
+    assert valid_tp_degrees(interleaved) == [1, 2]
+    with pytest.raises(ValueError) as e:
+        check_tp(interleaved, 4)
+    assert str(e.value) == ("tp=4 does not fit num_attention_heads=4, num_key_value_heads=2, intermediate_size=8, "
+                            "intermediate_size_mlp=10; choose tp in [1, 2]")
+    all_moe = Llama4Config(**dict(moe_config(), intermediate_size=8, intermediate_size_mlp=10))
+    assert valid_tp_degrees(all_moe) == [1, 2, 4]
