@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -103,6 +104,29 @@ def _shard(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
     return x[r * n:(r + 1) * n]
 
 
+class _GatherTokens(torch.autograd.Function):
+    """All-gather of the CP ranks' token shards along dim 0; backward keeps this rank's slice of the gradient.
+    For a loss every CP rank computes alike from all T tokens (e.g. per-sequence RL advantages and means): each
+    rank's gradient of it is then the one-device gradient, and its own slice is what its shard contributed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
+        ctx.cp_mesh = cp_mesh
+        out = x.new_empty((x.shape[0] * cp_mesh.size(), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=cp_mesh.get_group())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _shard(grad, ctx.cp_mesh), None
+
+
+def gather_tokens(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
+    """`[T/cp, ...]` outputs of this rank's tokens -> `[T, ...]` of all tokens, in token order, differentiable:
+    see `_GatherTokens` for which losses its backward is right for."""
+    return _GatherTokens.apply(x, cp_mesh)
+
+
 def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh) -> None:
     """Shard the tokens of every forward over the 1-D `cp_mesh` (Ulysses), in place. Call after TP.
 
@@ -127,4 +151,5 @@ def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh) -> No
         model.logprobs_head.register_forward_pre_hook(shard_labels)
 
 
-__all__ = ["UlyssesAttention", "apply_cp", "check_cp_batch", "cp_batch_check", "heads_to_tokens", "tokens_to_heads"]
+__all__ = ["UlyssesAttention", "apply_cp", "check_cp_batch", "cp_batch_check", "gather_tokens", "heads_to_tokens",
+           "tokens_to_heads"]

@@ -3,6 +3,7 @@
     torchrun --standalone --nproc-per-node 1 recipes/ppo.py                        # debug flavor, byte tokens
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --tp 2
     torchrun --standalone --nproc-per-node 4 recipes/ppo.py --dp-shard 2 --tp 2 --advantage grpo
+    torchrun --standalone --nproc-per-node 2 recipes/ppo.py --cp 2                 # Ulysses
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --model path/to/hf-folder   # real weights
 
 Task (rule-based, no reward model): the prompt is "a+b=" for a, b in [0, 20); the reward is the
@@ -24,7 +25,10 @@ the recipe asserts it every iteration on every rank.
 Under TP the logits used for sampling are gathered to the full vocabulary on every rank
 (`linear_logits` returns `full_tensor()`), so the ranks of a TP group hold identical logits and, with
 identically seeded generators, sample identical tokens; the recipe checks that once per iteration.
-Context parallelism is refused: GAE needs each sequence's values on one rank, which Ulysses splits.
+Under context parallelism (Ulysses) each CP rank's forward returns its token shard; the recipe gathers the
+shards (`gather_tokens`, differentiable), so that every CP rank of a group holds the whole batch's log-probs
+and values, computes the same advantages and losses over whole sequences as one device would, and sends
+back only its own tokens' gradients.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from dtllama import rl  # noqa: E402
 from dtllama.hf_io import load_state_into  # noqa: E402
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels  # noqa: E402
 from dtllama.parallel import ParallelDims, clip_grad_norm_, parallelize  # noqa: E402
+from dtllama.parallel.cp import gather_tokens  # noqa: E402
 from train import ByteTokenizer, setup_distributed  # noqa: E402
 
 
@@ -75,13 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--dp-replicate", type=int, default=1)
     p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1, help="must be 1: refused (see the module docstring)")
+    p.add_argument("--cp", type=int, default=1, help="Ulysses context parallel degree")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", help="write per-iteration metrics as JSON lines to this file (rank 0)")
     args = p.parse_args(argv)
-    if args.cp != 1:
-        p.error(f"--cp {args.cp}: context parallelism is not supported by the PPO recipe (GAE needs each "
-                "sequence's values on one rank, Ulysses splits them); use --cp 1 and --tp / --dp-shard")
     if args.prompts < 1 or args.group_size < 1 or args.max_new_tokens < 1 or args.ppo_epochs < 1:
         p.error("--prompts, --group-size, --max-new-tokens and --ppo-epochs must be >= 1")
     if args.advantage == "grpo" and args.group_size < 2:
@@ -156,7 +158,7 @@ def sample(actor, prompts: list[list[int]], max_new: int, eos: int, gen: torch.G
     for _ in range(max_new):
         seqs = [p + r for p, r in zip(prompts, responses)]
         b = pack(seqs, dims, device, labels=False)
-        logits = actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).logits
+        logits = all_tokens(actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).logits, dims)
         last = b.cu_seqlens[1:len(seqs) + 1].long() - 1
         tokens = torch.multinomial(torch.softmax(logits[last].float(), -1).cpu(), 1, generator=gen).squeeze(1)
         for r, t in zip(responses, tokens.tolist()):
@@ -177,10 +179,11 @@ def rollout(args, it, actor, ref, critic, dims, tokenizer, device, decode):
     # Same seed on the TP ranks of a group (they must sample the same tokens), another per batch rank.
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 1009 + rank)
     responses = sample(actor, prompt_ids, args.max_new_tokens, tokenizer.eos_token_id, gen, dims, device)
-    if dims.tp_enabled:
-        got = [None] * dims.tp
-        dist.all_gather_object(got, responses, group=dims.mesh("tp").get_group())
-        assert all(g == responses for g in got), "TP ranks sampled different tokens"
+    for name in ("tp", "cp"):
+        if getattr(dims, f"{name}_enabled"):
+            got = [None] * getattr(dims, name)
+            dist.all_gather_object(got, responses, group=dims.mesh(name).get_group())
+            assert all(g == responses for g in got), f"{name.upper()} ranks sampled different tokens"
     seqs = [p + r for p, r in zip(prompt_ids, responses)]
     b = pack(seqs, dims, device, labels=True)
     # labels[t] is token t+1: the response tokens are read at positions len(prompt)-1 .. len(seq)-2.
@@ -191,9 +194,11 @@ def rollout(args, it, actor, ref, critic, dims, tokenizer, device, decode):
         start += len(s)
     scores = torch.tensor([reward(a, bb, decode(r)) for (a, bb), r in zip(expanded, responses)])
     with torch.no_grad():
-        old = actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs
-        ref_lp = ref(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs
-        values = critic(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).values
+        old = all_tokens(actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs,
+                         dims)
+        ref_lp = all_tokens(ref(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs,
+                            dims)
+        values = all_tokens(critic(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).values, dims)
     cu = b.cu_seqlens[: len(seqs) + 1]  # the real sequences (the padding tail has no response tokens)
     real = int(cu[-1])
     if args.advantage == "gae":
@@ -210,6 +215,11 @@ def rollout(args, it, actor, ref, critic, dims, tokenizer, device, decode):
                 responses=[decode(r) for r in responses[: 2]])
 
 
+def all_tokens(x: torch.Tensor, dims) -> torch.Tensor:
+    """The model's per-token output `x` for all T tokens: under CP it covers this rank's shard only."""
+    return gather_tokens(x, dims.mesh("cp")) if dims.cp_enabled else x
+
+
 def _pad(x, like):
     """A tensor of the real tokens, zero-extended to the padded length."""
     return torch.cat([x, x.new_zeros(like.shape[0] - x.shape[0])])
@@ -219,31 +229,35 @@ def ppo_epochs(args, roll, actor, critic, opts, dims) -> dict:
     """`--ppo-epochs` epochs over the rank's batch; returns per-epoch global losses and first-epoch metrics."""
     actor_opt, critic_opt = opts
     b, mask = roll["batch"], roll["mask"]
-    dp = dims.mesh("dp")
-    # The normalizer spans ranks: the global count of response tokens (or sequences), all-reduced once.
+    dp, batch_mesh = dims.mesh("dp"), dims.mesh("batch")
+    # The normalizer spans ranks: the global count of response tokens (or sequences), all-reduced once over the
+    # batch mesh (the CP ranks of a group hold the same, whole sequences).
     n_seqs = float(len(roll["scores"]))
     counts = torch.tensor([float(mask.sum()), n_seqs], dtype=torch.float64)
-    dist.all_reduce(counts, group=dp.get_group())
+    dist.all_reduce(counts, group=batch_mesh.get_group())
     norm = float(counts[0] if args.agg == "token-mean" else counts[1])
     cu = b.cu_seqlens
     out_rows = []
     for epoch in range(args.ppo_epochs):
         out = actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels)
-        values = critic(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).values
-        pg, m = rl.policy_loss(out.logprobs, roll["old"], roll["adv"], mask, args.clip_low, args.clip_high,
+        logprobs, entropy = all_tokens(out.logprobs, dims), all_tokens(out.entropy, dims)
+        values = all_tokens(critic(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).values, dims)
+        pg, m = rl.policy_loss(logprobs, roll["old"], roll["adv"], mask, args.clip_low, args.clip_high,
                                args.agg, cu, norm)
         if epoch == 0:
             # Same weights, same batch, same forward: the recomputed log-probs are the recorded ones, bitwise.
-            exact = torch.equal(out.logprobs.detach(), roll["old"])
+            exact = torch.equal(logprobs.detach(), roll["old"])
             if not exact or m["ratio_max_dev"] != 0.0 or m["approx_kl"] != 0.0:
                 raise AssertionError(f"rank {dist.get_rank()}: first-minibatch log-probs differ from the rollout's: "
                                      f"max |ratio - 1| = {m['ratio_max_dev']}, approx-KL = {m['approx_kl']}")
             first = dict(m, exact=exact)
         vf, vm = rl.value_loss(values, roll["values"], roll["ret"], mask, args.value_clip, args.agg, cu, norm)
-        kl = rl.aggregate(rl.kl_penalty(out.logprobs, roll["ref"], args.kl_kind), mask, args.agg, cu, norm)
-        ent = rl.entropy_bonus(out.entropy, mask, args.agg, cu, norm)
+        kl = rl.aggregate(rl.kl_penalty(logprobs, roll["ref"], args.kl_kind), mask, args.agg, cu, norm)
+        ent = rl.entropy_bonus(entropy, mask, args.agg, cu, norm)
         loss = pg + args.vf_coef * vf + args.kl_coef * kl - args.entropy_coef * ent
-        (loss * dp.size()).backward()  # FSDP averages gradients over dp: undo it, each term is already global
+        # FSDP averages gradients over dp (cp included): undo it, each term is already global (and each CP rank's
+        # backward covers its own tokens only).
+        (loss * dp.size()).backward()
         clip_grad_norm_(actor.parameters(), 1.0)
         clip_grad_norm_(critic.parameters(), 1.0)
         actor_opt.step()
@@ -251,7 +265,7 @@ def ppo_epochs(args, roll, actor, critic, opts, dims) -> dict:
         actor_opt.zero_grad()
         critic_opt.zero_grad()
         row = torch.stack([pg.detach(), vf.detach(), kl.detach(), ent.detach()]).double()
-        dist.all_reduce(row, group=dp.get_group())  # each term is a partial sum of the global mean
+        dist.all_reduce(row, group=batch_mesh.get_group())  # each term is a partial sum of the global mean
         if epoch == 0:
             first.update(vm)
         out_rows.append(row.tolist())
@@ -272,7 +286,7 @@ def main(argv=None):
         decode = tokenizer.decode
     else:
         config, tokenizer, source, decode = dtllama.flavors[args.flavor], ByteTokenizer(), None, decode_bytes
-    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, tp=args.tp)
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp)
     dims = dims.resolve(dist.get_world_size(), config)
     if args.prompts < dims.dp_replicate * dims.dp_shard:  # before any collective: every batch rank needs a prompt
         raise ValueError(f"--prompts {args.prompts} < {dims.dp_replicate * dims.dp_shard} data-parallel ranks; "
@@ -304,7 +318,7 @@ def main(argv=None):
                    explained_variance=mean_over(ev, dp), seconds=time.perf_counter() - t0,
                    samples=roll["responses"])
         # Clipping and approx-KL start once the policy has moved: reported for the updated actor vs the rollout.
-        after = _after_update(args, roll, actor)
+        after = _after_update(args, roll, actor, dims)
         row["clip_frac"], row["approx_kl"] = mean_over(after["clip_frac"], dp), mean_over(after["approx_kl"], dp)
         log(f"iter {it:3d}  reward {row['reward_mean']:.3f}  pg {row['pg_loss'][0]:+.5f} -> {row['pg_loss'][-1]:+.5f}  "
             f"first-minibatch |ratio-1| {row['first_ratio_max_dev']:.1e} KL {row['first_approx_kl']:.1e}  "
@@ -319,11 +333,11 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def _after_update(args, roll, actor) -> dict:
+def _after_update(args, roll, actor, dims) -> dict:
     """Policy metrics (clip fraction, approx-KL) of the updated actor against the rollout: how far the epochs
     moved it (this rank's tokens)."""
     b = roll["batch"]
-    lp = actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs
+    lp = all_tokens(actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs, dims)
     return rl.policy_loss(lp, roll["old"], roll["adv"], roll["mask"], args.clip_low, args.clip_high)[1]
 
 

@@ -299,3 +299,36 @@ def aux_loss_rank(config_dict: dict, layout: dict, seqs, seed: int):
     grads = {hf_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
              for n, p in model.named_parameters() if n.endswith("router.weight")}
     return float(aux.detach()), grads
+
+
+def gathered_loss_grads(config_dict: dict, layout: dict | None, seqs, labels_list, seed: int):
+    """On every rank of a CP layout whose batch mesh is one rank (or on one process for `layout=None`): a loss
+    that needs whole sequences (per-sequence squared mean of the log-probs, as RL's sequence means do) over the
+    log-probs gathered with `gather_tokens`; returns it and the full gradients."""
+    from dtllama.parallel.cp import gather_tokens
+
+    config = model_config(config_dict)
+    lengths = [len(s) for s in seqs]
+    with torch.device("meta" if layout is not None else "cpu"):
+        model = build(config, value=False)
+    multiple, cp_mesh = 1, None
+    if layout is not None:
+        key = tuple(sorted(layout.items()))
+        if key not in _DIMS:
+            _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
+            _DIMS[key].build_mesh("cpu")
+        dims = _DIMS[key]
+        assert dims.mesh("batch").size() == 1, "every rank must see every sequence"
+        parallelize(model, dims)
+        model.to_empty(device="cpu")
+        multiple, cp_mesh = dims.token_multiple, dims.mesh("cp")
+    model.init_weights(seed)
+    p = pad_to_multiple(torch.cat(seqs), cu_seqlens_from_lengths(lengths), multiple, torch.cat(labels_list))
+    lp = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels).logprobs
+    lp = (gather_tokens(lp, cp_mesh) if cp_mesh is not None else lp)[:sum(lengths)]
+    loss = sum(x.mean() ** 2 for x in lp.split(lengths))
+    # FSDP averages gradients over the dp mesh (the CP ranks): every CP rank's loss is the whole loss.
+    (loss * (cp_mesh.size() if cp_mesh is not None else 1)).backward()
+    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
+             for n, q in model.named_parameters()}
+    return float(loss.detach()), grads

@@ -13,7 +13,7 @@ import pytest
 import torch
 from fault_cases import CONFIG, backward_all_to_alls, run_bad_cp_batch
 from helpers import rel_err
-from parallel_cases import cp_boundary_logprobs, random_sequences, validate_rank
+from parallel_cases import cp_boundary_logprobs, gathered_loss_grads, random_sequences, validate_rank
 from pool import get_pool
 from test_parallel_properties import TOL, check_case
 
@@ -132,3 +132,16 @@ def test_bad_cp_batch_raises_the_same_error_on_every_rank(fault, expected, bad_r
     assert expected in messages[0], messages[0]
     assert max(s for _, s in results) < PROMPT_SECONDS, results
     assert all(m is None for m, _ in get_pool(2).run(run_bad_cp_batch, None, [], 3))  # the pool stays usable
+
+
+def test_gathered_tokens_give_whole_sequence_losses_the_one_device_gradients():
+    """`gather_tokens` (what the PPO recipe's CP path uses): every CP rank computes a loss over whole sequences
+    from all ranks' log-probs, and its backward sends each rank only its own tokens' gradient, so FSDP's
+    reduction gives the one-device gradients (a backward that summed the ranks' copies would double them)."""
+    world, layout, config, seqs, labels, seed, _, _ = make_case(2, dict(cp=2), (4, 2), False)
+    ref_loss, ref = gathered_loss_grads(config, None, seqs, labels, seed)
+    for loss, grads in get_pool(world).run(gathered_loss_grads, config, layout, seqs, labels, seed):
+        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+        errs = {n: rel_err(grads[n], g) for n, g in ref.items()}
+        worst = max(errs, key=errs.get)
+        assert errs[worst] <= TOL, (worst, errs[worst])

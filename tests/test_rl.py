@@ -213,18 +213,20 @@ def _check_rows(rows, iterations):
     assert all(b < a for a, b in zip(pg, pg[1:])), pg
 
 
-def test_ppo_recipe_world1_and_tp2_exact_first_minibatch_same_losses(tmp_path):
-    """The acceptance runs at world 1 and tp=2: both sample the same responses (batch rank 0, same seed; TP
-    ranks share full-vocab logits), so their per-epoch losses agree too."""
+def test_ppo_recipe_world1_tp2_cp2_exact_first_minibatch_same_losses(tmp_path):
+    """The acceptance runs at world 1 and tp=2, and Ulysses cp=2: all sample the same responses (batch rank 0,
+    same seed; TP ranks share full-vocab logits, CP ranks gather all tokens'), so their per-epoch losses agree
+    too (under CP every rank computes the losses over the gathered whole sequences)."""
     one = ppo(tmp_path, 1, "--iterations", "1")
-    tp2 = ppo(tmp_path, 2, "--iterations", "1", "--tp", "2")
-    _check_rows(one, 1)
-    _check_rows(tp2, 1)
-    assert one[0]["samples"] == tp2[0]["samples"]
-    for key in ("pg_loss", "vf_loss", "kl"):
-        for a, b in zip(one[0][key], tp2[0][key]):
-            # fp32 sums in another order (sharded matmuls, all-reduces), grown over <= 3 AdamW steps.
-            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (key, one[0][key], tp2[0][key])
+    for layout in (("--tp", "2"), ("--cp", "2")):
+        other = ppo(tmp_path, 2, "--iterations", "1", *layout)
+        _check_rows(one, 1)
+        _check_rows(other, 1)
+        assert one[0]["samples"] == other[0]["samples"]
+        for key in ("pg_loss", "vf_loss", "kl"):
+            for a, b in zip(one[0][key], other[0][key]):
+                # fp32 sums in another order (sharded matmuls, all-reduces), grown over <= 3 AdamW steps.
+                assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (layout, key, one[0][key], other[0][key])
 
 
 def test_ppo_recipe_dp2_tp2_exact_first_minibatch(tmp_path):
@@ -243,7 +245,13 @@ def test_ppo_recipe_grpo_option(tmp_path):
             # actor never moves: zero advantages and a k3 KL whose gradient is 0 at the reference
 
 
-def test_ppo_recipe_refuses_cp():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "ppo.py"), "--cp", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
-    assert proc.returncode == 2 and "--cp 2: context parallelism is not supported" in proc.stderr, proc.stderr
+def test_ppo_recipe_dp2_cp2_seq_mean_exact_first_minibatch(tmp_path):
+    """World 4 (dp_shard=2 x cp=2) against world 2 (dp_shard=2): sequence-mean aggregation over sequences whose
+    tokens two CP ranks hold gives the same losses."""
+    args = ("--iterations", "1", "--dp-shard", "2", "--agg", "seq-mean-token-mean")
+    dp2, cp2 = ppo(tmp_path, 2, *args), ppo(tmp_path, 4, *args, "--cp", "2")
+    _check_rows(cp2, 1)
+    assert dp2[0]["samples"] == cp2[0]["samples"]
+    for key in ("pg_loss", "vf_loss", "kl"):
+        for a, b in zip(dp2[0][key], cp2[0][key]):
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (key, dp2[0][key], cp2[0][key])
