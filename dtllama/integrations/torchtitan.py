@@ -101,7 +101,8 @@ def _provide_set_timeout() -> None:
 
 _provide_set_timeout()
 
-from torchtitan.components.loss import BaseLoss  # noqa: E402 - after the two patches above
+from torchtitan.components.checkpoint import CheckpointManager  # noqa: E402 - after the two patches above
+from torchtitan.components.loss import BaseLoss  # noqa: E402
 from torchtitan.components.metrics import MetricsProcessor  # noqa: E402
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw  # noqa: E402
 from torchtitan.config import TORCH_DTYPE_MAP, ParallelismConfig, TrainingConfig  # noqa: E402
@@ -292,6 +293,16 @@ def dtllama_debug() -> Trainer.Config:
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
         activation_checkpoint=SelectiveAC.Config(),
     )
+
+
+def dtllama_smollm2_135m() -> Trainer.Config:
+    """SmolLM2-135M fine-tuned from the HF folder `--hf_assets_path` (its weights read by DCP's HF reader through
+    the identity adapter, each rank its own shards), on `--dataloader.dataset_path`."""
+    config = dtllama_debug()
+    config.model_spec = model_registry("smollm2-135m")
+    config.optimizer = default_adamw(lr=2e-5)
+    config.checkpoint = CheckpointManager.Config(enable=True, initial_load_in_hf=True, interval=10**9)
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:
