@@ -16,7 +16,8 @@ What a rank gets back (`Pipeline`):
   every rank before any collective;
 - `step(microbatches, loss_fn)` / `forward(microbatches)`: one schedule run. Positions, `cu_seqlens` and
   labels travel with each microbatch to every stage as keyword inputs (RoPE and attention need them on every
-  stage, the head its labels on the last); the last stage returns log-probs + entropy (causal LM) or values.
+  stage, the head its labels on the last); the last stage returns log-probs + entropy (causal LM) or values,
+  and, for a causal LM's microbatches without labels, full-vocabulary logits (`forward` only: sampling).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from torch.distributed.pipelining import schedules as pp_schedules
 
 from dtllama.data import first_fit
 from dtllama.model import LlamaForCausalLM, LlamaForValue, LlamaModel
-from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens, prepare_batch
+from dtllama.ops import (
+    IGNORE_INDEX, Packed, cu_seqlens_from_lengths, linear_logits, position_ids_from_cu_seqlens, prepare_batch,
+)
 
 from .batch_check import agree_on_error
 from .dims import ParallelDims
@@ -197,7 +200,8 @@ class PipelineStageForward:
 
     The first stage takes token ids, the others the previous stage's hidden states; the microbatch's
     positions, `cu_seqlens` (padded with repeats of T, `num_seqs` real) and labels come as keywords. The last
-    stage returns `(log-probs, entropy)` of the labels (causal LM) or the values; the others their hidden states.
+    stage returns `(log-probs, entropy)` of the labels (causal LM; without labels, the full-vocabulary logits) or
+    the values; the others their hidden states.
     """
 
     def forward(self, x, position_ids, cu_seqlens, num_seqs, max_seqlen, labels=None):
@@ -207,6 +211,8 @@ class PipelineStageForward:
             return h
         if isinstance(self, LlamaForValue):
             return self.score(h).squeeze(-1).float()
+        if labels is None:
+            return linear_logits(h, self.output_weight, self.temperature)
         return self.logprobs_head(h, self.output_weight, labels, self.temperature, self.chunk_size)
 
 
@@ -247,6 +253,7 @@ class Pipeline:
         self.model, self.stage_modules, self.stages, self.schedule = model, stage_modules, stages, schedule
         self.dims, self.options = dims, options
         self._loss_fn: Callable | None = None
+        self._logits_schedule = None  # built at the first forward without labels
 
     @property
     def has_last_stage(self) -> bool:
@@ -264,8 +271,6 @@ class Pipeline:
         try:
             prepare_batch(batch.input_ids, self.model.config.vocab_size, batch.position_ids, batch.cu_seqlens,
                           batch.max_seqlen, batch.labels)
-            if isinstance(self.model, LlamaForCausalLM) and batch.labels is None:
-                raise ValueError("a causal LM's pipeline computes log-probs: pass labels (see dtllama.ops.shift_labels)")
             mbs = split_microbatches(batch, self.options.microbatches, self.options.microbatch_tokens)
         except ValueError as e:
             error = str(e)
@@ -278,6 +283,8 @@ class Pipeline:
         The first step may also call it on placeholder outputs (torch infers the stages' shapes with a forward
         and backward), so keep it free of side effects. Returns `(outputs, losses)` of the last stage, detached,
         one per microbatch; None on ranks without the last stage."""
+        if isinstance(self.model, LlamaForCausalLM) and mbs.packed[0].labels is None:
+            raise ValueError("a causal LM's pipeline trains on log-probs: pass labels (see dtllama.ops.shift_labels)")
         self._loss_fn = loss_fn
         losses: list[torch.Tensor] = []
         out = self.schedule.step(*self._args(mbs), target=torch.arange(len(mbs.packed)), losses=losses, **mbs.kwargs())
@@ -287,9 +294,25 @@ class Pipeline:
 
     @torch.no_grad()
     def forward(self, mbs: "Microbatches") -> list | None:
-        """The last stage's outputs of every microbatch, no backward (old / reference log-probs, values)."""
-        out = self.schedule.eval(*self._args(mbs), **mbs.kwargs())
+        """The last stage's outputs of every microbatch, no backward (old / reference log-probs, values; a causal
+        LM's logits for microbatches without labels); None on ranks without the last stage."""
+        if isinstance(self.model, LlamaForCausalLM) and mbs.packed[0].labels is None:
+            self._logits_schedule = self._logits_schedule or self._eval_schedule()
+            out = self._logits_schedule.eval(*self._args(mbs), **mbs.kwargs())
+        else:  # the training schedule computes its loss in eval too: give it one that costs nothing
+            self._loss_fn = lambda output, i: torch.zeros(())
+            out = self.schedule.eval(*self._args(mbs), target=torch.arange(len(mbs.packed)), **mbs.kwargs())
         return self._outputs(out, mbs) if self.has_last_stage else None
+
+    def _eval_schedule(self):
+        """A schedule over new `PipelineStage`s of the same stage modules: torch fixes a stage's output shape at
+        its first run, and logits (`[tokens, vocab]`) are not the log-probs the training schedule returns."""
+        stages = [PipelineStage(st.submod, st.stage_index, st.num_stages, st.device, group=st.group)
+                  for st in self.stages]
+        cls = type(self.schedule)
+        kwargs = dict(n_microbatches=self.options.microbatches, scale_grads=False)
+        single = SCHEDULES[self.options.schedule].placement == "single"
+        return cls(stages[0], **kwargs) if single else cls(stages, **kwargs)
 
     def _args(self, mbs: "Microbatches") -> tuple:
         """Token ids go to the first stage only (torch 2.11 refuses positional inputs on the other ranks)."""
@@ -326,6 +349,18 @@ class Microbatches:
                    max_seqlen=torch.tensor([p.max_seqlen for p in self.packed]))
         if self.packed[0].labels is not None:
             out["labels"] = torch.cat([p.labels for p in self.packed])
+        return out
+
+    def take(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Microbatch i's rows of a per-token `[T, ...]` tensor of the batch, in the microbatch's layout (the
+        inverse of `merge`; zeros on its padding tail): per-token targets for its loss."""
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
+        p = self.packed[i]
+        out = x.new_zeros((p.input_ids.numel(), *x.shape[1:]))
+        for k, s in enumerate(self.seqs[i]):
+            out[int(p.cu_seqlens[k]):int(p.cu_seqlens[k + 1])] = x[starts[s]:starts[s + 1]]
         return out
 
     def merge(self, outputs: list[torch.Tensor]) -> torch.Tensor:

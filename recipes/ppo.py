@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --tp 2
     torchrun --standalone --nproc-per-node 4 recipes/ppo.py --dp-shard 2 --tp 2 --advantage grpo
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --cp 2                 # Ulysses
+    torchrun --standalone --nproc-per-node 4 recipes/ppo.py --pp 2 --tp 2 --set num_hidden_layers=4   # pipeline
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --model path/to/hf-folder   # real weights
 
 Task (rule-based, no reward model): the prompt is "a+b=" for a, b in [0, 20); the reward is the
@@ -29,11 +30,16 @@ Under context parallelism (Ulysses) each CP rank's forward returns its token sha
 shards (`gather_tokens`, differentiable), so that every CP rank of a group holds the whole batch's log-probs
 and values, computes the same advantages and losses over whole sequences as one device would, and sends
 back only its own tokens' gradients.
+Under pipeline parallelism (`--pp`) actor, reference and critic are each cut into stages; sampling runs the
+actor's stages for logits, the last stage's outputs (logits, log-probs, values) are shared with every
+pipeline rank, and each update is one schedule step whose per-microbatch loss is the batch loss's share
+(`dtllama.runner`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -48,10 +54,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dtllama  # noqa: E402
 from dtllama import rl  # noqa: E402
 from dtllama.hf_io import load_state_into  # noqa: E402
-from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels  # noqa: E402
+from dtllama.ops import Packed, cu_seqlens_from_lengths, pad_to_multiple, shift_labels  # noqa: E402
 from dtllama.parallel import ParallelDims, clip_grad_norm_, parallelize  # noqa: E402
-from dtllama.parallel.cp import gather_tokens  # noqa: E402
-from train import ByteTokenizer, setup_distributed  # noqa: E402
+from dtllama.parallel.pp import SCHEDULES, PipelineOptions, check_options, pipeline_llm  # noqa: E402
+from dtllama.runner import PipelineRunner, WholeRunner  # noqa: E402
+from train import ByteTokenizer, override, setup_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,6 +66,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="Hugging Face folder for actor, reference and critic backbone")
     src.add_argument("--flavor", choices=list(dtllama.flavors), default="debug", help="random init (byte tokens)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of --flavor, e.g. --set num_hidden_layers=4 (repeatable)")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--prompts", type=int, default=8, help="prompts per iteration over all data-parallel ranks")
     p.add_argument("--group-size", type=int, default=2, help="responses sampled per prompt")
@@ -81,11 +90,18 @@ def parse_args(argv=None):
     p.add_argument("--dp-shard", type=int, default=-1, help="-1: the ranks left over by the other degrees")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1, help="Ulysses context parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel degree")
+    p.add_argument("--pp-schedule", default="1F1B", choices=list(SCHEDULES), help="pipeline schedule (with --pp > 1)")
+    p.add_argument("--microbatches", type=int, default=2, help="pipeline microbatches of a rank's batch")
+    p.add_argument("--microbatch-tokens", type=int,
+                   help="tokens per pipeline microbatch (default: enough for a rank's longest possible batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", help="write per-iteration metrics as JSON lines to this file (rank 0)")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.group_size < 1 or args.max_new_tokens < 1 or args.ppo_epochs < 1:
         p.error("--prompts, --group-size, --max-new-tokens and --ppo-epochs must be >= 1")
+    if args.set and args.model:
+        p.error("--set overrides a --flavor's config; a --model folder's config.json is its own")
     if args.advantage == "grpo" and args.group_size < 2:
         p.error("--advantage grpo needs --group-size >= 2 (a group of one has no baseline)")
     return args
@@ -128,23 +144,31 @@ def decode_bytes(ids: list[int]) -> str:
 # ------------------------------------------------------------------------------------------- models
 
 
-def build(cls, config, dims, source, seed, device):
-    """Meta -> parallelize -> materialize -> init from the seed or load the HF folder."""
+def build(cls, config, dims, source, seed, device, pp_options):
+    """Meta -> pipeline stages (pp > 1) -> parallelize -> materialize -> init from the seed or load the HF folder;
+    returns the model's runner (`dtllama.runner`: all tokens' outputs on every rank, whole or pipelined)."""
     with torch.device("meta"):
         model = cls(config)
-    parallelize(model, dims)
-    model.to_empty(device=device)
+    if dims.pp_enabled:
+        pipe = pipeline_llm(model, dims, pp_options, device)
+        pipe.to_empty(device)
+        model, run = pipe.model, PipelineRunner(pipe, dims)
+    else:
+        parallelize(model, dims)
+        model.to_empty(device=device)
+        run = WholeRunner(model, dims)
     if source is None:
         model.init_weights(seed)
     else:
         load_state_into(model, source)
-    return model
+    return run
 
 
-def pack(seqs: list[list[int]], dims, device, labels: bool):
+def pack(seqs: list[list[int]], dims, device, labels: bool) -> Packed:
     ids = torch.tensor([t for s in seqs for t in s], device=device)
     cu = cu_seqlens_from_lengths([len(s) for s in seqs], device=device)
-    return pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu) if labels else None)
+    b = pad_to_multiple(ids, cu, dims.token_multiple, shift_labels(ids, cu) if labels else None)
+    return b if labels else dataclasses.replace(b, labels=None)  # no labels: the causal LM returns logits
 
 
 @torch.no_grad()
@@ -152,19 +176,36 @@ def sample(actor, prompts: list[list[int]], max_new: int, eos: int, gen: torch.G
     """Sample responses token by token from the full-vocab logits of each sequence's last token.
 
     Every rank runs exactly `max_new` forwards (finished sequences ride along), so FSDP's all-gathers
-    and the batch check's all-reduce line up on every rank whatever its sequences do.
+    and the batch check's all-reduce line up on every rank whatever its sequences do. The logits are the same
+    on every rank of a TP / CP / pipeline group (gathered or shared), so with one seed they sample alike.
     """
     responses = [[] for _ in prompts]
     for _ in range(max_new):
         seqs = [p + r for p, r in zip(prompts, responses)]
         b = pack(seqs, dims, device, labels=False)
-        logits = all_tokens(actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).logits, dims)
+        logits = actor(b)
         last = b.cu_seqlens[1:len(seqs) + 1].long() - 1
         tokens = torch.multinomial(torch.softmax(logits[last].float(), -1).cpu(), 1, generator=gen).squeeze(1)
         for r, t in zip(responses, tokens.tolist()):
             if not r or r[-1] != eos:
                 r.append(t)
     return responses
+
+
+def pipeline_options(args, dims, config, tokenizer, n_batch: int) -> PipelineOptions | None:
+    """Under pp: microbatches whose token budget fits a rank's batch at its longest (every prompt "19+19=" long,
+    every response `--max-new-tokens`), checked against the layout before any collective."""
+    if not dims.pp_enabled:
+        return None
+    seqs = -(-args.prompts // n_batch) * args.group_size
+    longest = len(tokenizer.encode("19+19=")) + args.max_new_tokens
+    # First-fit of sequences of at most `longest` tokens into `microbatches` bins fits once each bin can take
+    # its even share plus one more sequence, and the padding tail (pad_to_multiple) one token under tp*cp.
+    tokens = args.microbatch_tokens or (-(-seqs // args.microbatches) + 1) * longest + dims.token_multiple
+    tokens += -tokens % dims.token_multiple
+    options = PipelineOptions(args.pp_schedule, args.microbatches, tokens)
+    check_options(config, dims, options)
+    return options
 
 
 # --------------------------------------------------------------------------------------------- step
@@ -179,7 +220,7 @@ def rollout(args, it, actor, ref, critic, dims, tokenizer, device, decode):
     # Same seed on the TP ranks of a group (they must sample the same tokens), another per batch rank.
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it * 1009 + rank)
     responses = sample(actor, prompt_ids, args.max_new_tokens, tokenizer.eos_token_id, gen, dims, device)
-    for name in ("tp", "cp"):
+    for name in ("tp", "cp", "pp"):
         if getattr(dims, f"{name}_enabled"):
             got = [None] * getattr(dims, name)
             dist.all_gather_object(got, responses, group=dims.mesh(name).get_group())
@@ -193,12 +234,7 @@ def rollout(args, it, actor, ref, critic, dims, tokenizer, device, decode):
         mask[start + len(p) - 1: start + len(s) - 1] = 1
         start += len(s)
     scores = torch.tensor([reward(a, bb, decode(r)) for (a, bb), r in zip(expanded, responses)])
-    with torch.no_grad():
-        old = all_tokens(actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs,
-                         dims)
-        ref_lp = all_tokens(ref(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs,
-                            dims)
-        values = all_tokens(critic(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).values, dims)
+    old, ref_lp, values = actor(b)[0], ref(b)[0], critic(b)
     cu = b.cu_seqlens[: len(seqs) + 1]  # the real sequences (the padding tail has no response tokens)
     real = int(cu[-1])
     if args.advantage == "gae":
@@ -215,38 +251,56 @@ def rollout(args, it, actor, ref, critic, dims, tokenizer, device, decode):
                 responses=[decode(r) for r in responses[: 2]])
 
 
-def all_tokens(x: torch.Tensor, dims) -> torch.Tensor:
-    """The model's per-token output `x` for all T tokens: under CP it covers this rank's shard only."""
-    return gather_tokens(x, dims.mesh("cp")) if dims.cp_enabled else x
-
-
 def _pad(x, like):
     """A tensor of the real tokens, zero-extended to the padded length."""
     return torch.cat([x, x.new_zeros(like.shape[0] - x.shape[0])])
 
 
 def ppo_epochs(args, roll, actor, critic, opts, dims) -> dict:
-    """`--ppo-epochs` epochs over the rank's batch; returns per-epoch global losses and first-epoch metrics."""
+    """`--ppo-epochs` epochs over the rank's batch; returns per-epoch global losses and first-epoch metrics.
+
+    Actor and critic each take one forward + backward per epoch (under pp, one schedule step over the batch's
+    microbatches), with the loss of the tokens `take` cuts from the rollout's per-token tensors; the logged terms
+    are recomputed from the returned outputs over the whole batch."""
     actor_opt, critic_opt = opts
     b, mask = roll["batch"], roll["mask"]
     dp, batch_mesh = dims.mesh("dp"), dims.mesh("batch")
     # The normalizer spans ranks: the global count of response tokens (or sequences), all-reduced once over the
-    # batch mesh (the CP ranks of a group hold the same, whole sequences).
+    # batch mesh (the CP and pipeline ranks of a group hold the same, whole sequences).
     n_seqs = float(len(roll["scores"]))
     counts = torch.tensor([float(mask.sum()), n_seqs], dtype=torch.float64)
     dist.all_reduce(counts, group=batch_mesh.get_group())
     norm = float(counts[0] if args.agg == "token-mean" else counts[1])
-    cu = b.cu_seqlens
+    # FSDP averages gradients over dp (cp included): undo it, each term is already global (and each CP rank's
+    # backward covers its own tokens only).
+    scale = dp.size()
+
+    def actor_loss(out, take, cu):
+        (lp, ent), m = out, take(mask)
+        if not bool(m.any()):  # a pipeline microbatch without responses (first-fit filled the others)
+            return lp.sum() * 0.0
+        pg = rl.policy_loss(lp, take(roll["old"]), take(roll["adv"]), m, args.clip_low, args.clip_high, args.agg,
+                            cu, norm)[0]
+        kl = rl.aggregate(rl.kl_penalty(lp, take(roll["ref"]), args.kl_kind), m, args.agg, cu, norm)
+        return (pg + args.kl_coef * kl - args.entropy_coef * rl.entropy_bonus(ent, m, args.agg, cu, norm)) * scale
+
+    def critic_loss(values, take, cu):
+        if not bool(take(mask).any()):
+            return values.sum() * 0.0
+        vf = rl.value_loss(values, take(roll["values"]), take(roll["ret"]), take(mask), args.value_clip, args.agg,
+                           cu, norm)[0]
+        return args.vf_coef * vf * scale
+
     out_rows = []
     for epoch in range(args.ppo_epochs):
-        out = actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels)
-        logprobs, entropy = all_tokens(out.logprobs, dims), all_tokens(out.entropy, dims)
-        values = all_tokens(critic(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen).values, dims)
+        logprobs, entropy = actor.train(b, actor_loss)
+        values = critic.train(b, critic_loss)
+        cu = b.cu_seqlens
         pg, m = rl.policy_loss(logprobs, roll["old"], roll["adv"], mask, args.clip_low, args.clip_high,
                                args.agg, cu, norm)
         if epoch == 0:
             # Same weights, same batch, same forward: the recomputed log-probs are the recorded ones, bitwise.
-            exact = torch.equal(logprobs.detach(), roll["old"])
+            exact = torch.equal(logprobs, roll["old"])
             if not exact or m["ratio_max_dev"] != 0.0 or m["approx_kl"] != 0.0:
                 raise AssertionError(f"rank {dist.get_rank()}: first-minibatch log-probs differ from the rollout's: "
                                      f"max |ratio - 1| = {m['ratio_max_dev']}, approx-KL = {m['approx_kl']}")
@@ -254,17 +308,11 @@ def ppo_epochs(args, roll, actor, critic, opts, dims) -> dict:
         vf, vm = rl.value_loss(values, roll["values"], roll["ret"], mask, args.value_clip, args.agg, cu, norm)
         kl = rl.aggregate(rl.kl_penalty(logprobs, roll["ref"], args.kl_kind), mask, args.agg, cu, norm)
         ent = rl.entropy_bonus(entropy, mask, args.agg, cu, norm)
-        loss = pg + args.vf_coef * vf + args.kl_coef * kl - args.entropy_coef * ent
-        # FSDP averages gradients over dp (cp included): undo it, each term is already global (and each CP rank's
-        # backward covers its own tokens only).
-        (loss * dp.size()).backward()
-        clip_grad_norm_(actor.parameters(), 1.0)
-        clip_grad_norm_(critic.parameters(), 1.0)
-        actor_opt.step()
-        critic_opt.step()
-        actor_opt.zero_grad()
-        critic_opt.zero_grad()
-        row = torch.stack([pg.detach(), vf.detach(), kl.detach(), ent.detach()]).double()
+        for run, opt in ((actor, actor_opt), (critic, critic_opt)):
+            clip_grad_norm_(run.parameters(), 1.0, pp_mesh=dims.mesh("pp"))
+            opt.step()
+            opt.zero_grad()
+        row = torch.stack([pg, vf, kl, ent]).double()
         dist.all_reduce(row, group=batch_mesh.get_group())  # each term is a partial sum of the global mean
         if epoch == 0:
             first.update(vm)
@@ -285,16 +333,19 @@ def main(argv=None):
         config, tokenizer, source = dtllama.ModelConfig.from_hf(args.model), HFTokenizer(args.model), args.model
         decode = tokenizer.decode
     else:
-        config, tokenizer, source, decode = dtllama.flavors[args.flavor], ByteTokenizer(), None, decode_bytes
-    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp)
+        config, tokenizer, source = override(dtllama.flavors[args.flavor], args.set), ByteTokenizer(), None
+        decode = decode_bytes
+    dims = ParallelDims(dp_replicate=args.dp_replicate, dp_shard=args.dp_shard, cp=args.cp, tp=args.tp, pp=args.pp)
     dims = dims.resolve(dist.get_world_size(), config)
-    if args.prompts < dims.dp_replicate * dims.dp_shard:  # before any collective: every batch rank needs a prompt
-        raise ValueError(f"--prompts {args.prompts} < {dims.dp_replicate * dims.dp_shard} data-parallel ranks; "
+    n_batch = dims.dp_replicate * dims.dp_shard
+    if args.prompts < n_batch:  # before any collective: every batch rank needs a prompt
+        raise ValueError(f"--prompts {args.prompts} < {n_batch} data-parallel ranks; "
                          "give every rank at least one prompt (raise --prompts or lower --dp-shard)")
+    pp_options = pipeline_options(args, dims, config, tokenizer, n_batch)
     dims.build_mesh(device.type)
-    actor = build(dtllama.LlamaForCausalLM, config, dims, source, args.seed, device)
-    ref = build(dtllama.LlamaForCausalLM, config, dims, source, args.seed, device).requires_grad_(False)
-    critic = build(dtllama.LlamaForValue, config, dims, source, args.seed, device)
+    actor = build(dtllama.LlamaForCausalLM, config, dims, source, args.seed, device, pp_options)
+    ref = build(dtllama.LlamaForCausalLM, config, dims, source, args.seed, device, pp_options)
+    critic = build(dtllama.LlamaForValue, config, dims, source, args.seed, device, pp_options)
     opts = (torch.optim.AdamW(actor.parameters(), lr=args.lr, weight_decay=0.0),
             torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0))
     log(f"PPO: {config.num_params() / 1e6:.1f} M parameters per model; world {dims.world_size}: {dims}; "
@@ -318,7 +369,7 @@ def main(argv=None):
                    explained_variance=mean_over(ev, dp), seconds=time.perf_counter() - t0,
                    samples=roll["responses"])
         # Clipping and approx-KL start once the policy has moved: reported for the updated actor vs the rollout.
-        after = _after_update(args, roll, actor, dims)
+        after = _after_update(args, roll, actor)
         row["clip_frac"], row["approx_kl"] = mean_over(after["clip_frac"], dp), mean_over(after["approx_kl"], dp)
         log(f"iter {it:3d}  reward {row['reward_mean']:.3f}  pg {row['pg_loss'][0]:+.5f} -> {row['pg_loss'][-1]:+.5f}  "
             f"first-minibatch |ratio-1| {row['first_ratio_max_dev']:.1e} KL {row['first_approx_kl']:.1e}  "
@@ -333,11 +384,10 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def _after_update(args, roll, actor, dims) -> dict:
+def _after_update(args, roll, actor) -> dict:
     """Policy metrics (clip fraction, approx-KL) of the updated actor against the rollout: how far the epochs
     moved it (this rank's tokens)."""
-    b = roll["batch"]
-    lp = all_tokens(actor(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels).logprobs, dims)
+    lp = actor(roll["batch"])[0]
     return rl.policy_loss(lp, roll["old"], roll["adv"], roll["mask"], args.clip_low, args.clip_high)[1]
 
 

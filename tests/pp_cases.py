@@ -7,6 +7,8 @@ returns the gradients and stepped parameters of its own part of the model, which
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -90,3 +92,17 @@ def pp_error(config_dict: dict, seqs, labels_list, seed: int) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def pp_logits(config_dict: dict, layout: dict, seqs, labels_list, seed: int, options: PipelineOptions):
+    """On every rank: a causal LM's pipeline without labels (sampling's forward): the last stage's full-vocab
+    logits of every sequence, merged to the batch's order; then with labels, its log-probs (each schedule on the
+    same stages). None on ranks without the last stage."""
+    pipe, dims = build_pipeline(config_dict, layout, False, options, seed)
+    with_labels = packed(seqs, labels_list)
+    mbs = pipe.split(dataclasses.replace(with_labels, labels=None))
+    logits = pipe.forward(mbs)
+    logprobs = pipe.forward(pipe.split(with_labels))
+    if logits is None:
+        return None
+    return mbs.merge(logits), mbs.merge([lp for lp, _ in logprobs])

@@ -12,7 +12,7 @@ import torch
 from helpers import rel_err
 from parallel_cases import random_sequences, reference
 from pool import get_pool
-from pp_cases import pp_error, run_pp_rank
+from pp_cases import pp_error, pp_logits, run_pp_rank
 from test_parallel_properties import TOL
 
 import dtllama
@@ -120,6 +120,12 @@ def test_microbatches_by_token_budget():
     for p, seqs in zip(mbs.packed, mbs.seqs):  # the padding is a sequence of its own, with ignored labels
         n_real = sum(lengths[s] for s in seqs)
         assert int(p.cu_seqlens[len(seqs)]) == n_real and (p.labels[n_real:] == IGNORE_INDEX).all()
+    x = torch.randn(sum(lengths), 3)  # per-token targets: `take` lays them out as each microbatch
+    taken = [mbs.take(x, i) for i in range(len(mbs.packed))]
+    assert torch.equal(mbs.merge(taken), x)
+    for p, seqs, t in zip(mbs.packed, mbs.seqs, taken):
+        n_real = sum(lengths[s] for s in seqs)
+        assert t.shape == (9, 3) and not t[n_real:].any()
 
 
 def _options_error(options: PipelineOptions, layers: int = 4, pp: int = 2, tie: bool = False) -> str:
@@ -162,3 +168,22 @@ def test_batch_that_does_not_split_raises_on_every_rank():
     errors = get_pool(2).run(pp_error, config, seqs, labels, seed)
     assert errors[0] == errors[1] and "do not fit 4 microbatches of 16 tokens" in errors[0], errors
     assert "rank 1" in errors[0]
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
+def test_forward_without_labels_gives_the_logits(schedule):
+    """Sampling through a pipeline: microbatches without labels come back from the last stage as full-vocab
+    logits (a schedule of their own on the same stages), and with labels as log-probs, both equal to one
+    device's."""
+    config, seqs, labels, seed = make_case(4)
+    model = dtllama.LlamaForCausalLM(dtllama.ModelConfig(**config))
+    model.init_weights(seed)
+    cu = cu_seqlens_from_lengths(LENGTHS)
+    with torch.no_grad():
+        ref_logits = model(torch.cat(seqs), cu_seqlens=cu).logits
+        ref_lp = model(torch.cat(seqs), cu_seqlens=cu, labels=torch.cat(labels)).logprobs
+    results = [r for r in get_pool(2).run(pp_logits, config, dict(pp=2), seqs, labels, seed,
+                                          PipelineOptions(schedule, 4, 16)) if r is not None]
+    assert len(results) == 1
+    logits, lp = results[0]
+    assert rel_err(logits, ref_logits) < TOL and rel_err(lp, ref_lp, floor=1.0) < TOL

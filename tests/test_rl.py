@@ -214,11 +214,12 @@ def _check_rows(rows, iterations):
 
 
 def test_ppo_recipe_world1_tp2_cp2_exact_first_minibatch_same_losses(tmp_path):
-    """The acceptance runs at world 1 and tp=2, and Ulysses cp=2: all sample the same responses (batch rank 0,
-    same seed; TP ranks share full-vocab logits, CP ranks gather all tokens'), so their per-epoch losses agree
-    too (under CP every rank computes the losses over the gathered whole sequences)."""
+    """The acceptance runs at world 1 and tp=2, Ulysses cp=2 and pipeline pp=2: all sample the same responses
+    (batch rank 0, same seed; TP ranks share full-vocab logits, CP ranks gather all tokens', pipeline ranks get
+    the last stage's), so their per-epoch losses agree too (under CP every rank computes the losses over the
+    gathered whole sequences; under PP the last stage, per microbatch)."""
     one = ppo(tmp_path, 1, "--iterations", "1")
-    for layout in (("--tp", "2"), ("--cp", "2")):
+    for layout in (("--tp", "2"), ("--cp", "2"), ("--pp", "2")):
         other = ppo(tmp_path, 2, "--iterations", "1", *layout)
         _check_rows(one, 1)
         _check_rows(other, 1)
@@ -255,3 +256,17 @@ def test_ppo_recipe_dp2_cp2_seq_mean_exact_first_minibatch(tmp_path):
     for key in ("pg_loss", "vf_loss", "kl"):
         for a, b in zip(dp2[0][key], cp2[0][key]):
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (key, dp2[0][key], cp2[0][key])
+
+
+def test_ppo_recipe_pp2_tp2_exact_first_minibatch_seq_mean(tmp_path):
+    """World 4 (pp=2 x tp=2, Interleaved1F1B over 4 layers): per-microbatch sequence-mean losses on the last
+    stage add up to the batch's, so the losses equal world 1's."""
+    args = ("--iterations", "1", "--agg", "seq-mean-token-mean", "--kl-kind", "k1")
+    one = ppo(tmp_path, 1, *args, "--set", "num_hidden_layers=4")
+    pp = ppo(tmp_path, 4, *args, "--set", "num_hidden_layers=4", "--pp", "2", "--tp", "2",
+             "--pp-schedule", "Interleaved1F1B")
+    _check_rows(pp, 1)
+    assert one[0]["samples"] == pp[0]["samples"]
+    for key in ("pg_loss", "vf_loss", "kl"):
+        for a, b in zip(one[0][key], pp[0][key]):
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (key, one[0][key], pp[0][key])
