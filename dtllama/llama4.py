@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtllama.ops import linear_logits, position_ids_from_cu_seqlens, prepare_batch
+from dtllama.ops import linear_logits, prepare_batch
 
 from ._flavors import UnknownFlavorError
 from .llama4_config import Llama4Config
@@ -89,14 +89,18 @@ class AttentionSpans(NamedTuple):
     temperature: torch.Tensor | None  # per-token q scale of NoPE layers `[T]`, None without temperature tuning
 
 
-def chunked_cu_seqlens(cu_seqlens: torch.Tensor, chunk_size: int, total: int) -> torch.Tensor:
+def chunked_cu_seqlens(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """`cu_seqlens` with a boundary added at every multiple of `chunk_size` inside each sequence: varlen causal
     attention over it is HF's chunked attention (a token sees the earlier tokens of its own chunk). Positions for
     RoPE are unchanged; the offset inside the sequence, not the position id, places the boundaries, as HF's
-    padding-aware chunk mask does."""
-    offset = position_ids_from_cu_seqlens(cu_seqlens, total)
-    starts = torch.nonzero(offset % chunk_size == 0).squeeze(1)
-    return torch.cat([starts, starts.new_tensor([total])]).to(cu_seqlens.dtype)
+    padding-aware chunk mask does. Built from `cu_seqlens` alone, so a CP rank, whose positions cover only its
+    token shard, builds the same global chunks."""
+    cu = cu_seqlens.long()
+    chunks = (cu[1:] - cu[:-1] + chunk_size - 1) // chunk_size  # per sequence
+    first = torch.repeat_interleave(chunks.cumsum(0) - chunks, chunks)  # each chunk's sequence's first chunk
+    k = torch.arange(first.numel(), device=cu.device) - first  # the chunk's index within its sequence
+    starts = torch.repeat_interleave(cu[:-1], chunks) + k * chunk_size
+    return torch.cat([starts, cu[-1:]]).to(cu_seqlens.dtype)
 
 
 def temperature_scales(position_ids: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
@@ -110,7 +114,7 @@ def attention_spans(config: Llama4Config, position_ids, cu_seqlens, max_seqlen: 
     if chunk is None:
         chunk_cu, chunk_max = cu_seqlens, max_seqlen
     else:
-        chunk_cu, chunk_max = chunked_cu_seqlens(cu_seqlens, chunk, position_ids.shape[0]), min(max_seqlen, chunk)
+        chunk_cu, chunk_max = chunked_cu_seqlens(cu_seqlens, chunk), min(max_seqlen, chunk)
     temp = (temperature_scales(position_ids, config.floor_scale, config.attn_scale)
             if config.attn_temperature_tuning else None)
     return AttentionSpans(cu_seqlens, max_seqlen, chunk_cu, chunk_max, temp)

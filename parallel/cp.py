@@ -26,7 +26,10 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from dtllama.llama4 import Llama4ForCausalLM
 from dtllama.model import LlamaForCausalLM, LlamaForValue
+
+from .tp import sum_over_token_shards
 
 
 def all_to_all(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
@@ -127,7 +130,7 @@ def gather_tokens(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
     return _GatherTokens.apply(x, cp_mesh)
 
 
-def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh) -> None:
+def apply_cp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, cp_mesh: DeviceMesh) -> None:
     """Shard the tokens of every forward over the 1-D `cp_mesh` (Ulysses), in place. Call after TP.
 
     Batches CP cannot split are refused by `cp_batch_check`, which `parallelize` hands to its batch check,
@@ -143,7 +146,10 @@ def apply_cp(model: LlamaForCausalLM | LlamaForValue, cp_mesh: DeviceMesh) -> No
     model.model.register_forward_pre_hook(shard_decoder_inputs)
     for layer in model.model.layers.values():
         layer.self_attn.attn_core = UlyssesAttention(layer.self_attn.attn_core, cp_mesh)
-    if isinstance(model, LlamaForCausalLM) and model.logprobs_head is not None:  # a stage may have no head
+    if isinstance(model, Llama4ForCausalLM):  # its load-balance loss is over all of the sequences' tokens
+        group, tp_sum = cp_mesh.get_group(), model.router_token_sum
+        model.router_token_sum = lambda x: sum_over_token_shards(tp_sum(x) if tp_sum else x, group)
+    if isinstance(model, (LlamaForCausalLM, Llama4ForCausalLM)) and model.logprobs_head is not None:
         def shard_labels(module, args):
             hidden, weight, labels, *rest = args
             return hidden, weight, _shard(labels, cp_mesh), *rest

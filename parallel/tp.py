@@ -127,6 +127,12 @@ class _SumOverTokenShards(torch.autograd.Function):
         return grad, None
 
 
+def sum_over_token_shards(x: torch.Tensor, group) -> torch.Tensor:
+    """`x` summed over the ranks of `group`, which hold other token shards of the same sequences (TP's sequence
+    parallel, Ulysses CP), for statistics every rank then computes alike; see `_SumOverTokenShards`."""
+    return _SumOverTokenShards.apply(x, group)
+
+
 def _to_all_tokens(n_args: int) -> PrepareModuleInput:
     rest = (None,) * (n_args - 1)  # the attention's positions and spans pass through untouched
     return PrepareModuleInput(
@@ -176,7 +182,7 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, tp_mes
         parallelize_module(layer, tp_mesh, {**attention_plan, **_feed_forward_plan(layer)})
     if isinstance(model, Llama4ForCausalLM):
         group = tp_mesh.get_group()
-        model.router_token_sum = lambda x: _SumOverTokenShards.apply(x, group)
+        model.router_token_sum = lambda x: sum_over_token_shards(x, group)
     plan = {}  # a pipeline stage may lack the embedding, or the final norm and the head
     if model.model.embed_tokens is not None:
         plan["model.embed_tokens"] = TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0))
@@ -190,4 +196,4 @@ def apply_tp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, tp_mes
     parallelize_module(model, tp_mesh, plan)
 
 
-__all__ = ["ReplicatedHead", "ReplicatedKV", "RoutedRouter", "TokenShardedEmbedding", "apply_tp"]
+__all__ = ["ReplicatedHead", "ReplicatedKV", "RoutedRouter", "TokenShardedEmbedding", "apply_tp", "sum_over_token_shards"]

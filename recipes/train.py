@@ -226,9 +226,9 @@ def build_model(args, config, source, device):
         tokens += -tokens % dims.token_multiple
         pp_options = PipelineOptions(args.pp_schedule, args.microbatches, tokens)
         pp.check_options(config, dims, pp_options)
-    if isinstance(config, Llama4Config) and (dims.pp_enabled or dims.cp > 1):
-        raise ValueError(f"{dims}: Llama 4 models train with dp_shard, dp_replicate, tp and ep here; pp and cp are "
-                         "not wired for them yet (chunked attention would need the global positions): set them to 1")
+    if isinstance(config, Llama4Config) and dims.pp_enabled:
+        raise ValueError(f"{dims}: Llama 4 models train with dp_shard, dp_replicate, cp, tp and ep here; pp is not "
+                         "wired for them yet (its stages are cut from the dense model): set --pp 1")
     dims.build_mesh(device.type)
     with torch.device("meta"):
         model = (Llama4ForCausalLM if isinstance(config, Llama4Config) else dtllama.LlamaForCausalLM)(config)
@@ -275,7 +275,7 @@ def train_step(model, opt, sched, batch: list[Example], dims, args, filler: Exam
     # the dp ranks (cp included: under CP the log-probs are this rank's token shard), so every token
     # weighs the same whatever rank holds it, and the result does not depend on the layout.
     scale = dp_mesh.size() / max(sum(ex.loss_tokens for ex in batch), 1)
-    router = RouterTotals()
+    router = RouterTotals(dims.cp)
     if pipe is None:
         reported = torch.zeros((), device=device)
         mbs = my_microbatches(batch, dims, args.max_tokens_per_microbatch or args.batch_tokens, filler)
@@ -304,10 +304,14 @@ class RouterTotals:
     """A MoE model's router statistics over a step's micro-batches: tokens per expert (summed over MoE layers, then
     over all ranks: data-parallel ranks hold other sequences, TP ranks other token shards) and the mean load-balance
     loss, which joins the training loss (the LM `loss`
-    metric stays without it). Empty for dense models."""
+    metric stays without it). Empty for dense models.
 
-    def __init__(self):
-        self.counts, self.aux, self.n = None, 0.0, 0
+    Under Ulysses every CP rank computes its group's one load-balance loss and back-propagates into its own tokens,
+    while FSDP averages gradients over the CP ranks too: the loss is scaled by `cp` to undo that (as the LM loss is
+    by the dp size)."""
+
+    def __init__(self, cp: int = 1):
+        self.counts, self.aux, self.n, self.cp = None, 0.0, 0, cp
 
     def add(self, stats, n_microbatches: int):
         """Record one micro-batch's stats; returns what to add to its loss (its share of the step's aux loss)."""
@@ -318,7 +322,7 @@ class RouterTotals:
         if stats.aux_loss is None:
             return 0.0
         self.aux, self.n = self.aux + float(stats.aux_loss.detach()), self.n + 1
-        return stats.aux_loss / n_microbatches
+        return stats.aux_loss * self.cp / n_microbatches
 
     def metrics(self) -> dict:
         if self.counts is None:

@@ -277,14 +277,15 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
     return [train_step(), train_step()]
 
 
-def aux_loss_rank(config_dict: dict, layout: dict, seqs, seed: int):
+def aux_loss_rank(config_dict: dict, layout: dict | None, seqs, seed: int):
     """On every rank (or on one process for `layout=None`, the reference): the load-balance loss of all `seqs`
-    (a layout whose batch mesh is one rank: every rank sees them all, TP ranks each a token shard) and the router
-    weights' gradients of that loss alone."""
+    (a layout whose batch mesh is one rank: every rank sees them all, TP / CP ranks each a token shard) and the
+    router weights' gradients of that loss alone."""
     config = model_config(config_dict)
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
     with torch.device("meta" if layout is not None else "cpu"):
         model = build(config, value=False)
+    dp = 1
     if layout is not None:
         key = tuple(sorted(layout.items()))
         if key not in _DIMS:
@@ -293,9 +294,10 @@ def aux_loss_rank(config_dict: dict, layout: dict, seqs, seed: int):
         assert _DIMS[key].mesh("batch").size() == 1, "every rank must see every sequence"
         parallelize(model, _DIMS[key])
         model.to_empty(device="cpu")
+        dp = _DIMS[key].mesh("dp").size()  # the CP ranks, over which FSDP averages
     model.init_weights(seed)
     aux = model(ids, cu_seqlens=cu_seqlens_from_lengths(lengths)).router_stats.aux_loss
-    aux.backward()
+    (aux * dp).backward()
     grads = {hf_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
              for n, p in model.named_parameters() if n.endswith("router.weight")}
     return float(aux.detach()), grads

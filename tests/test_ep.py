@@ -51,6 +51,10 @@ ACCEPTANCE = [  # (world, layout, config, activation checkpointing)
     (4, dict(ep=2, tp=2), moe_config(tp=2), "none"),  # dp_shard=2: the EP group is the TP group
     (4, dict(ep=2, dp_replicate=2), moe_config(), "none"),  # HSDP: experts replicated over dp_replicate
     (4, dict(tp=2), moe_config(tp=2, moe_layers=[1]), "none"),  # ep=1 under TP: experts FSDP over the TP ranks
+    # Ulysses: chunk boundaries from the global cu_seqlens, temperatures from each shard's positions.
+    (2, dict(cp=2), moe_config(moe_layers=[1]), "none"),
+    (4, dict(cp=2, ep=2), moe_config(), "selective"),  # dp_shard=2: EP over the CP ranks' distinct tokens
+    (4, dict(cp=2, tp=2), moe_config(tp=2), "none"),  # one KV head per TP rank, repeated for cp=2
 ]
 
 
@@ -125,15 +129,17 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_next_losses(tmp_pa
     assert all(r == saved[0] for r in saved) and all(r == resumed[0] for r in resumed)  # one global loss
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(tp=2, ep=2)], ids=["tp2", "tp2-ep2"])
-def test_load_balance_loss_under_tp_is_that_of_all_tokens(layout):
-    """Sequence parallel deals a batch's tokens over the TP ranks; the load-balance loss and its router gradient
-    must still be those of all the tokens on one device (per-shard losses would differ and count tp times)."""
+@pytest.mark.parametrize("world, layout", [(2, dict(tp=2)), (2, dict(tp=2, ep=2)), (2, dict(cp=2)),
+                                           (4, dict(cp=2, tp=2))], ids=["tp2", "tp2-ep2", "cp2", "cp2-tp2"])
+def test_load_balance_loss_over_token_shards_is_that_of_all_tokens(world, layout):
+    """Sequence parallel and Ulysses deal a batch's tokens over the TP / CP ranks; the load-balance loss and its
+    router gradient must still be those of all the tokens on one device (per-shard losses would differ and
+    count tp times)."""
     config = dict(moe_config(tp=2), router_aux_loss_coef=0.25)
     seed = int(torch.randint(0, 2**16, ()))
     seqs, _ = random_sequences([11, 7, 14], config["vocab_size"], torch.Generator().manual_seed(seed))  # 32 tokens
     ref_aux, ref_grads = aux_loss_rank(config, None, seqs, seed)
-    ranks = get_pool(2).run(aux_loss_rank, config, layout, seqs, seed)
+    ranks = get_pool(world).run(aux_loss_rank, config, layout, seqs, seed)
     print(f"aux loss: one device {ref_aux:.8f}, per rank {[a for a, _ in ranks]}")
     for aux, grads in ranks:
         assert abs(aux - ref_aux) <= 1e-6 * abs(ref_aux)

@@ -135,7 +135,8 @@ def test_logits_match_transformers_packed_and_padded(pair):
 
 def test_chunked_attention(pair):
     hf, ours, _ = pair
-    assert chunked_cu_seqlens(torch.tensor([0, 3, 20, 21]), 8, 21).tolist() == [0, 3, 11, 19, 20, 21]
+    assert chunked_cu_seqlens(torch.tensor([0, 3, 20, 21]), 8).tolist() == [0, 3, 11, 19, 20, 21]
+    assert chunked_cu_seqlens(torch.tensor([0, 8, 8, 24], dtype=torch.int32), 8).tolist() == [0, 8, 16, 24]
     unchunked = Llama4ForCausalLM(dataclasses.replace(ours.config, attention_chunk_size=None))
     unchunked.load_state_dict(ours.state_dict())
     (long,) = random_sequences(hf.config.vocab_size, 2, [40])  # five chunks

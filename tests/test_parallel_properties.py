@@ -89,15 +89,15 @@ def test_compiled_tensor_parallel_blocks_match_single_device(case):
 
 @st.composite
 def moe_cases(draw):
-    """A Llama 4 MoE case: world 2 or 4, `tp` and HSDP as above (no cp: Llama 4's chunked spans are not
-    CP-sharded), `ep` any valid degree (1 included), 2-8 experts with top-1 or top-2 routing, every layer MoE or
-    a dense layer first."""
+    """A Llama 4 MoE case: world 2 or 4, `tp`, Ulysses `cp` and HSDP as above, `ep` any valid degree (1 included),
+    2-8 experts with top-1 or top-2 routing, every layer MoE or a dense layer first."""
     world = draw(st.sampled_from([2, 4]))
     tp = draw(st.sampled_from([t for t in (1, 2) if world % t == 0]))
-    dp_replicate = draw(st.sampled_from([r for r in (1, 2) if (world // tp) % r == 0]))
-    dp_shard = world // tp // dp_replicate
+    cp = draw(st.sampled_from([c for c in (1, 2) if (world // tp) % c == 0]))
+    dp_replicate = draw(st.sampled_from([r for r in (1, 2) if (world // tp // cp) % r == 0]))
+    dp_shard = world // tp // cp // dp_replicate
     experts = draw(st.sampled_from([2, 4, 8]))
-    ep = draw(st.sampled_from([e for e in (1, 2, 4) if experts % e == 0 and (dp_shard * tp) % e == 0]))
+    ep = draw(st.sampled_from([e for e in (1, 2, 4) if experts % e == 0 and (dp_shard * cp * tp) % e == 0]))
     config = dict(
         model_type="llama4_text", vocab_size=draw(st.integers(40, 130)), hidden_size=draw(st.sampled_from([16, 32])),
         intermediate_size=tp * draw(st.integers(2, 8)), intermediate_size_mlp=tp * draw(st.integers(2, 8)),
@@ -108,11 +108,11 @@ def moe_cases(draw):
         moe_layers=draw(st.sampled_from([None, [1]])), tie_word_embeddings=draw(st.booleans()),
         initializer_range=0.2, torch_dtype="float32",
     )
-    n_batch = world // tp
+    n_batch = world // tp // cp  # the CP ranks of a group share its sequences
     lengths = draw(st.lists(st.integers(1, 12), min_size=n_batch, max_size=n_batch + 3))
     seed = draw(st.integers(0, 2**16))
     seqs, labels = random_sequences(lengths, config["vocab_size"], torch.Generator().manual_seed(seed))
-    layout = dict(dp_replicate=dp_replicate, dp_shard=-1, tp=tp, ep=ep)
+    layout = dict(dp_replicate=dp_replicate, dp_shard=-1, cp=cp, tp=tp, ep=ep)
     return world, layout, config, seqs, labels, seed, False, draw(st.sampled_from(["none", "full", "selective"]))
 
 
