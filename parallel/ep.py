@@ -40,13 +40,15 @@ def all_to_all_v(x: torch.Tensor, out_splits: list[int], in_splits: list[int], e
     return funcol.wait_tensor(out)
 
 
-def _group_by_expert(recv: torch.Tensor) -> torch.Tensor:
-    """The row order that turns received rows, grouped `(source rank, local expert)` with `recv[s, l]` rows each,
-    into `(local expert, source rank)` groups: every local expert's rows contiguous, sources in rank order."""
+def _group_by_expert(recv: torch.Tensor, total: int) -> torch.Tensor:
+    """The row order that turns the `total` received rows, grouped `(source rank, local expert)` with `recv[s, l]`
+    rows each, into `(local expert, source rank)` groups: every local expert's rows contiguous, sources in rank
+    order. `total` (known on the host) spares the device a sync for each output size."""
     starts = (recv.flatten().cumsum(0) - recv.flatten()).view_as(recv)  # where block (s, l) begins
     sizes, starts = recv.t().flatten(), starts.t().flatten()  # blocks in (l, s) order
-    first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)  # each row's block start, in the new order
-    return torch.repeat_interleave(starts, sizes) + torch.arange(int(sizes.sum()), device=recv.device) - first
+    first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes, output_size=total)  # row's block start
+    rows = torch.arange(total, device=recv.device)
+    return torch.repeat_interleave(starts, sizes, output_size=total) + rows - first
 
 
 class _Dispatch(NamedTuple):
@@ -63,10 +65,10 @@ def dispatch(x: torch.Tensor, counts: torch.Tensor, ep_mesh: DeviceMesh
     local expert, their counts [E/ep], the dispatch)`."""
     ep = ep_mesh.size()
     recv = funcol.wait_tensor(funcol.all_to_all_single(counts.contiguous(), None, None, ep_mesh)).view(ep, -1)
-    in_splits = counts.view(ep, -1).sum(1).tolist()
-    out_splits = recv.sum(1).tolist()
+    # The one device-to-host copy of the layer (a sync on GPUs): both splits at once, for dispatch and combine.
+    in_splits, out_splits = torch.stack([counts.view(ep, -1).sum(1), recv.sum(1)]).tolist()
     rows = all_to_all_v(x, out_splits, in_splits, ep_mesh)
-    order = _group_by_expert(recv)
+    order = _group_by_expert(recv, sum(out_splits))
     return rows[order], recv.sum(0), _Dispatch(in_splits, out_splits, order)
 
 

@@ -80,7 +80,7 @@ def test_compiled_expert_parallel_blocks_match_single_device(world, layout, conf
 def test_group_by_expert_orders_rows_by_local_expert_then_source():
     """Rows received from 2 ranks for 3 local experts, `recv[s, l]` each, regrouped expert-major."""
     recv = torch.tensor([[2, 0, 1], [1, 2, 0]])  # rank 0 sent a a | - | b ; rank 1 sent c | d d | -
-    assert _group_by_expert(recv).tolist() == [0, 1, 3, 4, 5, 2]  # expert 0: a a c; expert 1: d d; expert 2: b
+    assert _group_by_expert(recv, 6).tolist() == [0, 1, 3, 4, 5, 2]  # expert 0: a a c; expert 1: d d; expert 2: b
 
 
 def test_valid_ep_degrees_divide_the_experts_and_the_token_ranks():
