@@ -120,8 +120,4 @@ class PipelineRunner:
         return _result(self._share(mbs, result[0] if result else None, b))
 
 
-def runner_for(model_or_pipe, dims: ParallelDims) -> WholeRunner | PipelineRunner:
-    return PipelineRunner(model_or_pipe, dims) if isinstance(model_or_pipe, Pipeline) else WholeRunner(model_or_pipe, dims)
-
-
-__all__ = ["PipelineRunner", "WholeRunner", "runner_for"]
+__all__ = ["PipelineRunner", "WholeRunner"]

@@ -243,11 +243,7 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
     from dtllama.checkpoint import Checkpointer, TrainState
 
     config = model_config(config_dict)
-    key = tuple(sorted(layout.items()))
-    if key not in _DIMS:
-        _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
-        _DIMS[key].build_mesh("cpu")
-    dims = _DIMS[key]
+    dims = _layout_dims(layout, config)
     with torch.device("meta"):
         model = build(config, value=False)
     parallelize(model, dims)
@@ -277,25 +273,37 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
     return [train_step(), train_step()]
 
 
+def _layout_dims(layout: dict, config) -> ParallelDims:
+    """The layout's dims with meshes, built once per layout and reused across examples (process groups)."""
+    key = tuple(sorted(layout.items()))
+    if key not in _DIMS:
+        _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
+        _DIMS[key].build_mesh("cpu")
+    return _DIMS[key]
+
+
+def _whole_batch_model(config, layout: dict | None, seed: int):
+    """`(model, dims)`: parallelized over a layout whose batch mesh is one rank (every rank sees every sequence;
+    TP / CP ranks each hold a token shard), or, for `layout=None`, on this process alone (dims None)."""
+    with torch.device("meta" if layout is not None else "cpu"):
+        model = build(config, value=False)
+    dims = None
+    if layout is not None:
+        dims = _layout_dims(layout, config)
+        assert dims.mesh("batch").size() == 1, "every rank must see every sequence"
+        parallelize(model, dims)
+        model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model, dims
+
+
 def aux_loss_rank(config_dict: dict, layout: dict | None, seqs, seed: int):
     """On every rank (or on one process for `layout=None`, the reference): the load-balance loss of all `seqs`
     (a layout whose batch mesh is one rank: every rank sees them all, TP / CP ranks each a token shard) and the
     router weights' gradients of that loss alone."""
-    config = model_config(config_dict)
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
-    with torch.device("meta" if layout is not None else "cpu"):
-        model = build(config, value=False)
-    dp = 1
-    if layout is not None:
-        key = tuple(sorted(layout.items()))
-        if key not in _DIMS:
-            _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
-            _DIMS[key].build_mesh("cpu")
-        assert _DIMS[key].mesh("batch").size() == 1, "every rank must see every sequence"
-        parallelize(model, _DIMS[key])
-        model.to_empty(device="cpu")
-        dp = _DIMS[key].mesh("dp").size()  # the CP ranks, over which FSDP averages
-    model.init_weights(seed)
+    model, dims = _whole_batch_model(model_config(config_dict), layout, seed)
+    dp = dims.mesh("dp").size() if dims is not None else 1  # the CP ranks, over which FSDP averages
     aux = model(ids, cu_seqlens=cu_seqlens_from_lengths(lengths)).router_stats.aux_loss
     (aux * dp).backward()
     grads = {hf_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
@@ -309,22 +317,9 @@ def gathered_loss_grads(config_dict: dict, layout: dict | None, seqs, labels_lis
     log-probs gathered with `gather_tokens`; returns it and the full gradients."""
     from dtllama.parallel.cp import gather_tokens
 
-    config = model_config(config_dict)
     lengths = [len(s) for s in seqs]
-    with torch.device("meta" if layout is not None else "cpu"):
-        model = build(config, value=False)
-    multiple, cp_mesh = 1, None
-    if layout is not None:
-        key = tuple(sorted(layout.items()))
-        if key not in _DIMS:
-            _DIMS[key] = ParallelDims(**layout).resolve(dist.get_world_size(), config)
-            _DIMS[key].build_mesh("cpu")
-        dims = _DIMS[key]
-        assert dims.mesh("batch").size() == 1, "every rank must see every sequence"
-        parallelize(model, dims)
-        model.to_empty(device="cpu")
-        multiple, cp_mesh = dims.token_multiple, dims.mesh("cp")
-    model.init_weights(seed)
+    model, dims = _whole_batch_model(model_config(config_dict), layout, seed)
+    multiple, cp_mesh = (dims.token_multiple, dims.mesh("cp")) if dims is not None else (1, None)
     p = pad_to_multiple(torch.cat(seqs), cu_seqlens_from_lengths(lengths), multiple, torch.cat(labels_list))
     lp = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels).logprobs
     lp = (gather_tokens(lp, cp_mesh) if cp_mesh is not None else lp)[:sum(lengths)]
