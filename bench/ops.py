@@ -9,7 +9,8 @@ First the ceilings of this device (device-to-device copy bandwidth, bf16 matmul 
 - a full Llama-3.2-1B training step (bf16 weights, fused AdamW) on 50% padding: dtllama packed with
   each attention backend vs transformers' padded `[B, S]` SDPA model; real tokens/s and MFU.
 - fused log-probs + entropy, bf16 T=16384, hidden 4096, vocab 128256, forward+backward of
-  logprob sum + 0.01 * entropy sum: time and peak extra memory vs naive log_softmax + gather.
+  logprob sum + 0.01 * entropy sum: time and peak extra memory (with its default 2 GiB of kept
+  logit rows, and with none) vs naive log_softmax + gather, eager and compiled.
 Prints a table per section and the whole result as JSON (also written to `--json`).
 MFU is against 989 TFLOP/s (H100/H200 dense bf16).
 """
@@ -263,9 +264,11 @@ def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> l
         logp = torch.log_softmax((h @ w.t()).float(), -1)
         return logp.gather(1, y[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
 
-    peers = {"dtllama fused": lambda h, w, y: linear_logprobs_entropy(h, w, y), "naive log_softmax": naive,
+    peers = {"dtllama fused (default: 2 GiB of rows kept)": lambda h, w, y: linear_logprobs_entropy(h, w, y),
+             "dtllama fused, every row recomputed": lambda h, w, y: linear_logprobs_entropy(h, w, y, save_bytes=0),
+             "naive log_softmax": naive,
              "torch.compile(naive)": torch.compile(naive)}
-    flops = 4 * 2 * T * hidden * vocab
+    flops = 3 * 2 * T * hidden * vocab  # forward, d_hidden, d_weight (recompute is not useful work)
     grads = (h.numel() + w.numel()) * 2
     out = []
     for name, f in peers.items():

@@ -1,7 +1,8 @@
 """Training throughput side by side: dtllama vs torchtitan vs transformers + FSDP2, same shape, batch, init.
 
     python bench/train.py --nproc 1 --shape 1b --batch 4 --seq 4096 --compile [--ac selective]
-        [--impls dtllama,titan,hf] [--steps 10] [--warmup 4] [--loss-steps 20] [--json out.json]
+        [--impls dtllama,titan,hf,dtllama-fsdp1,dtllama-recompute] [--steps 10] [--warmup 4] [--loss-steps 20]
+        [--json out.json]
 
 Each implementation runs in its own `torchrun` (so memory and compile caches do not leak between
 them) with the method of the shared side-by-side script: built on meta, its own parallelize (FSDP2
@@ -68,17 +69,32 @@ def load_full(model, state: dict[str, torch.Tensor]) -> None:
             copy_full_into(p, state[hf_name(n)].to(p.dtype))
 
 
+# `--impls dtllama-<variant>`: dtllama with one of its speed-ups taken out, to measure what each is worth.
+ABLATIONS = {
+    "fsdp1": "FSDP2 on a one-rank mesh for mixed precision, in place of casts at use",
+    "recompute": "every logit row recomputed in the head's backward (no kept rows)",
+}
+
+
 def build_dtllama(a, world, device):
     import dtllama
     from dtllama.ops import cu_seqlens_from_lengths, shift_labels
-    from dtllama.parallel import FSDPOptions, ParallelDims, parallelize
+    from dtllama.parallel import FSDPOptions, ParallelDims, apply_fsdp, parallelize
 
+    variant = a.impl.partition("-")[2]
     cfg = dtllama_config(a.shape)
     dims = ParallelDims(dp_shard=-1).resolve(world, cfg)
     dims.build_mesh(device.type)
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(cfg)
-    parallelize(model, dims, ac=a.ac, compile=a.compile, fsdp=FSDPOptions(param_dtype=torch.bfloat16))
+    mp = FSDPOptions(param_dtype=torch.bfloat16)
+    if variant == "fsdp1" and world == 1:  # parallelize applies the rest (compile, AC); FSDP goes last, as there
+        parallelize(model, dims, ac=a.ac, compile=a.compile)
+        apply_fsdp(model, dims.mesh("fsdp"), mp)
+    else:
+        parallelize(model, dims, ac=a.ac, compile=a.compile, fsdp=mp)
+    if variant == "recompute":
+        model.logprobs_head.save_bytes = 0
     model.to_empty(device=device)
     model.init_weights(0)
     if a.init:
@@ -199,7 +215,8 @@ def worker(a) -> None:
     cuda = device.type == "cuda"
     rank, world = dist.get_rank(), dist.get_world_size()
     t0 = time.perf_counter()
-    model, step = {"dtllama": build_dtllama, "titan": build_titan, "hf": build_hf}[a.impl](a, world, device)
+    model, step = {"dtllama": build_dtllama, "titan": build_titan, "hf": build_hf}[a.impl.partition("-")[0]](
+        a, world, device)
     setup_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, fused=cuda)
     n_params = sum(p.numel() for p in model.parameters())
@@ -310,8 +327,11 @@ def report(rows: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=["dtllama", "titan", "hf"], help="(worker) run one implementation")
-    p.add_argument("--impls", default="dtllama,titan,hf", help="implementations to compare")
+    p.add_argument("--impl", choices=["dtllama", "titan", "hf"] + [f"dtllama-{v}" for v in ABLATIONS],
+                   help="(worker) run one implementation")
+    p.add_argument("--impls", default="dtllama,titan,hf",
+                   help="implementations to compare; dtllama-<variant> takes one speed-up out: "
+                        + "; ".join(f"{k}: {v}" for k, v in ABLATIONS.items()))
     p.add_argument("--nproc", type=int, default=1, help="GPUs (one torchrun process each)")
     p.add_argument("--shape", choices=list(SHAPES), default="1b")
     p.add_argument("--batch", type=int, default=4)

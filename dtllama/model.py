@@ -20,6 +20,7 @@ from torch import nn
 
 from dtllama.ops import IGNORE_INDEX, linear_logits, linear_logprobs_entropy, prepare_batch, rms_norm, varlen_attention
 from dtllama.ops.dtensor_utils import local_shape_and_offset
+from dtllama.ops.logprobs import SAVE_BYTES
 
 from .config import ModelConfig
 
@@ -36,7 +37,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight.to(x.dtype), self.eps)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that casts its parameters to the input's dtype where it uses them: a no-op when they already
+    match (fp32 training, FSDP's low-precision copies); under one-rank mixed precision (fp32 parameters, bf16
+    activations: `dtllama.parallel.apply_mixed_precision`) the cast is the only copy, and its backward hands
+    the fp32 parameter an fp32 gradient."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
@@ -96,10 +108,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.head_dim = d
-        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=config.o_bias)
+        self.q_proj = Linear(h, config.num_attention_heads * d, bias=config.qkv_bias)
+        self.k_proj = Linear(h, config.num_key_value_heads * d, bias=config.qkv_bias)
+        self.v_proj = Linear(h, config.num_key_value_heads * d, bias=config.qkv_bias)
+        self.o_proj = Linear(config.num_attention_heads * d, h, bias=config.o_bias)
         self.attn_core = AttentionCore()
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
@@ -117,9 +129,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=b)
-        self.up_proj = nn.Linear(h, i, bias=b)
-        self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_proj = Linear(h, i, bias=b)
+        self.up_proj = Linear(h, i, bias=b)
+        self.down_proj = Linear(i, h, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -141,7 +153,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm. Unlike HF's, `embed_tokens` has no `padding_idx`: by choice, every row
     (the `pad_token_id` row too) is trained, as in torchtitan and Megatron. Packed batches carry no padding, and
-    the pad id is often a real token (eos) that HF would never train; TP also shards this table by vocab rows."""
+    the pad id is often a real token (eos) that HF would never train; TP also shards this table by vocab rows.
+
+    `compute_dtype`: the dtype the activations run in from the embedding on, where it differs from the
+    parameters' (None: theirs). `dtllama.parallel.apply_mixed_precision` sets it; every module then casts its
+    parameters to the activations' dtype at use."""
+
+    compute_dtype: torch.dtype | None = None  # a class default: pipeline stages build their models field by field
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -154,6 +172,8 @@ class LlamaModel(nn.Module):
         """Token ids to normed hidden states. A pipeline stage without the embedding takes the previous stage's
         hidden states as `input_ids`, and one without the final norm returns its last layer's output."""
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers.values():
             x = layer(x, cos, sin, cu_seqlens, max_seqlen)
@@ -162,11 +182,18 @@ class LlamaModel(nn.Module):
 
 class LogprobsHead(nn.Module):
     """Per-token log-probs and entropy of `labels` from hidden states; no parameters of its own (the weight is
-    passed in). Its own module so that context parallelism can hand it the labels of its token shard."""
+    passed in). Its own module so that context parallelism can hand it the labels of its token shard.
+    `save_bytes`: memory for logit rows kept from forward to backward instead of recomputed (see
+    `dtllama.ops.linear_logprobs_entropy`); lower it to trade speed for memory."""
+
+    def __init__(self, save_bytes: int = SAVE_BYTES):
+        super().__init__()
+        self.save_bytes = save_bytes
 
     def forward(self, hidden, weight, labels, temperature: float, chunk_size: int):
         # prepare_batch already validated the labels
-        return linear_logprobs_entropy(hidden, weight, labels, temperature, chunk_size, check=False)
+        return linear_logprobs_entropy(hidden, weight, labels, temperature, chunk_size, check=False,
+                                       save_bytes=self.save_bytes)
 
 
 @dataclass
@@ -244,7 +271,7 @@ class LlamaForCausalLM(_LlamaBase):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.logprobs_head = LogprobsHead()
 
     @property
@@ -262,8 +289,8 @@ class LlamaForCausalLM(_LlamaBase):
         """
         h, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         if batch.labels is None:
-            return CausalLMOutput(logits=batch.repad(linear_logits(h, self.output_weight, temperature)))
-        lp, ent = self.logprobs_head(h, self.output_weight, batch.labels, temperature, chunk_size)
+            return CausalLMOutput(logits=batch.repad(linear_logits(h, self.output_weight.to(h.dtype), temperature)))
+        lp, ent = self.logprobs_head(h, self.output_weight.to(h.dtype), batch.labels, temperature, chunk_size)
         return CausalLMOutput(logprobs=batch.repad(lp), entropy=batch.repad(ent))
 
 
@@ -274,7 +301,7 @@ class LlamaForValue(_LlamaBase):
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.score = nn.Linear(config.hidden_size, 1, bias=config.score_bias)
+        self.score = Linear(config.hidden_size, 1, bias=config.score_bias)
 
     @property
     def hf_architecture(self) -> str:

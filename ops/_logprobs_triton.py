@@ -2,7 +2,8 @@
 
 `row_stats`: one program per row streams its fp32 logits once, keeping per-lane online max, sum of
 exp and sum of exp * (z - max), merged across lanes at the end. `dlogits`: an elementwise pass over a
-`[T, tile]` logits tile writing the logits gradient in the matmul dtype.
+`[T, tile]` logits tile (or kept rows) writing the logits gradient in the matmul dtype.
+`keep`: a chunk's logits relative to their row max, in the dtype they are kept in.
 """
 
 from __future__ import annotations
@@ -47,17 +48,27 @@ def _row_stats_kernel(Z, Y, M, S, TT, P, V, stride, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dlogits_kernel(Z, DZ, Y, LSE, ENT, GLP, GENT, V, inv_t, BLOCK: tl.constexpr):
+def _dlogits_kernel(Z, DZ, Y, SHIFT, ENT, GLP, GENT, V, stride_z, stride_dz, inv_t, scale, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
-    z = tl.load(Z + row * V + cols, mask=mask, other=0.0)
-    logp = z * inv_t - tl.load(LSE + row)
+    z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0).to(tl.float32)
+    logp = z * scale - tl.load(SHIFT + row)
     g_lp = tl.load(GLP + row)
     p = tl.exp(logp)
     dz = -p * (g_lp + tl.load(GENT + row) * (logp + tl.load(ENT + row)))
     dz = tl.where(cols == tl.load(Y + row), dz + g_lp, dz) * inv_t
-    tl.store(DZ + row * V + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+    tl.store(DZ + row * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _keep_kernel(Z, M, OUT, V, stride_z, stride_out, inv_t, lowest, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    z = tl.load(Z + row * stride_z + cols, mask=mask, other=0.0)
+    u = tl.maximum(z * inv_t - tl.load(M + row), lowest)
+    tl.store(OUT + row * stride_out + cols, u.to(OUT.dtype.element_ty), mask=mask)
 
 
 def row_stats(z: torch.Tensor, y: torch.Tensor, inv_t: float):
@@ -68,11 +79,18 @@ def row_stats(z: torch.Tensor, y: torch.Tensor, inv_t: float):
     return tuple(out)
 
 
-def dlogits(z, y, lse, entropy, g_lp, g_ent, inv_t: float, dtype: torch.dtype) -> torch.Tensor:
+def dlogits(z, y, shift, entropy, g_lp, g_ent, inv_t: float, scale: float, out: torch.Tensor) -> None:
+    """Into `out` (rows of unit column stride), from `logprob = z * scale - shift`."""
     rows, V = z.shape
-    dz = torch.empty(z.shape, dtype=dtype, device=z.device)
     if rows and V:
         grid = (rows, triton.cdiv(V, _BLOCK))
-        _dlogits_kernel[grid](z, dz, y.contiguous(), lse, entropy, g_lp.contiguous(), g_ent.contiguous(), V, inv_t,
-                              BLOCK=_BLOCK, num_warps=8)
-    return dz
+        _dlogits_kernel[grid](z, out, y.contiguous(), shift.contiguous(), entropy.contiguous(), g_lp.contiguous(),
+                              g_ent.contiguous(), V, z.stride(0), out.stride(0), inv_t, scale, BLOCK=_BLOCK,
+                              num_warps=8)
+
+
+def keep(z, m, inv_t: float, out: torch.Tensor) -> None:
+    rows, V = z.shape
+    if rows and V:
+        _keep_kernel[(rows, triton.cdiv(V, _BLOCK))](z, m.contiguous(), out, V, z.stride(0), out.stride(0), inv_t,
+                                                     torch.finfo(out.dtype).min, BLOCK=_BLOCK, num_warps=8)

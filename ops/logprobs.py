@@ -13,6 +13,13 @@ weight gradient is one full matmul (no accumulation in low precision):
 Rows whose label is -100 give 0 for both and receive no gradient. On CUDA the row statistics and
 the logits gradient are Triton kernels (`_logprobs_triton.py`) between cuBLAS matmuls with fp32
 output; elsewhere they are the torch expressions below, the spec the kernels are tested against.
+
+Recomputing the logits makes four `T x V x H` matmuls of what would be three. Within `save_bytes`
+(default 2 GiB) the forward keeps the first rows' logits relative to their row max, `z / temperature - m`,
+and backward reads those rows instead of recomputing them: at the Llama-3.2-1B shape (T=16384,
+V=128256) 2 GiB keep half the rows, an eighth of the head's matmul flops. Low-precision inputs keep
+them in fp16: the values are <= 0 and near 0 where p is large, so the error of each p is about
+p |z - m| 2^-11 (bf16 logits, as a bf16 `lm_head` writes them, err by |z| 2^-8 in the exponent).
 """
 
 from __future__ import annotations
@@ -84,21 +91,44 @@ def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tens
     return m, e.sum(-1), (e * d).sum(-1), torch.where(mine, picked, 0.0)
 
 
-def _dlogits(z: Tensor, y: Tensor, lse: Tensor, entropy: Tensor, g_lp: Tensor, g_ent: Tensor, inv_t: float,
-             dtype: torch.dtype) -> Tensor:
-    """Gradient of `sum(g_lp * logprob + g_ent * entropy)` w.r.t. the raw logits `z` (one vocab tile)."""
+def _dlogits(z: Tensor, y: Tensor, shift: Tensor, entropy: Tensor, g_lp: Tensor, g_ent: Tensor, inv_t: float,
+             scale: float, out: Tensor) -> None:
+    """Gradient of `sum(g_lp * logprob + g_ent * entropy)` w.r.t. the raw logits of one vocab tile, into `out`,
+    from `logprob = z * scale - shift`: the fp32 raw logits (`scale = inv_t`, `shift = lse`) or kept rows
+    (`z / temperature - m`, `scale = 1`, `shift = lse - m`)."""
     if use_triton(z):
         from ._logprobs_triton import dlogits
 
-        return dlogits(z, y, lse, entropy, g_lp, g_ent, inv_t, dtype)
-    logp = z * inv_t - lse[:, None]
+        return dlogits(z, y, shift, entropy, g_lp, g_ent, inv_t, scale, out)
+    logp = z.float() * scale - shift[:, None]
     p = logp.exp()
     dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[:, None]))
     V = z.shape[1]
     mine = (y >= 0) & (y < V)
     if V:
         dz.scatter_add_(1, y.clamp(0, V - 1)[:, None].long(), (g_lp * mine)[:, None])
-    return (dz * inv_t).to(dtype)
+    out.copy_(dz * inv_t)
+
+
+def _keep(z: Tensor, m: Tensor, inv_t: float, out: Tensor) -> None:
+    """`out = z * inv_t - m` (logits relative to the row max) in `out`'s dtype, held above its lowest finite
+    value (a p of exp(-65504) is 0 either way, and backward must not see -inf)."""
+    if use_triton(z):
+        from ._logprobs_triton import keep
+
+        return keep(z, m, inv_t, out)
+    out.copy_((z * inv_t - m[:, None]).clamp_min(torch.finfo(out.dtype).min))
+
+
+def kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kept rows are stored in: fp16 for low-precision inputs (3 more mantissa bits than bf16, and
+    the values are in [-65504, 0]), else the inputs' own."""
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def kept_rows(T: int, V: int, dtype: torch.dtype, save_bytes: int) -> int:
+    """How many of `T` rows of `V` logits from `dtype` inputs fit in `save_bytes`."""
+    return min(T, save_bytes // max(1, V * kept_dtype(dtype).itemsize))
 
 
 def _merge(m, s, t, picked, group):
@@ -115,23 +145,28 @@ def _merge(m, s, t, picked, group):
     return top, both[0], both[1], both[2]
 
 
-def _chunked_forward(hidden, weight, labels, temperature, chunk_size, group=None, start=0):
-    """`(logprobs, entropy, logsumexp)` over token chunks. With a `group`, `weight` holds the vocab rows
-    `[start, start + V)` of a vocab-sharded head and the row statistics are merged over the group."""
+def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group=None, start=0):
+    """`(logprobs, entropy, shift, kept logits)` over token chunks: the first `kept` rows' logits are kept
+    relative to their row max (`shift` is `lse - m` there, `lse` elsewhere). With a `group`, `weight` holds the
+    vocab rows `[start, start + V)` of a vocab-sharded head and the row statistics are merged over the group."""
     T = hidden.shape[0]
     inv_t = 1.0 / temperature
-    lse = hidden.new_zeros(T, dtype=torch.float32)
-    logprobs, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
+    shift = hidden.new_zeros(T, dtype=torch.float32)
+    logprobs, entropy = torch.zeros_like(shift), torch.zeros_like(shift)
+    rows = hidden.new_empty((kept, weight.shape[0]), dtype=kept_dtype(hidden.dtype))
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         z = _mm_f32(hidden[s:e], weight.t())
         m, se, t, picked = _merge(*_row_stats(z, labels[s:e] - start, inv_t), group)
         log_se = se.log()
         valid = labels[s:e] != IGNORE_INDEX
-        lse[s:e] = m + log_se
         logprobs[s:e] = torch.where(valid, (picked - m) - log_se, 0.0)
         entropy[s:e] = torch.where(valid, log_se - t / se, 0.0)
-    return logprobs, entropy, lse
+        n = max(0, min(e, kept) - s)
+        if n:
+            _keep(z[:n], m[:n], inv_t, rows[s:s + n])
+        shift[s:e] = torch.cat([log_se[:n], (m + log_se)[n:]]) if n else m + log_se
+    return logprobs, entropy, shift, rows
 
 
 def _vocab_tile(T: int, V: int, chunk_size: int) -> int:
@@ -141,21 +176,28 @@ def _vocab_tile(T: int, V: int, chunk_size: int) -> int:
     return tile if tile < 128 or tile == V else tile // 128 * 128
 
 
-def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size,
-                      group=None, start=0):
-    """`(d_hidden, d_weight)` over vocab tiles; d_hidden is summed over the vocab shards of `group`."""
-    T, V = hidden.shape[0], weight.shape[0]
+def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature,
+                      chunk_size, group=None, start=0):
+    """`(d_hidden, d_weight)` over vocab tiles: kept `rows` read, the other rows' logits recomputed; d_hidden is
+    summed over the vocab shards of `group`."""
+    T, V, R = hidden.shape[0], weight.shape[0], rows.shape[0]
     inv_t = 1.0 / temperature
     valid = labels != IGNORE_INDEX
     g_lp = torch.where(valid, grad_logprobs.float(), 0.0)
     g_ent = torch.where(valid, grad_entropy.float(), 0.0)
     d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     d_weight = torch.empty_like(weight)
-    tile = _vocab_tile(T, V, chunk_size)
+    tile = _vocab_tile(T, V, chunk_size)  # bounds the dz tile as well as the recomputed logits
+    y = labels - start
     for v0 in range(0, V, tile):
         w = weight[v0:v0 + tile]
-        z = _mm_f32(hidden, w.t())
-        dz = _dlogits(z, labels - (start + v0), lse, entropy, g_lp, g_ent, inv_t, hidden.dtype)
+        dz = hidden.new_empty((T, w.shape[0]))
+        if R:
+            _dlogits(rows[:, v0:v0 + tile], y[:R] - v0, shift[:R], entropy[:R], g_lp[:R], g_ent[:R], inv_t, 1.0,
+                     dz[:R])
+        if R < T:
+            z = _mm_f32(hidden[R:], w.t())
+            _dlogits(z, y[R:] - v0, shift[R:], entropy[R:], g_lp[R:], g_ent[R:], inv_t, inv_t, dz[R:])
         if d_weight.dtype == dz.dtype:
             torch.mm(dz.t(), hidden, out=d_weight[v0:v0 + tile])
         else:
@@ -166,59 +208,65 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, 
 
 
 @torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
-def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    return _chunked_forward(hidden, weight, labels, temperature, chunk_size)
+def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int, kept: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept)
 
 
 @_forward.register_fake
-def _(hidden, weight, labels, temperature, chunk_size):
+def _(hidden, weight, labels, temperature, chunk_size, kept):
     T = hidden.shape[0]
-    return tuple(hidden.new_empty(T, dtype=torch.float32) for _ in range(3))
+    return (*(hidden.new_empty(T, dtype=torch.float32) for _ in range(3)),
+            hidden.new_empty((kept, weight.shape[0]), dtype=kept_dtype(hidden.dtype)))
 
 
 @torch.library.custom_op("dtllama::linear_logprobs_entropy_backward", mutates_args=())
 def _backward(
-    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
-    entropy: Tensor, temperature: float, chunk_size: int,
+    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, shift: Tensor,
+    entropy: Tensor, rows: Tensor, temperature: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
-    return _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature,
+    return _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature,
                              chunk_size)
 
 
 @_backward.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size):
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, temperature, chunk_size = inputs
-    ctx.save_for_backward(hidden, weight, labels, output[2], output[1])
+    hidden, weight, labels, temperature, chunk_size, _ = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[2], output[1], output[3])
     ctx.temperature, ctx.chunk_size = temperature, chunk_size
 
 
-def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    hidden, weight, labels, lse, entropy = ctx.saved_tensors
-    zeros = torch.zeros_like(lse)  # a DTensor when the inputs are
+def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_shift, _grad_rows):
+    hidden, weight, labels, shift, entropy, rows = ctx.saved_tensors
+    zeros = torch.zeros_like(shift)  # a DTensor when the inputs are
     d_hidden, d_weight = _backward(
         (zeros if grad_logprobs is None else grad_logprobs).contiguous(),
         (zeros if grad_entropy is None else grad_entropy).contiguous(),
-        hidden, weight, labels, lse, entropy, ctx.temperature, ctx.chunk_size,
+        hidden, weight, labels, shift, entropy, rows, ctx.temperature, ctx.chunk_size,
     )
-    return d_hidden, d_weight, None, None, None
+    return d_hidden, d_weight, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+SAVE_BYTES = 2 * 2**30  # logit rows kept from forward to backward by default (see the module docstring)
+
+
 def linear_logprobs_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024,
-    check: bool = True,
+    check: bool = True, save_bytes: int = SAVE_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`.
 
     `check=False` skips validating the labels (one device sync), for callers that already did
-    (the model's `check_packed`).
+    (the model's `check_packed`). `save_bytes`: memory for logit rows kept from forward to backward,
+    each saving its recompute (0: recompute all). Sequence-parallel (token-sharded DTensor)
+    inputs keep none.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
@@ -228,16 +276,19 @@ def linear_logprobs_entropy(
         raise ValueError(f"temperature={temperature} must be positive")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
+    if save_bytes < 0:
+        raise ValueError(f"save_bytes={save_bytes} must be >= 0 (0 recomputes every row's logits in backward)")
 
     if check and not torch.compiler.is_compiling():
         check_labels(labels, weight.shape[0])
     if isinstance(weight, DTensor) and any(p == Shard(0) for p in weight.placements):
-        return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size)
+        return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes)
+    kept = 0 if isinstance(hidden, DTensor) else kept_rows(hidden.shape[0], weight.shape[0], hidden.dtype, save_bytes)
     if isinstance(hidden, DTensor) and not isinstance(labels, DTensor):
         # Labels come whole; their slices follow the tokens of `hidden` (a local split, no communication).
         labels = DTensor.from_local(labels, hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim,
                                     run_check=False).redistribute(hidden.device_mesh, hidden.placements)
-    logprobs, entropy, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size))
+    logprobs, entropy, _, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size), kept)
     return logprobs, entropy
 
 
@@ -251,16 +302,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_s
 
 # Sequence / data parallel: tokens are independent rows, so `Shard(0)` of hidden, labels and the
 # per-token outputs is exact with a replicated weight, whose gradient is then a partial sum.
+# (Token-sharded inputs keep no log-softmax rows: the kept tensor is empty, its placement follows the tokens.)
 @register_sharding(torch.ops.dtllama.linear_logprobs_entropy.default)
-def _(hidden, weight, labels, temperature, chunk_size):
-    return [([Shard(0)] * 3, [Shard(0), Replicate(), Shard(0), None, None]),
-            ([Replicate()] * 3, [Replicate()] * 3 + [None, None])]
+def _(hidden, weight, labels, temperature, chunk_size, kept):
+    return [([Shard(0)] * 4, [Shard(0), Replicate(), Shard(0), None, None, None]),
+            ([Replicate()] * 4, [Replicate()] * 3 + [None, None, None])]
 
 
 @register_sharding(torch.ops.dtllama.linear_logprobs_entropy_backward.default)
-def _(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy, temperature, chunk_size):
-    return [([Shard(0), Partial()], [Shard(0), Shard(0), Shard(0), Replicate(), Shard(0), Shard(0), Shard(0), None, None]),
-            ([Replicate(), Replicate()], [Replicate()] * 7 + [None, None])]
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size):
+    return [([Shard(0), Partial()], [Shard(0), Shard(0), Shard(0), Replicate(), Shard(0), Shard(0), Shard(0), Shard(0),
+                                     None, None]),
+            ([Replicate(), Replicate()], [Replicate()] * 8 + [None, None])]
 
 
 # Vocab-parallel dispatch: the output weight is a DTensor sharded on the vocab dim (tensor parallel);
@@ -287,25 +340,28 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     cannot be a custom-op argument, hence an autograd.Function)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, group, start):
-        logprobs, entropy, lse = _chunked_forward(hidden, weight, labels, temperature, chunk_size, group, start)
-        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, kept, group, start):
+        logprobs, entropy, shift, rows = _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group,
+                                                          start)
+        ctx.save_for_backward(hidden, weight, labels, shift, entropy, rows)
         ctx.args = (temperature, chunk_size, group, start)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, labels, shift, entropy, rows = ctx.saved_tensors
         temperature, chunk_size, group, start = ctx.args
-        d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, lse, entropy,
-                                               temperature, chunk_size, group, start)
-        return d_hidden, d_weight, None, None, None, None, None
+        d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy,
+                                               rows, temperature, chunk_size, group, start)
+        return d_hidden, d_weight, None, None, None, None, None, None
 
 
-def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size):
+def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes):
     local_w, group, start = _vocab_shard(weight)
     h = _all_tokens(hidden, weight.device_mesh)
-    return _VocabParallelLogprobsEntropy.apply(h, local_w, labels, float(temperature), int(chunk_size), group, start)
+    kept = kept_rows(h.shape[0], local_w.shape[0], h.dtype, save_bytes)
+    return _VocabParallelLogprobsEntropy.apply(h, local_w, labels, float(temperature), int(chunk_size), kept, group,
+                                               start)
 
 
 def linear_logits(hidden: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:

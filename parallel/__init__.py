@@ -8,6 +8,7 @@ from .dims import ParallelDims, valid_cp_degrees, valid_ep_degrees, valid_tp_deg
 from .ep import apply_ep
 from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
+from .mixed_precision import apply_mixed_precision
 from .options import CompileOptions, FSDPOptions
 from .parallelize import parallelize
 from .pp import Pipeline, PipelineOptions, pipeline_llm
@@ -15,6 +16,6 @@ from .tp import apply_tp
 
 __all__ = [
     "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
-    "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline",
+    "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_mixed_precision", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline",
     "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_ep_degrees", "valid_tp_degrees",
 ]

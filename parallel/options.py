@@ -12,7 +12,8 @@ class FSDPOptions:
     """FSDP2 / HSDP over the `fsdp` mesh; it also carries mixed precision.
 
     param_dtype: the dtype parameters are all-gathered in and compute runs in (None: keep fp32);
-      the sharded fp32 master weights stay what the optimizer steps.
+      the sharded fp32 master weights stay what the optimizer steps. On a one-rank world (a dense model, no
+      offload) no FSDP is applied: parameters stay fp32 and are cast at each use (`apply_mixed_precision`).
     reduce_dtype: the dtype gradients are reduce-scattered in (fp32 keeps the sum exact for bf16 compute).
     reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3); False keeps
       them until backward (ZeRO-2-like: one all-gather per step instead of two, more memory). None: True,

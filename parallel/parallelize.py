@@ -12,6 +12,7 @@ from .cp import apply_cp, cp_batch_check
 from .dims import ParallelDims
 from .ep import apply_ep, apply_moe_compile, moe_layers, shard_experts
 from .fsdp import apply_fsdp
+from .mixed_precision import apply_mixed_precision
 from .options import CompileOptions, FSDPOptions
 from .tp import apply_tp
 
@@ -27,7 +28,7 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Apply TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
-    experts first, over `efsdp`) -> batch check,
+    experts first, over `efsdp`; on one rank of a dense model, mixed precision by casts instead) -> batch check,
     in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm` calls it per stage).
 
     `dims` must have built its meshes (`dims.build_mesh()`); `mesh`, if given, must be the one it
@@ -48,8 +49,13 @@ def parallelize(
     apply_ac(model, ac)
     if compile is not None:
         (apply_moe_compile if moe_layers(model) else apply_compile)(model, compile.backend)
-    # FSDP also carries mixed precision: with a param dtype it is applied even on a single dp rank.
-    use_fsdp = dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload
+    # FSDP also carries mixed precision, on a single dp rank too, except on one rank of a dense model, where
+    # casting at each use costs a fifth of FSDP's copies (`mixed_precision.py`).
+    cast_only = (dims.world_size == 1 and fsdp.param_dtype is not None and not fsdp.cpu_offload
+                 and not moe_layers(model))
+    use_fsdp = not cast_only and (dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload)
+    if cast_only:
+        apply_mixed_precision(model, fsdp.param_dtype)
     # Under EP or TP, routed experts first, over their own mesh (the layers' FSDP then leaves them be); under TP
     # even without FSDP elsewhere, since their reduce-scatter is what sums the TP ranks' token shards. Otherwise
     # they are dense parameters of their layer's FSDP group.

@@ -97,6 +97,29 @@ def run_options(layout: dict, seed: int, fsdp: dict | None = None, backend: str 
     return {"grads": grads, "unsharded_after_forward": unsharded_after_forward}
 
 
+def run_mixed_precision(seed: int, backend: str | None = None, ac: str = "none"):
+    """One rank, `param_dtype=bf16`: the model as `parallelize` leaves it (fp32 parameters, casts at use) and a
+    reference holding bf16 parameters, on one batch. Returns their outputs and gradients, and the parameters'
+    dtype and type as parallelized."""
+    options = dict(fsdp=FSDPOptions(param_dtype=torch.bfloat16), ac=ac)
+    if backend is not None:
+        options["compile"] = CompileOptions(backend=backend)
+    model, dims = _model(dict(dp_shard=1), seed, **options)
+    ref = dtllama.LlamaForCausalLM(dtllama.ModelConfig(**CONFIG))
+    ref.init_weights(seed)
+    for q in ref.parameters():  # parameters only: the RoPE buffer stays fp32, as it does under FSDP
+        q.data = q.data.to(torch.bfloat16)
+    p = batch(seed, [6, 11, 4], dims.token_multiple)
+    res = {"dtypes": {q.dtype for q in model.parameters()}, "dtensor": any(isinstance(q, DTensor) for q in
+                                                                           model.parameters())}
+    for name, m in (("mp", model), ("ref", ref)):
+        out = m(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
+        (-(out.logprobs.sum() + 0.01 * out.entropy.sum())).backward()
+        res[name] = {"logprobs": out.logprobs.detach(), "entropy": out.entropy.detach(),
+                     "grads": {hf_name(n): q.grad.detach().clone() for n, q in m.named_parameters()}}
+    return res
+
+
 def run_bad_cp_batch(fault: str | None, bad_ranks: list[int], seed: int):
     """cp=2: the ranks in `bad_ranks` pass a batch CP cannot split (`padded`: a [B, S] batch; `unpadded`: a
     packed T that is not a multiple of cp), the others a good one. Returns (error message or None, seconds)."""

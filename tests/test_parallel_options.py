@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fault_cases import CONFIG, run_options
+from fault_cases import CONFIG, run_mixed_precision, run_options
 from helpers import rel_err as rel
 from pool import get_pool
 
@@ -40,6 +40,24 @@ def test_reduce_dtype_is_the_gradient_reduction_dtype():
     # in bf16 the sum is rounded to 8 bits of mantissa (2^-8 = 4e-3 relative), well above 1e-5.
     assert _max_rel(fp32, ref) <= 1e-5
     assert 1e-4 <= _max_rel(bf16, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("backend,ac", [(None, "none"), ("aot_eager", "selective")])
+def test_one_rank_mixed_precision_casts_at_use_with_the_numbers_of_bf16_parameters(backend, ac):
+    """On one rank `param_dtype` is applied by casts at each use, not FSDP: the parameters stay fp32 plain
+    tensors (what the optimizer steps), and outputs and gradients are those of the same model holding bf16
+    parameters, bit for bit (the same bf16 ops on the same bf16 values; each fp32 gradient is the bf16 one,
+    cast), except the embedding's, which the casts accumulate in fp32 over repeated tokens (bf16 rounds each
+    partial sum: 2^-8 relative)."""
+    r = get_pool(1).run(run_mixed_precision, _seed(), backend, ac)[0]
+    assert r["dtypes"] == {torch.float32} and not r["dtensor"]
+    mp, ref = r["mp"], r["ref"]
+    assert torch.equal(mp["logprobs"], ref["logprobs"]) and torch.equal(mp["entropy"], ref["entropy"])
+    emb = "model.embed_tokens.weight"
+    assert all(mp["grads"][n].dtype == torch.float32 for n in mp["grads"])
+    unequal = [n for n in ref["grads"] if n != emb and not torch.equal(mp["grads"][n], ref["grads"][n].float())]
+    assert not unequal
+    assert rel(mp["grads"][emb], ref["grads"][emb].float()) <= 2**-7
 
 
 def test_cpu_offload_is_refused_on_a_cpu_mesh():
@@ -87,16 +105,25 @@ def test_auto_attention_says_why_it_passed_over_a_backend(monkeypatch):
     assert "not fa4: flash-attn-4 is not installed; not flash: flash-attn is not installed" in why
     assert "not varlen: it needs compute capability >= 8.0, this GPU has 7.5" in why
     monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))
-    assert attention._choose(cuda, torch.bfloat16)[0] == "varlen"
+    assert attention._choose(cuda, torch.bfloat16, 64, False) == (
+        "varlen", "auto; not fa4: flash-attn-4 is not installed; not flash: flash-attn is not installed; "
+        "not cudnn: it takes batches of equal-length sequences only")
+    # Sequences of one length: dense SDPA (cuDNN) on Hopper; not on Ampere, where SDPA picks FlashAttention-2.
+    assert attention._choose(cuda, torch.bfloat16, 64, True)[0] == "cudnn"
+    assert attention._choose(cuda, torch.bfloat16, 256, True)[0] == "varlen"
+    monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
+    assert "not cudnn: it needs compute capability >= 9.0" in attention._choose(cuda, torch.bfloat16, 64, True)[1]
+    monkeypatch.setattr(attention, "_capability", lambda index: (9, 0))
     assert attention._choose(cuda, torch.float32) == ("flex", "auto; not fa4: flash-attn-4 is not installed; "
                                                       "not flash: flash-attn is not installed; "
+                                                      "not cudnn: it takes fp16/bf16, the inputs are torch.float32; "
                                                       "not varlen: it takes fp16/bf16, the inputs are torch.float32")
     # FA4 is first when installed, on Hopper, for the head dims it has kernels for.
     monkeypatch.setattr(attention._fa4, "AVAILABLE", True)
     assert attention._choose(cuda, torch.bfloat16, 64)[0] == "fa4"
-    assert attention._choose(cuda, torch.bfloat16, 256) == (
+    assert attention._choose(cuda, torch.bfloat16, 256, False) == (
         "varlen", "auto; not fa4: it takes head_dim in 8..128 (a multiple of 8), the inputs have 256; "
-        "not flash: flash-attn is not installed")
+        "not flash: flash-attn is not installed; not cudnn: it takes batches of equal-length sequences only")
     monkeypatch.setattr(attention, "_capability", lambda index: (8, 0))
     assert "not fa4: it needs compute capability >= 9.0, this GPU has 8.0" in attention._choose(cuda, torch.bfloat16)[1]
     monkeypatch.setattr(attention, "_backend", "varlen")
