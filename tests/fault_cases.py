@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import torch
@@ -160,3 +162,15 @@ def backward_all_to_alls(ac: str, seed: int) -> int:
     with _CountAllToAll() as count:
         out.logprobs.sum().backward()
     return count.n
+
+
+def abort_rank0(marker: str | None) -> int:
+    """Rank 0 aborts (SIGABRT, as a C++ `std::terminate` would) unless `marker` exists; it creates the marker
+    first, so with a path the first call aborts and the second succeeds. With None it aborts every time."""
+    rank = dist.get_rank()
+    if rank == 0 and (marker is None or not os.path.exists(marker)):
+        if marker is not None:
+            open(marker, "w").close()
+        print("rank 0 aborts on purpose", file=sys.stderr, flush=True)
+        os.abort()
+    return rank

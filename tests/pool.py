@@ -10,6 +10,12 @@ exception, dead worker or timeout, the pool kills its workers and starts fresh o
 process group) before it raises. Ranks may be out of step by then: one rank skipped a collective
 that the others entered.
 
+Each worker writes its stderr to a log file with `faulthandler` on, so a worker that dies by a signal (a C++
+abort, a segfault) leaves its last words and Python stack; the error quotes them. A task whose worker died by a
+signal runs once more on fresh workers, with a warning that quotes the log: a process killed from outside (the
+OOM killer, an exhausted thread limit on a loaded machine) is not the code's failure, while a crash that the
+task causes happens again and fails the test with both logs.
+
 Usage (tests/ is not a package; pytest puts it on sys.path):
 
     from pool import get_pool
@@ -24,6 +30,7 @@ The first run() after a failure waits for the new workers to start (a few second
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -32,9 +39,11 @@ import queue
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import warnings
 
 _CTX = mp.get_context("spawn")
 # Every DeviceMesh a task builds adds process groups, and gloo keeps threads for each (a device loop and work
@@ -44,6 +53,7 @@ _CTX = mp.get_context("spawn")
 # this many groups is restarted after the task.
 MAX_GROUPS = 60
 GRACE = 5.0  # once one rank has failed, wait at most this long for the rest (they may hang in a collective)
+LOG_TAIL = 40  # lines of a dead worker's stderr log quoted in the error
 
 
 def _free_port() -> int:
@@ -64,9 +74,23 @@ def _exit_with_parent() -> None:
     os._exit(1)
 
 
-def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: list[str], task_q, result_q) -> None:
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return f"(no log: {e})"
+    return "\n".join(lines[-LOG_TAIL:]) or "(its log is empty)"
+
+
+def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: list[str], log: str,
+            task_q, result_q) -> None:
     """A worker's main loop. It sets the environment before importing torch, because OpenMP reads it at load time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; no traceback per worker
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 2)  # C++ messages (an abort's `what()`) go to fd 2 too, not only Python's sys.stderr
+    os.close(fd)
+    faulthandler.enable(sys.stderr, all_threads=False)  # the dying thread; a worker holds hundreds of gloo threads
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     if sys.platform.startswith("linux"):
@@ -119,6 +143,7 @@ class WorkerPool:
         self._procs: list = []
         self._queues: list = []
         self._task_id = 0
+        self._logdir = tempfile.TemporaryDirectory(prefix=f"pool{world_size}-")
         self._start()
         self._wait_ready()  # so the first test doesn't pay the start-up cost, and so start-up errors show here
 
@@ -130,8 +155,9 @@ class WorkerPool:
         self._queues = [*self._task_qs, self._result_q]
         # The gloo timeout only bounds rendezvous and collectives; a hung task is killed by run() after `timeout`.
         pg_timeout = max(self.timeout, self.start_timeout)
+        self._logs = [os.path.join(self._logdir.name, f"rank{r}-{self.port}.log") for r in range(self.world_size)]
         self._procs = [_CTX.Process(target=_worker, name=f"pool{self.world_size}-rank{r}", daemon=True,
-                                    args=(r, self.world_size, self.port, pg_timeout, list(sys.path),
+                                    args=(r, self.world_size, self.port, pg_timeout, list(sys.path), self._logs[r],
                                           self._task_qs[r], self._result_q))
                        for r in range(self.world_size)]
         for p in self._procs:
@@ -148,6 +174,9 @@ class WorkerPool:
             p.join(5)
             if p.exitcode is not None:
                 p.close()
+        for log in getattr(self, "_logs", []):  # its tail, if needed, was read in _collect
+            if os.path.exists(log):
+                os.remove(log)
         for q in self._queues:  # a worker killed while writing may leave a queue unusable: always use new ones
             q.cancel_join_thread()  # never block interpreter exit on data that no one will read
             q.close()
@@ -175,7 +204,8 @@ class WorkerPool:
             # errors arrive soon after, and the death is the error to report first.
             for r, p in enumerate(self._procs):
                 if r not in ok and r not in failed and not p.is_alive():
-                    failed[r] = f"worker process of rank {r} died (exit code {p.exitcode})\n"
+                    failed[r] = (f"worker process of rank {r} died (exit code {p.exitcode}); the end of its "
+                                 f"stderr:\n{_log_tail(self._logs[r])}\n")
             if msg is not None and msg[1] == task_id:  # a reply to an earlier task is stale
                 rank, _, good, payload = msg
                 (ok if good else failed).setdefault(rank, payload)
@@ -197,27 +227,22 @@ class WorkerPool:
         """Call fn(*args, **kwargs) on every rank; return the results in rank order.
 
         It raises RuntimeError with the first failing rank's traceback, or TimeoutError naming the ranks that
-        did not answer in `timeout` seconds. Either way the pool has been restarted and stays usable.
+        did not answer in `timeout` seconds. Either way the pool has been restarted and stays usable. A worker
+        that died by a signal gets the task a second try on fresh workers (module docstring), not a third.
         """
         __tracebackhide__ = True  # pytest: show the remote traceback, not this frame's locals
         if self.closed:
             raise RuntimeError("WorkerPool is closed")
         blob = pickle.dumps((fn, args, kwargs))  # a pickling error shows here, not as a silent hang
-        if not self._procs:
-            self._start()
-        if not self._ready:
-            self._wait_ready()
-        self._task_id += 1
         name = getattr(fn, "__qualname__", repr(fn))
-        try:
-            for q in self._task_qs:
-                q.put((self._task_id, list(sys.path), blob))
-            ok, failed, missing = self._collect(self._task_id, self.timeout)
-        except BaseException:  # e.g. KeyboardInterrupt while ranks are mid-task: their state is unknown
-            self._kill()
-            raise
+        ok, failed, missing, signalled = self._run_once(blob)
+        if signalled:
+            warnings.warn(f"{name}: a worker of world {self.world_size} died by a signal; running it again on "
+                          f"fresh workers.\n{signalled}", RuntimeWarning, stacklevel=2)
+            ok, failed, missing, again = self._run_once(blob)
+            if again:
+                failed = {r: f"{tb}\n--- the first try ---\n{signalled}" for r, tb in failed.items()}
         if failed:
-            self._restart()
             first = next(iter(failed))
             others = "".join(f"\nrank {r} also failed: {tb.strip().splitlines()[-1]}"
                              for r, tb in failed.items() if r != first)
@@ -226,13 +251,33 @@ class WorkerPool:
                                f"(pool restarted){others}{hung}\n--- remote traceback (rank {first}) ---\n"
                                f"{failed[first]}")
         if missing:
-            self._restart()
             raise TimeoutError(f"{name} timed out after {self.timeout:g} s on world {self.world_size}: "
                                f"ranks {missing} did not answer (pool restarted)")
         results, groups = zip(*(pickle.loads(ok[r]) for r in range(self.world_size)))
         if max(groups) > MAX_GROUPS:
             self._restart()  # fresh workers, started now, awaited by the next run()
         return list(results)
+
+    def _run_once(self, blob: bytes) -> tuple[dict, dict, list, str]:
+        """One try of a task: `_collect`'s three results and the failures of workers that died by a signal
+        (text, empty if none). After a failure or timeout the pool has been restarted."""
+        if not self._procs:
+            self._start()
+        if not self._ready:
+            self._wait_ready()
+        self._task_id += 1
+        try:
+            for q in self._task_qs:
+                q.put((self._task_id, list(sys.path), blob))
+            ok, failed, missing = self._collect(self._task_id, self.timeout)
+        except BaseException:  # e.g. KeyboardInterrupt while ranks are mid-task: their state is unknown
+            self._kill()
+            raise
+        signalled = "".join(failed[r] for r, p in enumerate(self._procs)
+                            if r in failed and p.exitcode is not None and p.exitcode < 0)
+        if failed or missing:
+            self._restart()
+        return ok, failed, missing, signalled
 
     def close(self) -> None:
         """Ask the workers to leave, give them a few seconds, then kill whatever is left."""
@@ -246,6 +291,7 @@ class WorkerPool:
             for p in self._procs:
                 p.join(max(0.0, deadline - time.monotonic()))
         self._kill()
+        self._logdir.cleanup()
         self.closed = True
 
     def __enter__(self) -> WorkerPool:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from fault_cases import run_bad_batch
+from fault_cases import abort_rank0, run_bad_batch
 from helpers import ROOT
 from pool import get_pool
 
@@ -87,3 +87,15 @@ def test_recipe_stops_or_skips_on_a_diverged_run(tmp_path):
     skip = subprocess.run(cmd + ["--on-nonfinite", "skip"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert skip.returncode == 0, skip.stderr[-3000:]
     assert skip.stdout.count("(non-finite: step skipped)") == 2, skip.stdout
+
+
+def test_pool_runs_a_task_again_after_a_worker_died_by_a_signal_and_quotes_its_stderr(tmp_path):
+    """A worker killed by a signal (here its own abort) gets the task one more try on fresh workers, with a
+    warning that quotes its stderr log (faulthandler's stack included); a second death fails with both logs."""
+    pool = get_pool(2)
+    with pytest.warns(RuntimeWarning, match=r"(?s)died by a signal.*exit code -6.*aborts on purpose.*abort_rank0"):
+        assert pool.run(abort_rank0, str(tmp_path / "aborted")) == [0, 1]
+    with pytest.raises(RuntimeError, match=r"(?s)exit code -6.*aborts on purpose.*the first try.*aborts on purpose"), \
+            pytest.warns(RuntimeWarning, match="died by a signal"):
+        pool.run(abort_rank0, None)
+    assert pool.run(abort_rank0, str(tmp_path / "aborted")) == [0, 1]  # and the pool is usable after
