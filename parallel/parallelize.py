@@ -28,8 +28,8 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Apply TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
-    experts first, over `efsdp`; on one rank of a dense model, mixed precision by casts instead) -> batch check,
-    in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm` calls it per stage).
+    experts first, over `efsdp`; on a dense model without data parallelism, mixed precision by casts instead)
+    -> batch check, in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm` calls it per stage).
 
     `dims` must have built its meshes (`dims.build_mesh()`); `mesh`, if given, must be the one it
     returned. `compile=True` means `CompileOptions()`; `param_dtype` is short for
@@ -49,10 +49,11 @@ def parallelize(
     apply_ac(model, ac)
     if compile is not None:
         (apply_moe_compile if moe_layers(model) else apply_compile)(model, compile.backend)
-    # FSDP also carries mixed precision, on a single dp rank too, except on one rank of a dense model, where
-    # casting at each use costs a fifth of FSDP's copies (`mixed_precision.py`).
-    cast_only = (dims.world_size == 1 and fsdp.param_dtype is not None and not fsdp.cpu_offload
-                 and not moe_layers(model))
+    # FSDP also carries mixed precision, on a single dp rank too, except where a dense model has no data
+    # parallelism (one rank, TP or pipeline stages alone): there its all-gather and reduce-scatter are copies,
+    # and casting at each use costs a fifth of them (`mixed_precision.py`).
+    cast_only = (not dims.dp_enabled and fsdp.param_dtype is not None
+                 and not fsdp.cpu_offload and not moe_layers(model))
     use_fsdp = not cast_only and (dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload)
     if cast_only:
         apply_mixed_precision(model, fsdp.param_dtype)

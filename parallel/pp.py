@@ -211,9 +211,10 @@ class PipelineStageForward:
             return h
         if isinstance(self, LlamaForValue):
             return self.score(h).squeeze(-1).float()
+        weight = self.output_weight.to(h.dtype)  # fp32 parameters with low-precision activations: cast at use
         if labels is None:
-            return linear_logits(h, self.output_weight, self.temperature)
-        return self.logprobs_head(h, self.output_weight, labels, self.temperature, self.chunk_size)
+            return linear_logits(h, weight, self.temperature)
+        return self.logprobs_head(h, weight, labels, self.temperature, self.chunk_size)
 
 
 def _stage_class(cls: type) -> type:

@@ -8,6 +8,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -29,10 +30,14 @@ def _dims(layout: dict) -> ParallelDims:
     return _DIMS[key]
 
 
-def _model(layout: dict, seed: int, **options):
+def _model(layout: dict, seed: int, dtype: torch.dtype | None = None, **options):
+    """The model of CONFIG, parallelized with `options`, its parameters (not the RoPE buffer) in `dtype`."""
     dims = _dims(layout)
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(dtllama.ModelConfig(**CONFIG))
+    if dtype is not None:
+        for q in model.parameters():
+            q.data = q.data.to(dtype)
     parallelize(model, dims, **options)
     model.to_empty(device="cpu")
     model.init_weights(seed)
@@ -99,26 +104,30 @@ def run_options(layout: dict, seed: int, fsdp: dict | None = None, backend: str 
     return {"grads": grads, "unsharded_after_forward": unsharded_after_forward}
 
 
-def run_mixed_precision(seed: int, backend: str | None = None, ac: str = "none"):
-    """One rank, `param_dtype=bf16`: the model as `parallelize` leaves it (fp32 parameters, casts at use) and a
-    reference holding bf16 parameters, on one batch. Returns their outputs and gradients, and the parameters'
-    dtype and type as parallelized."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def run_mixed_precision(seed: int, backend: str | None = None, ac: str = "none", layout: dict | None = None):
+    """A layout without data parallelism (one rank by default, or TP alone), `param_dtype=bf16`: the model as
+    `parallelize` leaves it (fp32 parameters, casts at use) and a reference of the same layout holding bf16
+    parameters, on one batch. Returns their outputs and gradients (whole), and the parameters' dtypes and
+    types as parallelized, and whether FSDP wraps it."""
+    layout = layout or dict(dp_shard=1)
     options = dict(fsdp=FSDPOptions(param_dtype=torch.bfloat16), ac=ac)
     if backend is not None:
         options["compile"] = CompileOptions(backend=backend)
-    model, dims = _model(dict(dp_shard=1), seed, **options)
-    ref = dtllama.LlamaForCausalLM(dtllama.ModelConfig(**CONFIG))
-    ref.init_weights(seed)
-    for q in ref.parameters():  # parameters only: the RoPE buffer stays fp32, as it does under FSDP
-        q.data = q.data.to(torch.bfloat16)
+    model, dims = _model(layout, seed, **options)
+    ref, _ = _model(layout, seed, torch.bfloat16, ac=ac, **({"compile": options["compile"]} if backend else {}))
     p = batch(seed, [6, 11, 4], dims.token_multiple)
-    res = {"dtypes": {q.dtype for q in model.parameters()}, "dtensor": any(isinstance(q, DTensor) for q in
-                                                                           model.parameters())}
+    res = {"dtypes": {q.dtype for q in model.parameters()},
+           "types": {type(q).__name__ for q in model.parameters()},
+           "fsdp": any(isinstance(m, FSDPModule) for m in model.modules())}
     for name, m in (("mp", model), ("ref", ref)):
         out = m(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
         (-(out.logprobs.sum() + 0.01 * out.entropy.sum())).backward()
-        res[name] = {"logprobs": out.logprobs.detach(), "entropy": out.entropy.detach(),
-                     "grads": {hf_name(n): q.grad.detach().clone() for n, q in m.named_parameters()}}
+        res[name] = {"logprobs": _full(out.logprobs), "entropy": _full(out.entropy),
+                     "grads": {hf_name(n): _full(q.grad) for n, q in m.named_parameters()}}
     return res
 
 
@@ -174,3 +183,4 @@ def abort_rank0(marker: str | None) -> int:
         print("rank 0 aborts on purpose", file=sys.stderr, flush=True)
         os.abort()
     return rank
+

@@ -106,3 +106,33 @@ def pp_logits(config_dict: dict, layout: dict, seqs, labels_list, seed: int, opt
     if logits is None:
         return None
     return mbs.merge(logits), mbs.merge([lp for lp, _ in logprobs])
+
+
+def run_pp_mixed_precision(config_dict: dict, seqs, labels_list, seed: int, options: PipelineOptions):
+    """On every rank of pp=2 (no data parallelism): one schedule step with `param_dtype=bf16` (fp32 parameters,
+    casts at use) and with a reference pipeline holding bf16 parameters. Each one's last-stage outputs (None
+    on the other rank), this rank's gradients, parameter dtypes and whether FSDP wraps a stage."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from dtllama.model import hf_name
+
+    dims = dims_for(dict(pp=2))
+    res = {}
+    for name, kwargs, dtype in (("mp", dict(param_dtype=torch.bfloat16), None), ("ref", {}, torch.bfloat16)):
+        with torch.device("meta"):
+            model = build(dtllama.ModelConfig(**config_dict), False)
+        for q in model.parameters() if dtype is not None else ():
+            q.data = q.data.to(dtype)
+        pipe = pipeline_llm(model, dims, options, "cpu", **kwargs)
+        pipe.to_empty("cpu")
+        pipe.model.init_weights(seed)
+        mbs = pipe.split(packed(seqs, labels_list))
+        out = pipe.step(mbs, lambda o, i: -(o[0].sum() + ENTROPY_WEIGHT * o[1].sum()))
+        outs = None
+        if out:
+            outs = [mbs.merge([o[k].detach() for o in out[0]]) for k in range(2)]
+        res[name] = {"outs": outs, "grads": {hf_name(n): q.grad.detach().clone()
+                                             for n, q in pipe.model.named_parameters()},
+                     "dtypes": {q.dtype for q in pipe.model.parameters()},
+                     "fsdp": any(isinstance(m, FSDPModule) for s in pipe.stage_modules for m in s.modules())}
+    return res

@@ -50,14 +50,32 @@ def test_one_rank_mixed_precision_casts_at_use_with_the_numbers_of_bf16_paramete
     cast), except the embedding's, which the casts accumulate in fp32 over repeated tokens (bf16 rounds each
     partial sum: 2^-8 relative)."""
     r = get_pool(1).run(run_mixed_precision, _seed(), backend, ac)[0]
-    assert r["dtypes"] == {torch.float32} and not r["dtensor"]
+    assert r["dtypes"] == {torch.float32} and r["types"] == {"Parameter"} and not r["fsdp"]
+    _check_casts_match_bf16_parameters(r, summed=["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("backend,ac", [(None, "none"), ("aot_eager", "selective")])
+def test_tensor_parallel_alone_casts_at_use_with_the_numbers_of_bf16_parameters(backend, ac):
+    """TP alone (tp=2, no data parallelism) takes the same casts instead of FSDP on a 1-rank mesh: fp32 TP
+    DTensor parameters; the numbers of the same TP layout holding bf16 parameters, bit for bit but the sums
+    that the casts do in fp32: the embedding's rows and, over the TP ranks, the sequence-parallel norms'
+    gradients (each rank's partial, then the all-reduce)."""
+    results = get_pool(2).run(run_mixed_precision, _seed(), backend, ac, dict(tp=2))
+    for r in results:
+        assert r["dtypes"] == {torch.float32} and r["types"] == {"DTensor"} and not r["fsdp"]
+    norms = [n for n in results[0]["ref"]["grads"] if "norm" in n]
+    _check_casts_match_bf16_parameters(results[0], summed=["model.embed_tokens.weight", *norms])
+    assert all(torch.equal(r["mp"]["logprobs"], results[0]["mp"]["logprobs"]) for r in results)
+
+
+def _check_casts_match_bf16_parameters(r: dict, summed: list[str]) -> None:
     mp, ref = r["mp"], r["ref"]
     assert torch.equal(mp["logprobs"], ref["logprobs"]) and torch.equal(mp["entropy"], ref["entropy"])
-    emb = "model.embed_tokens.weight"
     assert all(mp["grads"][n].dtype == torch.float32 for n in mp["grads"])
-    unequal = [n for n in ref["grads"] if n != emb and not torch.equal(mp["grads"][n], ref["grads"][n].float())]
+    unequal = [n for n in ref["grads"] if n not in summed and not torch.equal(mp["grads"][n], ref["grads"][n].float())]
     assert not unequal
-    assert rel(mp["grads"][emb], ref["grads"][emb].float()) <= 2**-7
+    for n in summed:
+        assert rel(mp["grads"][n], ref["grads"][n].float()) <= 2**-7, n
 
 
 def test_cpu_offload_is_refused_on_a_cpu_mesh():

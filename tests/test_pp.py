@@ -12,7 +12,7 @@ import torch
 from helpers import rel_err
 from parallel_cases import random_sequences, reference
 from pool import get_pool
-from pp_cases import pp_error, pp_logits, run_pp_rank
+from pp_cases import pp_error, pp_logits, run_pp_mixed_precision, run_pp_rank
 from test_parallel_properties import TOL
 
 import dtllama
@@ -187,3 +187,24 @@ def test_forward_without_labels_gives_the_logits(schedule):
     assert len(results) == 1
     logits, lp = results[0]
     assert rel_err(logits, ref_logits) < TOL and rel_err(lp, ref_lp, floor=1.0) < TOL
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
+def test_pipeline_without_data_parallelism_casts_at_use_like_bf16_parameters(schedule):
+    """pp=2 alone with `param_dtype=bf16` takes casts at use, not FSDP on a 1-rank mesh (`mixed_precision.py`):
+    fp32 parameters, the last stage's outputs bit for bit those of the same pipeline holding bf16 parameters,
+    gradients within bf16 rounding of its (the casts accumulate microbatches and repeated embedding rows in fp32,
+    the reference in bf16)."""
+    config, seqs, labels, seed = make_case(4)
+    ranks = get_pool(2).run(run_pp_mixed_precision, config, seqs, labels, seed, PipelineOptions(schedule, 4, 16))
+    for r in ranks:
+        mp, ref = r["mp"], r["ref"]
+        assert mp["dtypes"] == {torch.float32} and ref["dtypes"] == {torch.bfloat16}
+        assert not mp["fsdp"]
+        assert mp["grads"].keys() == ref["grads"].keys() and mp["grads"]
+        for n, g in ref["grads"].items():
+            assert mp["grads"][n].dtype == torch.float32
+            assert rel_err(mp["grads"][n], g.float()) <= 2**-7, n
+    last = ranks[1]  # both schedules place the last stage on rank 1 (stages 0, 1 or 0..3 round robin)
+    assert ranks[0]["mp"]["outs"] is None and last["mp"]["outs"] is not None
+    assert all(torch.equal(a, b) for a, b in zip(last["mp"]["outs"], last["ref"]["outs"]))
