@@ -25,9 +25,20 @@ from __future__ import annotations
 import torch
 
 
+def supports_casts(model: torch.nn.Module) -> bool:
+    """Whether `model` casts at use: a dense dtllama model or stage (`LlamaModel` reads `compute_dtype`). Llama 4,
+    even with no MoE layer, keeps FSDP's mixed precision: its modules hold plain `nn.Linear`s."""
+    from dtllama.model import LlamaModel
+
+    return isinstance(getattr(model, "model", None), LlamaModel)
+
+
 def apply_mixed_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Run `model` (a dense dtllama model or pipeline stage with fp32 parameters, plain or TP DTensors) with
     `dtype` activations."""
+    if not supports_casts(model):
+        raise TypeError(f"{type(model).__name__} does not cast its parameters at use (only dense dtllama models "
+                        "do); give it mixed precision through FSDP: parallelize(..., fsdp=FSDPOptions(param_dtype=))")
     if not dtype.is_floating_point:
         raise ValueError(f"mixed precision dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float16")
     model.model.compute_dtype = dtype

@@ -12,7 +12,7 @@ from .cp import apply_cp, cp_batch_check
 from .dims import ParallelDims
 from .ep import apply_ep, apply_moe_compile, moe_layers, shard_experts
 from .fsdp import apply_fsdp
-from .mixed_precision import apply_mixed_precision
+from .mixed_precision import apply_mixed_precision, supports_casts
 from .options import CompileOptions, FSDPOptions
 from .tp import apply_tp
 
@@ -52,8 +52,8 @@ def parallelize(
     # FSDP also carries mixed precision, on a single dp rank too, except where a dense model has no data
     # parallelism (one rank, TP or pipeline stages alone): there its all-gather and reduce-scatter are copies,
     # and casting at each use costs a fifth of them (`mixed_precision.py`).
-    cast_only = (not dims.dp_enabled and fsdp.param_dtype is not None
-                 and not fsdp.cpu_offload and not moe_layers(model))
+    cast_only = (not dims.dp_enabled and fsdp.param_dtype is not None and not fsdp.cpu_offload
+                 and supports_casts(model))
     use_fsdp = not cast_only and (dims.dp_enabled or fsdp.param_dtype is not None or fsdp.cpu_offload)
     if cast_only:
         apply_mixed_precision(model, fsdp.param_dtype)

@@ -173,14 +173,16 @@ def backward_all_to_alls(ac: str, seed: int) -> int:
     return count.n
 
 
-def abort_rank0(marker: str | None) -> int:
+def abort_rank0(marker: str | None, rank1_raises: bool = False) -> int:
     """Rank 0 aborts (SIGABRT, as a C++ `std::terminate` would) unless `marker` exists; it creates the marker
-    first, so with a path the first call aborts and the second succeeds. With None it aborts every time."""
+    first, so with a path the first call aborts and the second succeeds. With None it aborts every time.
+    `rank1_raises`: rank 1 raises an error of its own meanwhile."""
     rank = dist.get_rank()
+    if rank == 1 and rank1_raises:
+        raise ValueError("rank 1 fails on purpose")
     if rank == 0 and (marker is None or not os.path.exists(marker)):
         if marker is not None:
             open(marker, "w").close()
         print("rank 0 aborts on purpose", file=sys.stderr, flush=True)
         os.abort()
     return rank
-

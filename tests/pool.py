@@ -12,7 +12,8 @@ that the others entered.
 
 Each worker writes its stderr to a log file with `faulthandler` on, so a worker that dies by a signal (a C++
 abort, a segfault) leaves its last words and Python stack; the error quotes them. A task whose worker died by a
-signal runs once more on fresh workers, with a warning that quotes the log: a process killed from outside (the
+signal (its peers failing only for the lost connection) runs once more on fresh workers, with a warning that
+quotes the log: a process killed from outside (the
 OOM killer, an exhausted thread limit on a loaded machine) is not the code's failure, while a crash that the
 task causes happens again and fails the test with both logs.
 
@@ -36,6 +37,7 @@ import multiprocessing.connection
 import os
 import pickle
 import queue
+import re
 import signal
 import socket
 import sys
@@ -76,11 +78,16 @@ def _exit_with_parent() -> None:
 
 def _log_tail(path: str) -> str:
     try:
-        with open(path, errors="replace") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64 * 1024))  # the end is what matters; logs can grow long
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError as e:
         return f"(no log: {e})"
     return "\n".join(lines[-LOG_TAIL:]) or "(its log is empty)"
+
+
+# What a rank raises when a peer's process is gone: a consequence of the death, not an error of its own.
+_PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|gloo.*(Read|Write) error")
 
 
 def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: list[str], log: str,
@@ -90,7 +97,7 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: lis
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)  # C++ messages (an abort's `what()`) go to fd 2 too, not only Python's sys.stderr
     os.close(fd)
-    faulthandler.enable(sys.stderr, all_threads=False)  # the dying thread; a worker holds hundreds of gloo threads
+    faulthandler.enable(sys.stderr, all_threads=True)  # Python threads only: the main one too when gloo's aborts
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     if sys.platform.startswith("linux"):
@@ -260,7 +267,8 @@ class WorkerPool:
 
     def _run_once(self, blob: bytes) -> tuple[dict, dict, list, str]:
         """One try of a task: `_collect`'s three results and the failures of workers that died by a signal
-        (text, empty if none). After a failure or timeout the pool has been restarted."""
+        (text; empty if none, or if another rank raised an error of its own). After a failure or timeout the pool
+        has been restarted."""
         if not self._procs:
             self._start()
         if not self._ready:
@@ -273,8 +281,10 @@ class WorkerPool:
         except BaseException:  # e.g. KeyboardInterrupt while ranks are mid-task: their state is unknown
             self._kill()
             raise
-        signalled = "".join(failed[r] for r, p in enumerate(self._procs)
-                            if r in failed and p.exitcode is not None and p.exitcode < 0)
+        dead = {r for r, p in enumerate(self._procs) if r in failed and p.exitcode is not None and p.exitcode < 0}
+        # Retried only when the deaths are the whole story: every other failing rank lost its peer.
+        own_errors = [r for r in failed if r not in dead and not _PEER_LOST.search(failed[r])]
+        signalled = "" if own_errors else "".join(failed[r] for r in sorted(dead))
         if failed or missing:
             self._restart()
         return ok, failed, missing, signalled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -99,3 +100,8 @@ def test_pool_runs_a_task_again_after_a_worker_died_by_a_signal_and_quotes_its_s
             pytest.warns(RuntimeWarning, match="died by a signal"):
         pool.run(abort_rank0, None)
     assert pool.run(abort_rank0, str(tmp_path / "aborted")) == [0, 1]  # and the pool is usable after
+    # An error of the task's own on another rank is never retried, whatever else died.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match=r"(?s)fails on purpose|exit code -6"):
+            pool.run(abort_rank0, None, True)

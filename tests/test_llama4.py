@@ -379,3 +379,17 @@ def test_config_errors_name_the_field(pair, moe_backend):
     odd = Llama4ForCausalLM(dataclasses.replace(ours.config, intermediate_size=6))
     with pytest.raises(ValueError, match="intermediate_size=6 to be multiples of 4"):
         odd(torch.tensor([1, 2]), cu_seqlens=cu_seqlens_from_lengths([2]))
+
+
+def test_an_all_dense_llama4_keeps_fsdp_mixed_precision():
+    """Casts at use (dtllama's dense model, no data parallelism) are not Llama 4's: its layers hold plain
+    `nn.Linear`s. Even with no MoE layer it is refused there, and `parallelize` leaves it to FSDP."""
+    from dtllama.parallel import apply_mixed_precision
+    from dtllama.parallel.mixed_precision import supports_casts
+
+    cfg = Llama4Config.from_hf(dict(KINDS["scout"], model_type="llama4_text", moe_layers=[]))
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(cfg)
+    assert not supports_casts(model)
+    with pytest.raises(TypeError, match=r"Llama4ForCausalLM does not cast .*FSDPOptions\(param_dtype="):
+        apply_mixed_precision(model, torch.bfloat16)

@@ -121,3 +121,22 @@ def test_state_dict_adapter_is_the_identity_on_transformers_names(titan):
     sd = hf.state_dict()
     back = adapter.to_hf(adapter.from_hf(sd))
     assert list(back) == list(sd) and all(back[k] is sd[k] for k in sd)
+
+
+def test_loss_under_casts_at_use_is_the_loss_of_bf16_parameters(titan):
+    """Without data parallelism `parallelize` applies bf16 by casts at use (fp32 parameters): the trainer's
+    forward hands the loss a weight of the activations' dtype, and the loss is that of bf16 parameters."""
+    from dtllama.parallel import apply_mixed_precision
+
+    seed = int(torch.randint(0, 2**16, ()))
+    spec = titan.DtllamaForTitan.Config(flavor="debug", overrides={"vocab_size": 97}, seed=seed)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(seed))
+    cast, ref = titan.DtllamaForTitan(spec), titan.DtllamaForTitan(spec)
+    for m in (cast, ref):
+        m.init_weights()
+    apply_mixed_precision(cast, torch.bfloat16)
+    for q in ref.parameters():
+        q.data = q.data.to(torch.bfloat16)
+    loss = titan.DtllamaLoss(titan.DtllamaLoss.Config())
+    got, want = (loss(m(ids), ids.roll(-1, 1))[0] for m in (cast, ref))
+    assert cast.output_weight.dtype == torch.float32 and torch.equal(got, want), (got, want)

@@ -187,7 +187,8 @@ class DtllamaForTitan(LlamaForCausalLM, BaseModel):
         total = torch.tensor([b * s], device=input_ids.device)
         cu_seqlens = torch.cat([starts, total]).to(torch.int32)
         hidden, _ = self._decode(input_ids.flatten(), positions.flatten(), cu_seqlens, None, None, None)
-        return HiddenStates(hidden, self.output_weight)
+        # The weight as the activations' dtype: under dtllama's casts at use (no data parallelism) it is fp32.
+        return HiddenStates(hidden, self.output_weight.to(hidden.dtype))
 
     def init_weights(self, seed: int | None = None, names: set[str] | None = None, buffer_device=None) -> None:
         """torchtitan calls `init_weights(buffer_device=...)`; dtllama's init (per-parameter seeded, independent
