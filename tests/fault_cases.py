@@ -78,11 +78,15 @@ def run_bad_batch(layout: dict, fault: str, bad_rank: int, seed: int):
     return None, time.perf_counter() - t0
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor (gathered if a DTensor)."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
 def grads_of(model, p) -> dict[str, torch.Tensor]:
     out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
     (-(out.logprobs.sum() + 0.01 * out.entropy.sum())).backward()
-    return {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
-            for n, q in model.named_parameters()}
+    return {hf_name(n): _full(q.grad) for n, q in model.named_parameters()}
 
 
 def run_options(layout: dict, seed: int, fsdp: dict | None = None, backend: str | None = None):
@@ -99,13 +103,8 @@ def run_options(layout: dict, seed: int, fsdp: dict | None = None, backend: str 
     layer0 = model.model.layers["0"]
     unsharded_after_forward = not isinstance(layer0.mlp.up_proj.weight, DTensor)
     (-(out.logprobs.sum() + 0.01 * out.entropy.sum())).backward()
-    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
-             for n, q in model.named_parameters()}
+    grads = {hf_name(n): _full(q.grad) for n, q in model.named_parameters()}
     return {"grads": grads, "unsharded_after_forward": unsharded_after_forward}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
 def run_mixed_precision(seed: int, backend: str | None = None, ac: str = "none", layout: dict | None = None):

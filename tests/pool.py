@@ -11,11 +11,10 @@ process group) before it raises. Ranks may be out of step by then: one rank skip
 that the others entered.
 
 Each worker writes its stderr to a log file with `faulthandler` on, so a worker that dies by a signal (a C++
-abort, a segfault) leaves its last words and Python stack; the error quotes them. A task whose worker died by a
-signal (its peers failing only for the lost connection) runs once more on fresh workers, with a warning that
-quotes the log: a process killed from outside (the
-OOM killer, an exhausted thread limit on a loaded machine) is not the code's failure, while a crash that the
-task causes happens again and fails the test with both logs.
+abort, a segfault) leaves its last words and Python stacks; the error quotes them. A task whose worker died by a
+signal, its peers failing only for the lost connection, runs once more on fresh workers, with a warning that
+quotes the log: a process killed from outside (the OOM killer, an exhausted thread limit on a loaded machine) is
+not the code's failure, while a crash that the task causes happens again and fails the test with both logs.
 
 Usage (tests/ is not a package; pytest puts it on sys.path):
 
@@ -97,7 +96,7 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: lis
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)  # C++ messages (an abort's `what()`) go to fd 2 too, not only Python's sys.stderr
     os.close(fd)
-    faulthandler.enable(sys.stderr, all_threads=True)  # Python threads only: the main one too when gloo's aborts
+    faulthandler.enable(sys.stderr, all_threads=True)  # the main thread's stack too when a gloo thread aborts
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     if sys.platform.startswith("linux"):
@@ -149,6 +148,7 @@ class WorkerPool:
         self.closed = False
         self._procs: list = []
         self._queues: list = []
+        self._logs: list[str] = []
         self._task_id = 0
         self._logdir = tempfile.TemporaryDirectory(prefix=f"pool{world_size}-")
         self._start()
@@ -181,7 +181,7 @@ class WorkerPool:
             p.join(5)
             if p.exitcode is not None:
                 p.close()
-        for log in getattr(self, "_logs", []):  # its tail, if needed, was read in _collect
+        for log in self._logs:  # its tail, if needed, was read in _collect
             if os.path.exists(log):
                 os.remove(log)
         for q in self._queues:  # a worker killed while writing may leave a queue unusable: always use new ones

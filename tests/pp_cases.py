@@ -11,8 +11,10 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 import dtllama
+from dtllama.model import hf_name
 from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens
 from dtllama.parallel import ParallelDims
 from dtllama.parallel.pp import PipelineOptions, pipeline_llm
@@ -112,10 +114,6 @@ def run_pp_mixed_precision(config_dict: dict, seqs, labels_list, seed: int, opti
     """On every rank of pp=2 (no data parallelism): one schedule step with `param_dtype=bf16` (fp32 parameters,
     casts at use) and with a reference pipeline holding bf16 parameters. Each one's last-stage outputs (None
     on the other rank), this rank's gradients, parameter dtypes and whether FSDP wraps a stage."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from dtllama.model import hf_name
-
     dims = dims_for(dict(pp=2))
     res = {}
     for name, kwargs, dtype in (("mp", dict(param_dtype=torch.bfloat16), None), ("ref", {}, torch.bfloat16)):

@@ -92,7 +92,8 @@ def test_recipe_stops_or_skips_on_a_diverged_run(tmp_path):
 
 def test_pool_runs_a_task_again_after_a_worker_died_by_a_signal_and_quotes_its_stderr(tmp_path):
     """A worker killed by a signal (here its own abort) gets the task one more try on fresh workers, with a
-    warning that quotes its stderr log (faulthandler's stack included); a second death fails with both logs."""
+    warning that quotes its stderr log (faulthandler's stack included); a second death fails with both logs; an
+    error of the task's own on another rank is not retried."""
     pool = get_pool(2)
     with pytest.warns(RuntimeWarning, match=r"(?s)died by a signal.*exit code -6.*aborts on purpose.*abort_rank0"):
         assert pool.run(abort_rank0, str(tmp_path / "aborted")) == [0, 1]
