@@ -86,7 +86,7 @@ def _log_tail(path: str) -> str:
 
 
 # What a rank raises when a peer's process is gone: a consequence of the death, not an error of its own.
-_PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|gloo.*(Read|Write) error")
+PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|gloo.*(Read|Write) error")
 
 
 def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: list[str], log: str,
@@ -283,7 +283,7 @@ class WorkerPool:
             raise
         dead = {r for r, p in enumerate(self._procs) if r in failed and p.exitcode is not None and p.exitcode < 0}
         # Retried only when the deaths are the whole story: every other failing rank lost its peer.
-        own_errors = [r for r in failed if r not in dead and not _PEER_LOST.search(failed[r])]
+        own_errors = [r for r in failed if r not in dead and not PEER_LOST.search(failed[r])]
         signalled = "" if own_errors else "".join(failed[r] for r in sorted(dead))
         if failed or missing:
             self._restart()

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from fault_cases import abort_rank0, run_bad_batch
-from helpers import ROOT
+from helpers import ROOT, torchrun
 from pool import get_pool
 
 from dtllama.optim import step_if_finite
@@ -106,3 +106,22 @@ def test_pool_runs_a_task_again_after_a_worker_died_by_a_signal_and_quotes_its_s
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match=r"(?s)fails on purpose|exit code -6"):
             pool.run(abort_rank0, None, True)
+
+
+def test_torchrun_runs_a_job_again_after_a_rank_crashed_and_quotes_its_stack(tmp_path):
+    """The torchrun helper's counterpart of the pool's retry: a rank's abort gets the job one more run, with a
+    warning quoting faulthandler's stack; a second abort fails with both outputs; an error of the job's own on
+    another rank is not retried."""
+    job = os.path.join(ROOT, "tests", "abort_job.py")
+    with pytest.warns(RuntimeWarning, match=r"(?s)died by a crash signal.*aborts on purpose.*Fatal Python error"
+                                            r".*abort_rank0.*exitcode\s*: -6"):
+        torchrun(2, job, str(tmp_path / "aborted"))
+    with pytest.raises(AssertionError, match=r"(?s)SIGABRT.*the first try.*aborts on purpose"), \
+            pytest.warns(RuntimeWarning, match="died by a crash signal"):
+        torchrun(2, job, "-")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match="rank 1 fails on purpose"):
+            torchrun(2, job, "-", "rank1-raises")
+        with pytest.raises(AssertionError, match="SIGABRT"):
+            torchrun(2, job, "-", repeatable=False)

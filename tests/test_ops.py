@@ -111,7 +111,7 @@ def test_custom_ops_take_sequence_sharded_dtensors():
     rounding of sums taken in a different order (1e-6 relative); the head's gradient sums signed
     per-token terms over differently sized vocab tiles and cancels more (1e-5)."""
     from pool import get_pool
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Shard
 
     from ops_dtensor_job import run_rank
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, torchrun
 
 from dtllama import rl
 from dtllama.ops import cu_seqlens_from_lengths
@@ -191,11 +189,9 @@ def _env() -> dict:
 def ppo(tmp_path, nproc: int, *args: str) -> list[dict]:
     """Run recipes/ppo.py under torchrun (this checkout first on the path); its per-iteration metrics."""
     metrics = tmp_path / f"ppo-{len(list(tmp_path.glob('ppo-*')))}.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.join(ROOT, "recipes", "ppo.py"), "--metrics", str(metrics), "--prompts", "2",
-           "--group-size", "2", "--max-new-tokens", "3", "--ppo-epochs", "4", "--lr", "1e-3", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = torchrun(nproc, os.path.join(ROOT, "recipes", "ppo.py"), "--metrics", str(metrics), "--prompts", "2",
+                    "--group-size", "2", "--max-new-tokens", "3", "--ppo-epochs", "4", "--lr", "1e-3", *args,
+                    cwd=tmp_path, env=_env())
     print(proc.stdout[-2000:])
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
