@@ -185,3 +185,10 @@ def abort_rank0(marker: str | None, rank1_raises: bool = False) -> int:
         print("rank 0 aborts on purpose", file=sys.stderr, flush=True)
         os.abort()
     return rank
+
+
+def hang_on_rank1(seconds: float) -> int:
+    """Rank 1 sleeps `seconds` (a hung task, for the pool's timeout); rank 0 returns at once."""
+    if dist.get_rank() == 1:
+        time.sleep(seconds)
+    return dist.get_rank()

@@ -15,6 +15,8 @@ abort, a segfault) leaves its last words and Python stacks; the error quotes the
 signal, its peers failing only for the lost connection, runs once more on fresh workers, with a warning that
 quotes the log: a process killed from outside (the OOM killer, an exhausted thread limit on a loaded machine) is
 not the code's failure, while a crash that the task causes happens again and fails the test with both logs.
+A rank that does not answer within the timeout dumps its Python stacks to its log on SIGUSR1 before the
+pool kills it, and the TimeoutError quotes them: a hang says where it hangs.
 
 Usage (tests/ is not a package; pytest puts it on sys.path):
 
@@ -75,14 +77,14 @@ def _exit_with_parent() -> None:
     os._exit(1)
 
 
-def _log_tail(path: str) -> str:
+def _log_tail(path: str, lines: int = LOG_TAIL) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 64 * 1024))  # the end is what matters; logs can grow long
-            lines = f.read().decode(errors="replace").splitlines()
+            text = f.read().decode(errors="replace").splitlines()
     except OSError as e:
         return f"(no log: {e})"
-    return "\n".join(lines[-LOG_TAIL:]) or "(its log is empty)"
+    return "\n".join(text[-lines:]) or "(its log is empty)"
 
 
 # What a rank raises when a peer's process is gone: a consequence of the death, not an error of its own.
@@ -97,6 +99,7 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: lis
     os.dup2(fd, 2)  # C++ messages (an abort's `what()`) go to fd 2 too, not only Python's sys.stderr
     os.close(fd)
     faulthandler.enable(sys.stderr, all_threads=True)  # the main thread's stack too when a gloo thread aborts
+    faulthandler.register(signal.SIGUSR1, sys.stderr, all_threads=True)  # where a hung task is: see _where
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     if sys.platform.startswith("linux"):
@@ -220,6 +223,17 @@ class WorkerPool:
                 deadline = min(deadline, time.monotonic() + GRACE)
         return ok, failed, [r for r in range(self.world_size) if r not in ok and r not in failed]
 
+    def _where(self, ranks: list[int]) -> str:
+        """Where the ranks that did not answer are stuck: each dumps its Python threads' stacks to its log on
+        SIGUSR1 (a collective that a peer skipped, a deadlock), quoted before the pool kills them."""
+        for r in ranks:
+            try:
+                os.kill(self._procs[r].pid, signal.SIGUSR1)
+            except (ProcessLookupError, ValueError):
+                pass
+        time.sleep(1.0)
+        return "".join(f"--- rank {r} did not answer; its stacks ---\n{_log_tail(self._logs[r], 3 * LOG_TAIL)}\n" for r in ranks)
+
     def _wait_ready(self) -> None:
         __tracebackhide__ = True
         ok, failed, missing = self._collect(0, self.start_timeout)
@@ -242,33 +256,33 @@ class WorkerPool:
             raise RuntimeError("WorkerPool is closed")
         blob = pickle.dumps((fn, args, kwargs))  # a pickling error shows here, not as a silent hang
         name = getattr(fn, "__qualname__", repr(fn))
-        ok, failed, missing, signalled = self._run_once(blob)
+        ok, failed, missing, signalled, where = self._run_once(blob)
         if signalled:
             warnings.warn(f"{name}: a worker of world {self.world_size} died by a signal; running it again on "
                           f"fresh workers.\n{signalled}", RuntimeWarning, stacklevel=2)
-            ok, failed, missing, again = self._run_once(blob)
+            ok, failed, missing, again, where = self._run_once(blob)
             if again:
                 failed = {r: f"{tb}\n--- the first try ---\n{signalled}" for r, tb in failed.items()}
         if failed:
             first = next(iter(failed))
             others = "".join(f"\nrank {r} also failed: {tb.strip().splitlines()[-1]}"
                              for r, tb in failed.items() if r != first)
-            hung = f"\nranks {missing} did not answer within {GRACE:g} s after the failure" if missing else ""
+            hung = f"\nranks {missing} did not answer within {GRACE:g} s after the failure\n{where}" if missing else ""
             raise RuntimeError(f"{name} failed on rank {first} of world {self.world_size} "
                                f"(pool restarted){others}{hung}\n--- remote traceback (rank {first}) ---\n"
                                f"{failed[first]}")
         if missing:
             raise TimeoutError(f"{name} timed out after {self.timeout:g} s on world {self.world_size}: "
-                               f"ranks {missing} did not answer (pool restarted)")
+                               f"ranks {missing} did not answer (pool restarted)\n{where}")
         results, groups = zip(*(pickle.loads(ok[r]) for r in range(self.world_size)))
         if max(groups) > MAX_GROUPS:
             self._restart()  # fresh workers, started now, awaited by the next run()
         return list(results)
 
-    def _run_once(self, blob: bytes) -> tuple[dict, dict, list, str]:
-        """One try of a task: `_collect`'s three results and the failures of workers that died by a signal
-        (text; empty if none, or if another rank raised an error of its own). After a failure or timeout the pool
-        has been restarted."""
+    def _run_once(self, blob: bytes) -> tuple[dict, dict, list, str, str]:
+        """One try of a task: `_collect`'s three results, the failures of workers that died by a signal (text;
+        empty if none, or if another rank raised an error of its own) and the stacks of the ranks that did not
+        answer. After a failure or timeout the pool has been restarted."""
         if not self._procs:
             self._start()
         if not self._ready:
@@ -285,9 +299,10 @@ class WorkerPool:
         # Retried only when the deaths are the whole story: every other failing rank lost its peer.
         own_errors = [r for r in failed if r not in dead and not PEER_LOST.search(failed[r])]
         signalled = "" if own_errors else "".join(failed[r] for r in sorted(dead))
+        where = self._where(missing) if missing else ""
         if failed or missing:
             self._restart()
-        return ok, failed, missing, signalled
+        return ok, failed, missing, signalled, where
 
     def close(self) -> None:
         """Ask the workers to leave, give them a few seconds, then kill whatever is left."""

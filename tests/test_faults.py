@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
-from fault_cases import abort_rank0, run_bad_batch
+from fault_cases import abort_rank0, hang_on_rank1, run_bad_batch
 from helpers import ROOT, torchrun
-from pool import get_pool
+from pool import WorkerPool, get_pool
 
 from dtllama.optim import step_if_finite
 
@@ -106,6 +106,15 @@ def test_pool_runs_a_task_again_after_a_worker_died_by_a_signal_and_quotes_its_s
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match=r"(?s)fails on purpose|exit code -6"):
             pool.run(abort_rank0, None, True)
+
+
+def test_pool_quotes_where_a_rank_that_did_not_answer_hangs():
+    """A rank stuck past the timeout is named, with the Python stacks it dumped on SIGUSR1 before the kill."""
+    with WorkerPool(2, timeout=5.0) as pool:
+        with pytest.raises(TimeoutError, match=r"(?s)ranks \[1\] did not answer.*rank 1 did not answer; its stacks"
+                                               r".*in hang_on_rank1"):
+            pool.run(hang_on_rank1, 60.0)
+        assert pool.run(hang_on_rank1, 0.0) == [0, 1]  # fresh workers after the kill
 
 
 def test_torchrun_runs_a_job_again_after_a_rank_crashed_and_quotes_its_stack(tmp_path):
