@@ -39,7 +39,7 @@ def write(folder: str, flavor: str = "llama3.1-8b", shard_bytes: int = 5 * 2**30
     out as `save_pretrained` lays them out."""
     from safetensors.torch import save_file
 
-    from dtllama.hf_io import _shard_index, _write_metadata
+    from dtllama.models.hf_io import _shard_index, _write_metadata
 
     config = dtllama.flavors[flavor]
     with torch.device("meta"):
@@ -77,7 +77,7 @@ def load(folder: str) -> None:
     """Meta-device model -> FSDP2 over all ranks -> each rank reads its slices into GPU memory."""
     import torch.distributed as dist
 
-    from dtllama.hf_io import load_state_into
+    from dtllama.models.hf_io import load_state_into
     from dtllama.parallel import ParallelDims, parallelize
 
     cuda = torch.cuda.is_available()

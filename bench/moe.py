@@ -29,14 +29,15 @@ import time
 
 import torch
 
-from dtllama.llama4 import Llama4ForCausalLM, Llama4TextMoe, expert_counts, llama4_flavor, route, set_moe_backend
+import dtllama  # noqa: E402
+from dtllama.models.llama4 import Llama4ForCausalLM, Llama4TextMoe, expert_counts, route, set_moe_backend
 from dtllama.ops import cu_seqlens_from_lengths, shift_labels
 
 PEAK_TFLOPS = 989.0
 
 
 def config_for(shape: str):
-    c = llama4_flavor("llama4-scout")
+    c = dtllama.flavors["llama4-scout"]
     if shape == "tiny":
         c = dataclasses.replace(c, hidden_size=64, intermediate_size=128, intermediate_size_mlp=256,
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,

@@ -53,7 +53,7 @@ def dtllama_config(shape: str):
 def full_state(model) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
-    from dtllama.model import hf_name
+    from dtllama.models.llama import hf_name
 
     return {hf_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
             for n, p in model.named_parameters()}
@@ -62,7 +62,7 @@ def full_state(model) -> dict[str, torch.Tensor]:
 def load_full(model, state: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into a (possibly FSDP-sharded) model, keyed by names without wrapper prefixes
     (activation checkpointing, compile): each rank keeps its slice."""
-    from dtllama.model import copy_full_into, hf_name
+    from dtllama.models.llama import copy_full_into, hf_name
 
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -12,8 +12,11 @@ if _util.find_spec("dtllama.ops") is None or _util.find_spec("dtllama.parallel")
         "already has torch: `pip install --no-deps --no-build-isolation -e .`)"
     )
 
-from ._flavors import flavors  # noqa: E402
-from .config import ModelConfig  # noqa: E402
-from .model import CausalLMOutput, LlamaForCausalLM, LlamaForValue, ValueOutput  # noqa: E402
+from dtllama.models.auto import config_from_hf, from_pretrained, model_class  # noqa: E402
+from dtllama.models.config import ModelConfig  # noqa: E402
+from dtllama.models.flavors import flavors  # noqa: E402
+from dtllama.models.llama import CausalLMOutput, LlamaForCausalLM, LlamaForValue, ValueOutput  # noqa: E402
+from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM  # noqa: E402
 
-__all__ = ["CausalLMOutput", "LlamaForCausalLM", "LlamaForValue", "ModelConfig", "ValueOutput", "flavors"]
+__all__ = ["CausalLMOutput", "Llama4Config", "Llama4ForCausalLM", "LlamaForCausalLM", "LlamaForValue", "ModelConfig",
+           "ValueOutput", "config_from_hf", "flavors", "from_pretrained", "model_class"]

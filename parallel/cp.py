@@ -26,8 +26,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from dtllama.llama4 import Llama4ForCausalLM
-from dtllama.model import LlamaForCausalLM, LlamaForValue
+from dtllama.models.llama4 import Llama4ForCausalLM
+from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
 
 from .tp import sum_over_token_shards
 

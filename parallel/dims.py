@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from dtllama.config import ModelConfig
+from dtllama.models.config import ModelConfig
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 

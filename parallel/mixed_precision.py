@@ -9,7 +9,7 @@ reverse for the gradient), as autocast does for torchtitan on one GPU.
 The same holds for tensor parallel and pipeline stages without data parallelism (a 1-rank FSDP mesh
 beside `tp` / `pp`). So there the parameters stay fp32 (what the optimizer steps and checkpoints hold),
 the activations run in `dtype` from the embedding on (`LlamaModel.compute_dtype`), and every module
-casts its parameters to the activations' dtype where it uses them (`dtllama.model.Linear`, `RMSNorm`,
+casts its parameters to the activations' dtype where it uses them (`dtllama.models.llama.Linear`, `RMSNorm`,
 the heads, a pipeline stage's head): the cast's backward gives the fp32 parameter an fp32 gradient, to
 which a schedule's microbatches add up. Inside a compiled block the casts are fused kernels that the
 partitioner recomputes for backward instead of keeping low-precision copies.
@@ -28,7 +28,7 @@ import torch
 def supports_casts(model: torch.nn.Module) -> bool:
     """Whether `model` casts at use: a dense dtllama model or stage (`LlamaModel` reads `compute_dtype`). Llama 4,
     even with no MoE layer, keeps FSDP's mixed precision: its modules hold plain `nn.Linear`s."""
-    from dtllama.model import LlamaModel
+    from dtllama.models.llama import LlamaModel
 
     return isinstance(getattr(model, "model", None), LlamaModel)
 

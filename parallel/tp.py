@@ -28,8 +28,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from dtllama.llama4 import Llama4ForCausalLM
-from dtllama.model import LlamaForCausalLM, LlamaForValue
+from dtllama.models.llama4 import Llama4ForCausalLM
+from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
 
 from .dims import check_tp
 

@@ -33,7 +33,7 @@ back only its own tokens' gradients.
 Under pipeline parallelism (`--pp`) actor, reference and critic are each cut into stages; sampling runs the
 actor's stages for logits, the last stage's outputs (logits, log-probs, values) are shared with every
 pipeline rank, and each update is one schedule step whose per-microbatch loss is the batch loss's share
-(`dtllama.runner`).
+(`dtllama.train.runner`).
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dtllama  # noqa: E402
-from dtllama import rl  # noqa: E402
-from dtllama.hf_io import load_state_into  # noqa: E402
+from dtllama.train import rl  # noqa: E402
+from dtllama.models.hf_io import load_state_into  # noqa: E402
 from dtllama.ops import Packed, cu_seqlens_from_lengths, pad_to_multiple, shift_labels  # noqa: E402
 from dtllama.parallel import ParallelDims, clip_grad_norm_, parallelize  # noqa: E402
 from dtllama.parallel.pp import SCHEDULES, PipelineOptions, check_options, pipeline_llm  # noqa: E402
-from dtllama.runner import PipelineRunner, WholeRunner  # noqa: E402
+from dtllama.train.runner import PipelineRunner, WholeRunner  # noqa: E402
 from train import ByteTokenizer, override, setup_distributed  # noqa: E402
 
 
@@ -146,7 +146,7 @@ def decode_bytes(ids: list[int]) -> str:
 
 def build(cls, config, dims, source, seed, device, pp_options):
     """Meta -> pipeline stages (pp > 1) -> parallelize -> materialize -> init from the seed or load the HF folder;
-    returns the model's runner (`dtllama.runner`: all tokens' outputs on every rank, whole or pipelined)."""
+    returns the model's runner (`dtllama.train.runner`: all tokens' outputs on every rank, whole or pipelined)."""
     with torch.device("meta"):
         model = cls(config)
     if dims.pp_enabled:

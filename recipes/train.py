@@ -33,13 +33,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import dtllama
-from dtllama.checkpoint import Checkpointer, TrainState, check_compatible
-from dtllama.config import read_config_json
-from dtllama.data import Example, Examples, balance, global_batch, microbatches
-from dtllama.hf_io import load_state_into
-from dtllama.llama4 import LLAMA4_FLAVORS, Llama4Config, Llama4ForCausalLM, llama4_flavor
+from dtllama.train.checkpoint import Checkpointer, TrainState, check_compatible
+from dtllama.models.config import read_config_json
+from dtllama.train.data import Example, Examples, balance, global_batch, microbatches
+from dtllama.models.hf_io import load_state_into
+from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple
-from dtllama.optim import LR_SCHEDULES, NONFINITE_POLICIES, adamw, lr_multiplier, step_if_finite
+from dtllama.train.optim import LR_SCHEDULES, NONFINITE_POLICIES, adamw, lr_multiplier, step_if_finite
 from dtllama.parallel import AC_MODES, FSDPOptions, ParallelDims, clip_grad_norm_, parallelize
 from dtllama.parallel import pp
 from dtllama.parallel.pp import SCHEDULES, PipelineOptions, pipeline_llm
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", "--init-from-hf", dest="model",
                      help="Hugging Face folder to fine-tune (default: SmolLM2-135M-Instruct)")
-    src.add_argument("--flavor", choices=[*dtllama.flavors, *LLAMA4_FLAVORS],
+    src.add_argument("--flavor", choices=list(dtllama.flavors),
                      help="train a randomly initialized flavor instead")
     p.add_argument("--config", help="a TOML file of these options (keys as the flags, '-' or '_'); flags override it")
     p.add_argument("--data", default=DATA,
@@ -172,7 +172,7 @@ def setup_distributed(seed: int):
 def model_source(args):
     """`(config, tokenizer, HF folder or None)`: a random flavor with byte tokens, or an HF checkpoint."""
     if args.flavor:
-        flavor = llama4_flavor(args.flavor) if args.flavor in LLAMA4_FLAVORS else dtllama.flavors[args.flavor]
+        flavor = dtllama.flavors[args.flavor]
         config = override(flavor, args.set)
         if config.vocab_size < 256:
             raise ValueError(f"flavor {args.flavor!r} has vocab_size={config.vocab_size} < 256 byte tokens")
@@ -184,7 +184,7 @@ def model_source(args):
         raise FileNotFoundError(f"--model {source!r}: no such folder; pass a local Hugging Face checkpoint folder "
                                 "(config.json, *.safetensors and the tokenizer files)")
     if source is None:
-        from dtllama.pretrained import smollm2_135m_instruct
+        from dtllama.models.pretrained import smollm2_135m_instruct
 
         if dist.get_rank() == 0:
             smollm2_135m_instruct()  # converts once; the other ranks wait for the cache

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtllama
-from dtllama.model import hf_name
+from dtllama.models.llama import hf_name
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
 from dtllama.parallel import CompileOptions, FSDPOptions, ParallelDims, parallelize
 

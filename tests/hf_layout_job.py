@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import dtllama
-from dtllama.hf_io import load_state_into
+from dtllama.models.hf_io import load_state_into
 from dtllama.parallel import ParallelDims, parallelize
 
 

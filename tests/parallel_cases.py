@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import dtllama
-from dtllama.llama4 import Llama4Config, Llama4ForCausalLM
-from dtllama.model import hf_name
+from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
+from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
 from dtllama.parallel import CompileOptions, ParallelDims, clip_grad_norm_, parallelize
 
@@ -215,7 +215,7 @@ def cp_boundary_logprobs(T: int, seed: int, cp: int) -> torch.Tensor:
 def pretrained_cp_logprobs(path: str, seqs: list[torch.Tensor], cp: int) -> torch.Tensor:
     """Per-token log-probs (next-token labels) of the packed `seqs` from the HF folder `path`, loaded into a
     model parallelized over `cp` CP ranks (every rank reads its FSDP shards), gathered to all T tokens."""
-    from dtllama.hf_io import load_state_into
+    from dtllama.models.hf_io import load_state_into
     from dtllama.ops import shift_labels
 
     config = dtllama.ModelConfig.from_hf(path)
@@ -240,7 +240,7 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
     """On every rank: AdamW training of a parallelized model, 3 steps on the same batch. `save`: init from `seed`,
     take step 1, checkpoint to `folder` (DCP, `Checkpointer`); otherwise init from another seed and resume from
     `folder`. Then steps 2 and 3; returns their global losses (the sum over the data-parallel ranks' sequences)."""
-    from dtllama.checkpoint import Checkpointer, TrainState
+    from dtllama.train.checkpoint import Checkpointer, TrainState
 
     config = model_config(config_dict)
     dims = _layout_dims(layout, config)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 import dtllama
-from dtllama.model import hf_name
+from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens
 from dtllama.parallel import ParallelDims
 from dtllama.parallel.pp import PipelineOptions, pipeline_llm

@@ -114,7 +114,7 @@ def test_smollm2_through_a_parallel_layout_round_trips_bitwise(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from dtllama.pretrained import smollm2_135m_instruct
+    from dtllama.models.pretrained import smollm2_135m_instruct
 
     src = smollm2_135m_instruct()
     dst = tmp_path / "export"
@@ -140,13 +140,13 @@ def test_convert_cli_round_trip_and_bad_sources_write_nothing(tmp_path):
 
     from safetensors.torch import load_file
 
-    from dtllama.convert import dcp_to_hf, hf_to_dcp
+    from dtllama.models.convert import dcp_to_hf, hf_to_dcp
 
     src = tmp_path / "hf"
     model = dtllama.LlamaForCausalLM(dtllama.flavors["debug"])
     model.init_weights(5)
     model.save_pretrained(src, max_shard_bytes=300_000)
-    proc = subprocess.run([sys.executable, "-m", "dtllama.convert", "hf-to-dcp", str(src), str(tmp_path / "dcp")],
+    proc = subprocess.run([sys.executable, "-m", "dtllama.models.convert", "hf-to-dcp", str(src), str(tmp_path / "dcp")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "writing DCP [" in proc.stderr, proc.stderr[-2000:]
     dcp_to_hf(str(tmp_path / "dcp"), str(tmp_path / "back"))

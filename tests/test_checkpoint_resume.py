@@ -10,7 +10,7 @@ import time
 
 from helpers import ROOT, train
 
-from dtllama.checkpoint import Checkpointer
+from dtllama.train.checkpoint import Checkpointer
 
 COMMON = ("--steps", "6", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf", "")
 LONG = ("--steps", "12", *COMMON[2:])  # long enough to be killed mid-way (a step takes ~0.15 s here)
@@ -83,7 +83,7 @@ def test_run_killed_mid_way_resumes_bitwise_on_the_same_mesh_and_within_1e6_on_a
 
 CRASH_SCRIPT = r"""
 import sys, torch, dtllama
-from dtllama.checkpoint import Checkpointer, TrainState
+from dtllama.train.checkpoint import Checkpointer, TrainState
 cfg = dtllama.flavors["debug"]
 cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 256, 1024, 8  # ~40 MB of state
 model = dtllama.LlamaForCausalLM(cfg)
@@ -103,7 +103,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     import torch
 
     import dtllama
-    from dtllama.checkpoint import Checkpointer, TrainState
+    from dtllama.train.checkpoint import Checkpointer, TrainState
 
     folder = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(folder)], stdout=subprocess.PIPE, text=True)

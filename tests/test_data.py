@@ -13,8 +13,8 @@ import torch
 from helpers import ROOT, rel_err
 
 import dtllama
-from dtllama.data import IGNORE_INDEX, Example, Examples, balance, global_batch, microbatches, records, tokenize
-from dtllama.optim import adamw, lr_multiplier
+from dtllama.train.data import IGNORE_INDEX, Example, Examples, balance, global_batch, microbatches, records, tokenize
+from dtllama.train.optim import adamw, lr_multiplier
 
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 import train as recipe  # noqa: E402
@@ -38,7 +38,7 @@ def test_prompt_response_loss_covers_the_response_only():
 def test_chat_loss_covers_the_assistant_turns_of_the_checkpoints_template():
     from transformers import AutoTokenizer
 
-    from dtllama.pretrained import smollm2_135m_instruct
+    from dtllama.models.pretrained import smollm2_135m_instruct
 
     tok = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
     messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
@@ -165,7 +165,7 @@ def test_toml_config_sets_defaults_that_flags_override(tmp_path):
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from dtllama.checkpoint import check_compatible
+    from dtllama.train.checkpoint import check_compatible
 
     small = dtllama.LlamaForCausalLM(dtllama.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                          num_hidden_layers=1, num_attention_heads=2,

@@ -16,8 +16,8 @@ from parallel_cases import aux_loss_rank, random_sequences, resume_losses, valid
 from pool import get_pool
 from test_parallel_properties import check_case
 
-from dtllama.llama4 import Llama4Config
-from dtllama.model import ModelConfig
+from dtllama.models.llama4 import Llama4Config
+from dtllama.models.llama import ModelConfig
 from dtllama.parallel import ParallelDims, valid_ep_degrees
 from dtllama.parallel.ep import _group_by_expert
 

@@ -13,7 +13,7 @@ from fault_cases import abort_rank0, hang_on_rank1, run_bad_batch
 from helpers import ROOT, torchrun
 from pool import WorkerPool, get_pool
 
-from dtllama.optim import step_if_finite
+from dtllama.train.optim import step_if_finite
 
 # A bad rank must not leave its peers in a collective: the pool would time out after 120 s. A few
 # seconds covers the check's two small collectives and a forward of a tiny model on a loaded CPU.

@@ -18,7 +18,8 @@ from test_parallel_properties import TOL
 import dtllama
 from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths
 from dtllama.parallel import ParallelDims, pp
-from dtllama.parallel.pp import SCHEDULES, PipelineOptions, check_options, split_layers, split_microbatches, stage_rank
+from dtllama.ops.packing import split_microbatches
+from dtllama.parallel.pp import SCHEDULES, PipelineOptions, check_options, split_layers, stage_rank
 
 LENGTHS = [9, 1, 12, 8, 1, 5, 3]  # 39 tokens: four microbatches of 16 hold them only when packed first-fit
 

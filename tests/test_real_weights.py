@@ -23,7 +23,7 @@ PARAGRAPH = (
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dtllama.pretrained import smollm2_135m_instruct
+    from dtllama.models.pretrained import smollm2_135m_instruct
 
     path = smollm2_135m_instruct()
     tok = AutoTokenizer.from_pretrained(path)
@@ -66,7 +66,7 @@ def test_smollm2_context_parallel_logprobs_match_transformers(smollm2):
     """cp=3 (Ulysses over 3 processes; 9 query and 3 KV heads: 3 and 1 per rank) on a packed batch whose
     6 + 13 + 1 tokens are padded to 21 and split 7/7/7, both boundaries inside the 13-token sequence:
     per-token log-probs equal transformers' on each sequence alone."""
-    from dtllama.pretrained import smollm2_135m_instruct
+    from dtllama.models.pretrained import smollm2_135m_instruct
 
     tok, hf, _ = smollm2
     texts = ["The Eiffel Tower is in", "Water boils at 100 degrees Celsius at sea level.", "Hello"]

@@ -1,4 +1,4 @@
-"""PPO / GRPO losses (dtllama.rl) against hand-computed values and slow references, and recipes/ppo.py under
+"""PPO / GRPO losses (dtllama.train.rl) against hand-computed values and slow references, and recipes/ppo.py under
 torchrun at world 1, 2 (tp=2) and 4 (dp_shard=2 x tp=2)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ROOT, torchrun
 
-from dtllama import rl
+from dtllama.train import rl
 from dtllama.ops import cu_seqlens_from_lengths
 
 # Hand-computed values below are exact decimals or closed forms evaluated in fp32: 1e-6 covers fp32 rounding

@@ -42,7 +42,7 @@ SEQ_LEN, LOCAL_BATCH, STEPS = 256, 4, 10
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """The SmolLM2 tokenizer folder and dtllama's demo text as JSON lines torchtitan's `c4_test` loader reads."""
-    from dtllama.pretrained import smollm2_135m_instruct
+    from dtllama.models.pretrained import smollm2_135m_instruct
 
     data = tmp_path_factory.mktemp("titan-data")
     with open(os.path.join(ROOT, "recipes", "data", "instructions.txt")) as f:

@@ -38,7 +38,7 @@ def test_llama4_moe_trains_with_fsdp_and_expert_parallel_with_the_one_process_lo
     transformers' Llama4ForCausalLM with our logits."""
     from transformers import AutoModelForCausalLM
 
-    from dtllama.llama4 import Llama4ForCausalLM
+    from dtllama.models.llama4 import Llama4ForCausalLM
 
     common = ("--steps", "3", "--batch-tokens", "600", "--lr", "3e-3")
     one = train(tmp_path, 1, *common, "--export-hf", "", flavor="llama4-debug")
@@ -123,9 +123,9 @@ def test_pipeline_checkpoint_resumes_without_pp_and_exports_to_transformers(tmp_
 ], ids=["tp", "model", "data", "resume"])
 def test_user_errors_are_one_line_from_rank_zero(tmp_path, args, message):
     """A new user's mistakes: one `error:` line from rank 0 and a non-zero exit, no worker tracebacks. Under
-    `python -m dtllama.launch` (torchrun's arguments) that line is all of stderr; plain torchrun adds its own
+    `python -m dtllama.train.launch` (torchrun's arguments) that line is all of stderr; plain torchrun adds its own
     failure report after it."""
-    cmd = [sys.executable, "-m", "dtllama.launch", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "dtllama.train.launch", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "recipes", "train.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

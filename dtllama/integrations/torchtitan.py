@@ -115,8 +115,8 @@ from torchtitan.protocols.state_dict_adapter import StateDictAdapter  # noqa: E4
 from torchtitan.trainer import Trainer  # noqa: E402
 
 from dtllama import flavors  # noqa: E402
-from dtllama.config import ModelConfig  # noqa: E402
-from dtllama.model import LlamaForCausalLM  # noqa: E402
+from dtllama.models.config import ModelConfig  # noqa: E402
+from dtllama.models.llama import LlamaForCausalLM  # noqa: E402
 from dtllama.ops import linear_logprobs_entropy  # noqa: E402
 from dtllama.parallel import CompileOptions, FSDPOptions, ParallelDims, parallelize  # noqa: E402
 

@@ -7,8 +7,8 @@ import transformers
 from safetensors.torch import load_file
 
 import dtllama
-from dtllama import hf_io
-from dtllama.hf_io import PinnedHFReader, _pread_into, read_safetensors_index
+from dtllama.models import hf_io
+from dtllama.models.hf_io import PinnedHFReader, _pread_into, read_safetensors_index
 
 pytestmark = pytest.mark.gpu
 

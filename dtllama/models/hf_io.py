@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
-from .config import ARCHITECTURES, ModelConfig
-from .fsutil import on_rank0, rank, replace_dir
+from dtllama.models.config import ARCHITECTURES, ModelConfig
+from dtllama.fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .fsutil import on_rank0, rank, replace_dir
+from dtllama.fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")

@@ -16,6 +16,17 @@ from typing import Any
 
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 ROPE_TYPES = ("default", "linear", "llama3")
+# model_type -> the config class of a family other than the dense one (each registers itself: `register_family`).
+OTHER_FAMILIES: dict[str, type] = {}
+
+
+def register_family(config_class: type, model_types: tuple[str, ...]) -> type:
+    """Make `ModelConfig.from_hf` (and so `dtllama.from_pretrained`) read `model_types` with `config_class`."""
+    for t in model_types:
+        OTHER_FAMILIES[t] = config_class
+    return config_class
+
+
 _ROPE_KEYS = {
     "default": (),
     "linear": ("factor",),
@@ -107,6 +118,9 @@ class ModelConfig:
     @classmethod
     def _from_dict(cls, d: dict) -> "ModelConfig":
         model_type = d.get("model_type", "llama")
+        other = OTHER_FAMILIES.get(model_type)
+        if other is not None:  # another family's config.json: read by that family's config class
+            return other.from_hf(d)
         if model_type not in ARCHITECTURES:
             raise ValueError(
                 f"config field model_type={model_type!r} (architectures={d.get('architectures')}) is not "

@@ -1,10 +1,12 @@
-"""Named model shapes, copied from the published `config.json` of each model."""
+"""Named model shapes of every family, copied from the published `config.json` of each model: one registry,
+`dtllama.flavors[name]`, a fresh config of the right family each time."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .config import ModelConfig
+from dtllama.models.config import ModelConfig
+from dtllama.models.llama4_config import Llama4Config
 
 
 def _llama3(factor: float, **kw) -> ModelConfig:
@@ -70,13 +72,48 @@ _FLAVORS = {
     ),
 }
 
+
+_LLAMA4_COMMON = dict(
+    vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
+    num_attention_heads=40, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+    attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, num_experts_per_tok=1,
+    bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
+)
+
+# The text models of the published `config.json`s (meta-llama/Llama-4-{Scout-17B-16E,Maverick-17B-128E}).
+_LLAMA4 = {
+    "llama4-scout": lambda: Llama4Config(
+        **_LLAMA4_COMMON, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
+        max_position_embeddings=10485760,
+        rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "llama4-maverick": lambda: Llama4Config(
+        **_LLAMA4_COMMON, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+        max_position_embeddings=1048576,
+    ),
+}
+
+
+# A tiny Scout-like shape (every 4th layer NoPE, chunked attention, qk norm, MoE in every layer) for CPU runs.
+_LLAMA4["llama4-debug"] = lambda: Llama4Config(
+    vocab_size=512, hidden_size=64, intermediate_size=128, intermediate_size_mlp=256, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
+    attention_chunk_size=64, attn_temperature_tuning=True, floor_scale=64, attn_scale=0.1, num_experts_per_tok=1,
+    num_local_experts=4, interleave_moe_layer_step=1, use_qk_norm=True, max_position_embeddings=1024,
+    torch_dtype="float32",
+)
+
+_FLAVORS.update(_LLAMA4)
+
+
 class UnknownFlavorError(KeyError, ValueError):
     def __str__(self):
         return self.args[0]
 
 
 class Flavors(Mapping):
-    """`dtllama.flavors[name]` is a fresh config (a new object each time, safe to modify)."""
+    """`dtllama.flavors[name]` is a fresh config (a new object each time, safe to modify) of its family's class."""
 
     def __getitem__(self, name: str) -> ModelConfig:
         if name not in _FLAVORS:

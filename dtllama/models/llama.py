@@ -22,7 +22,7 @@ from dtllama.ops import IGNORE_INDEX, linear_logits, linear_logprobs_entropy, pr
 from dtllama.ops.dtensor_utils import local_shape_and_offset
 from dtllama.ops.logprobs import SAVE_BYTES
 
-from .config import ModelConfig
+from dtllama.models.config import ModelConfig
 
 
 def hf_name(name: str) -> str:
@@ -251,14 +251,14 @@ class _LlamaBase(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
         """Load an HF folder on the host (parallel training loads into a meta-built model: `load_state_into`)."""
-        from .hf_io import load_pretrained
+        from dtllama.models.hf_io import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31,
                         source: str | None = None) -> None:
         """Write an HF folder (`source`: a folder whose tokenizer files to copy along)."""
-        from .hf_io import save_pretrained
+        from dtllama.models.hf_io import save_pretrained
 
         save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
 

@@ -1,6 +1,6 @@
 """Llama 4 text model (Scout, Maverick) in plain torch modules whose parameter names are exactly Hugging Face's.
 
-As the dense model (`dtllama.model`), it runs packed `[T, hidden]` activations described by `cu_seqlens`, takes a
+As the dense model (`dtllama.models.llama`), it runs packed `[T, hidden]` activations described by `cu_seqlens`, takes a
 padded `[B, S]` batch through `prepare_batch`, and keeps decoder layers in a ModuleDict keyed "0".."N-1". What
 Llama 4 adds, each checked against transformers' `Llama4ForCausalLM`:
 
@@ -28,9 +28,8 @@ from torch.distributed.tensor import DTensor
 
 from dtllama.ops import linear_logits, prepare_batch
 
-from ._flavors import UnknownFlavorError
-from .llama4_config import Llama4Config
-from .model import AttentionCore, CausalLMOutput, LogprobsHead, RMSNorm, _LlamaBase, rope_inv_freq
+from dtllama.models.llama4_config import Llama4Config
+from dtllama.models.llama import AttentionCore, CausalLMOutput, LogprobsHead, RMSNorm, _LlamaBase, rope_inv_freq
 
 MOE_BACKENDS = ("auto", "loop", "grouped")
 _moe_backend = "auto"
@@ -268,7 +267,7 @@ class Llama4TextDecoderLayer(nn.Module):
 
 
 class Llama4TextModel(nn.Module):
-    """Embedding (without `padding_idx`, as `dtllama.model.LlamaModel` explains), decoder layers, final norm."""
+    """Embedding (without `padding_idx`, as `dtllama.models.llama.LlamaModel` explains), decoder layers, final norm."""
 
     def __init__(self, config: Llama4Config):
         super().__init__()
@@ -382,7 +381,7 @@ class Llama4ForCausalLM(nn.Module):
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32) -> "Llama4ForCausalLM":
         """Load a transformers-saved `Llama4ForCausalLM` folder, or the text model of a multimodal
         (`Llama4ForConditionalGeneration`) one, whose tensors are the same names under `language_model.`."""
-        from .hf_io import load_state_into
+        from dtllama.models.hf_io import load_state_into
 
         path = os.fspath(path)
         config = Llama4Config.from_hf(path)
@@ -397,7 +396,7 @@ class Llama4ForCausalLM(nn.Module):
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31,
                         source: str | None = None) -> None:
         """Write an HF `Llama4ForCausalLM` folder from any layout (`source`: a folder whose tokenizer files to copy)."""
-        from .hf_io import save_pretrained
+        from dtllama.models.hf_io import save_pretrained
 
         save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
 
@@ -419,46 +418,4 @@ def _is_multimodal(path: str) -> bool:
         return json.load(f).get("model_type") == "llama4"
 
 
-# ---------------------------------------------------------------------------------------------------- flavors
-
-_LLAMA4_COMMON = dict(
-    vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384, num_hidden_layers=48,
-    num_attention_heads=40, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-    attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, num_experts_per_tok=1,
-    bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
-)
-
-# The text models of the published `config.json`s (meta-llama/Llama-4-{Scout-17B-16E,Maverick-17B-128E}).
-LLAMA4_FLAVORS = {
-    "llama4-scout": lambda: Llama4Config(
-        **_LLAMA4_COMMON, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
-        max_position_embeddings=10485760,
-        rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
-                      "original_max_position_embeddings": 8192},
-    ),
-    "llama4-maverick": lambda: Llama4Config(
-        **_LLAMA4_COMMON, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
-        max_position_embeddings=1048576,
-    ),
-}
-
-
-# A tiny Scout-like shape (every 4th layer NoPE, chunked attention, qk norm, MoE in every layer) for CPU runs.
-LLAMA4_FLAVORS["llama4-debug"] = lambda: Llama4Config(
-    vocab_size=512, hidden_size=64, intermediate_size=128, intermediate_size_mlp=256, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
-    attention_chunk_size=64, attn_temperature_tuning=True, floor_scale=64, attn_scale=0.1, num_experts_per_tok=1,
-    num_local_experts=4, interleave_moe_layer_step=1, use_qk_norm=True, max_position_embeddings=1024,
-    torch_dtype="float32",
-)
-
-
-def llama4_flavor(name: str) -> Llama4Config:
-    """A fresh config of a named Llama 4 shape (safe to modify)."""
-    if name not in LLAMA4_FLAVORS:
-        raise UnknownFlavorError(f"unknown Llama 4 flavor {name!r}; choose one of {list(LLAMA4_FLAVORS)}")
-    return LLAMA4_FLAVORS[name]()
-
-
-__all__ = ["LLAMA4_FLAVORS", "Llama4CausalLMOutput", "Llama4Config", "Llama4ForCausalLM", "RouterStats",
-           "llama4_flavor", "set_moe_backend"]
+__all__ = ["Llama4CausalLMOutput", "Llama4Config", "Llama4ForCausalLM", "RouterStats", "set_moe_backend"]

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ROPE_TYPES, _check_rope, _read_rope, fields_for_hf, read_config_json
+from dtllama.models.config import ROPE_TYPES, _check_rope, _read_rope, fields_for_hf, read_config_json, register_family
 
 DEFAULT_ROPE_THETA = 500000.0  # Llama4TextConfig.default_theta: what a config without any theta means
 
@@ -185,3 +185,6 @@ def _check_unsupported(d: dict) -> None:
         raise ValueError(f"config field hidden_act={act!r} is not supported; Llama 4 uses 'silu' (SwiGLU)")
     if d.get("attention_dropout", 0.0):
         raise ValueError(f"config field attention_dropout={d['attention_dropout']} is not supported; set it to 0.0")
+
+
+register_family(Llama4Config, ("llama4_text", "llama4"))

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dtllama.ops import IGNORE_INDEX
+from dtllama.ops.packing import first_fit
 
 
 @dataclass
@@ -222,24 +223,6 @@ def balance(batch: list[Example], n_ranks: int) -> list[list[Example]]:
         shares[r].append(ex)
         load[r] += len(ex.ids)
     return shares
-
-
-def first_fit(lengths: list[int], capacity: int, n_bins: int | None = None) -> list[list[int]] | None:
-    """Indices of `lengths` packed longest first into the first bin with room for them: into `n_bins` bins (None
-    if one does not fit), or into as many bins as needed (every length must be at most `capacity`)."""
-    bins: list[list[int]] = [[] for _ in range(n_bins or 0)]
-    fill = [0] * len(bins)
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        k = next((k for k in range(len(bins)) if fill[k] + lengths[i] <= capacity), None)
-        if k is None:
-            if n_bins is not None:
-                return None
-            bins.append([])
-            fill.append(0)
-            k = len(bins) - 1
-        bins[k].append(i)
-        fill[k] += lengths[i]
-    return bins
 
 
 def microbatches(share: list[Example], max_tokens: int) -> list[list[Example]]:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from dtllama.model import LlamaForCausalLM, ValueOutput
+from dtllama.models.llama import LlamaForCausalLM, ValueOutput
 from dtllama.ops import Packed
 from dtllama.parallel import ParallelDims
 from dtllama.parallel.cp import gather_tokens

@@ -1,7 +1,7 @@
 """Convert between Hugging Face folders and DCP checkpoints.
 
-    python -m dtllama.convert hf-to-dcp SRC_HF_FOLDER DST_DCP_FOLDER
-    python -m dtllama.convert dcp-to-hf SRC_DCP_FOLDER DST_HF_FOLDER [--dtype bfloat16]
+    python -m dtllama.models.convert hf-to-dcp SRC_HF_FOLDER DST_DCP_FOLDER
+    python -m dtllama.models.convert dcp-to-hf SRC_DCP_FOLDER DST_HF_FOLDER [--dtype bfloat16]
 
 `dcp-to-hf` reads the folders `hf-to-dcp` writes (model state dict + config.json); a training
 checkpoint (`step-N`, whose model sits under `train.model.`) is exported by the recipe's --export-hf.
@@ -26,10 +26,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
-from .config import ModelConfig
-from .fsutil import staged_dir
-from .hf_io import load_pretrained
-from .model import LlamaForCausalLM, LlamaForValue
+from dtllama.models.config import ModelConfig
+from dtllama.fsutil import staged_dir
+from dtllama.models.hf_io import load_pretrained
+from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +87,7 @@ def _nbytes(model) -> int:
 
 def _one_process() -> None:
     if dist.is_initialized():
-        raise RuntimeError("dtllama.convert runs in one process; call it outside torchrun / a process group "
+        raise RuntimeError("dtllama.models.convert runs in one process; call it outside torchrun / a process group "
                            "(load_state_into and save_pretrained read and write HF folders from any layout)")
 
 

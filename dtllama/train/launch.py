@@ -1,6 +1,6 @@
 """`torchrun` that ends a failed run with the workers' own message, not the launcher's report.
 
-    python -m dtllama.launch --standalone --nproc-per-node 2 recipes/train.py --tp 4
+    python -m dtllama.train.launch --standalone --nproc-per-node 2 recipes/train.py --tp 4
 
 takes torchrun's arguments unchanged and runs them through torchrun's own `run`. When a worker fails,
 torchrun prints a ~30-line `ChildFailedError` traceback and failure table after whatever the worker said;

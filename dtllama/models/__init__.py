@@ -1,0 +1,1 @@
+"""Model families with Hugging Face parameter names, their configs, flavors and checkpoint I/O."""

@@ -1,0 +1,46 @@
+"""Pick the family from a config: `from_pretrained(path)` reads a folder's `config.json` and builds the right model.
+
+Each family names its config class and its model classes here, once; everything else (the recipes, the parallel
+layer through the model protocol) then works on whatever this returns.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dtllama.models.config import ModelConfig
+from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
+from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
+
+# config class -> (causal LM, value model or None)
+MODEL_CLASSES: dict[type, tuple[type, type | None]] = {
+    ModelConfig: (LlamaForCausalLM, LlamaForValue),
+    Llama4Config: (Llama4ForCausalLM, None),
+}
+
+
+def config_from_hf(path_or_dict) -> ModelConfig | Llama4Config:
+    """The config of an HF folder (or `config.json`, or its dict), of its family's class."""
+    return ModelConfig.from_hf(path_or_dict)
+
+
+def model_class(config, value: bool = False) -> type:
+    """The causal-LM class of `config`'s family, or its value (critic) class; an error names a family without one."""
+    if type(config) not in MODEL_CLASSES:
+        raise TypeError(f"{type(config).__name__} is no dtllama family's config; use one of "
+                        f"{[c.__name__ for c in MODEL_CLASSES]}")
+    causal, critic = MODEL_CLASSES[type(config)]
+    if value and critic is None:
+        raise ValueError(f"{config.model_type} has no value model in dtllama yet; a critic needs a dense family")
+    return critic if value else causal
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, value: bool = False):
+    """Load an HF folder on the host as the model of its family (`value`: as a critic); parallel training builds on
+    the meta device and loads into the parallelized model instead (`dtllama.models.hf_io.load_state_into`)."""
+    return model_class(config_from_hf(path), value).from_pretrained(path, dtype=dtype)
+
+
+__all__ = ["MODEL_CLASSES", "config_from_hf", "from_pretrained", "model_class"]
