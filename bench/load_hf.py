@@ -78,7 +78,7 @@ def load(folder: str) -> None:
     import torch.distributed as dist
 
     from dtllama.models.hf_io import load_state_into
-    from dtllama.parallel import ParallelDims, parallelize
+    from dtllama.parallel import FSDPOptions, ParallelDims, parallelize
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -100,7 +100,7 @@ def load(folder: str) -> None:
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(config)
-    parallelize(model, dims, param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    parallelize(model, dims, fsdp=FSDPOptions(param_dtype=torch.bfloat16 if device.type == "cuda" else None))
     model.to_empty(device=device)  # fp32 master weights; the bf16 file values are cast on copy
     t_read = time.perf_counter()
     load_state_into(model, folder)

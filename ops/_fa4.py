@@ -1,12 +1,11 @@
 """FlashAttention-4 (the CuTe DSL build of FlashAttention, pip package `flash-attn-4`) as custom ops.
 
-Packed causal attention with native grouped-query heads: on an H200 it runs the 1B heads' fwd+bwd
-at ~455 TFLOP/s against ~235 for torch's `varlen_attn` and ~380 for dense cuDNN. Its Python entry
-points launch JIT-compiled CuTe kernels that dynamo cannot trace, so forward and backward enter as
-`torch.library` custom ops (fake shapes + autograd): compiled blocks keep them as single nodes and
-selective activation checkpointing can name the forward. The calls go to FA4's `_flash_attn_fwd` /
-`_flash_attn_bwd`, the functions its own autograd.Function wraps (custom ops run without autograd,
-so the public wrapper could not provide the backward).
+Packed causal attention with native grouped-query heads, the fastest backend on Hopper (figures in the
+README). Its Python entry points launch JIT-compiled CuTe kernels that dynamo cannot trace, so forward
+and backward enter as `torch.library` custom ops (fake shapes + autograd): compiled blocks keep them as
+single nodes and selective activation checkpointing can name the forward. The calls go to FA4's
+`_flash_attn_fwd` / `_flash_attn_bwd`, the functions its own autograd.Function wraps (custom ops run
+without autograd, so the public wrapper could not provide the backward).
 """
 
 from __future__ import annotations

@@ -1,44 +1,49 @@
 """One dispatch for causal attention over a packed batch (`cu_seqlens` marks the documents).
 
 Backends, best first:
-- `fa4`: FlashAttention-4 (`flash-attn-4`, CuTe DSL; when installed; Hopper or newer, fp16/bf16,
-  head_dim <= 128), as the custom ops of `_fa4.py`;
+- `fa4`: FlashAttention-4 (`flash-attn-4`, when installed; Hopper or newer, fp16/bf16, head_dim <= 128),
+  as the custom ops of `_fa4.py`;
 - `flash`: flash-attn's `flash_attn_varlen_func` (when installed; CUDA, fp16/bf16);
-- `cudnn`: for a batch whose sequences all have the same length (`T == B * max_seqlen`, read from
-  shapes, no sync), dense causal SDPA over `[B, H, S, D]`, which picks cuDNN on Hopper (KV heads
-  repeated: SDPA's GQA path is not cuDNN's); measured 1.6x `varlen` at the 1B heads on an H200;
-- `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (the same FlashAttention-2 kernels
-  inside torch; CUDA, fp16/bf16);
+- `cudnn`: for a batch whose sequences all have one length (`T == B * max_seqlen`, read from shapes, no
+  sync), dense causal SDPA over `[B, H, S, D]`, which picks cuDNN on Hopper (KV heads repeated: SDPA's GQA
+  path is not cuDNN's);
+- `varlen`: torch's `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2 kernels; CUDA, fp16/bf16);
 - `flex`: FlexAttention with a document mask (CUDA, any float dtype);
-- `sdpa`: a block-diagonal causal mask for SDPA, O(T^2) memory: the CPU reference and the spec every
+- `sdpa`: SDPA with a block-diagonal causal mask, O(T^2) memory: the CPU reference and the spec every
   other backend is tested against.
-All take grouped-query KV as is (no repeated KV in memory), except `cudnn`, and `varlen` on a torch
-whose `varlen_attn` has no `enable_gqa`. Each backend is an op torch.compile traces without a graph break
-(flash-attn's and PyTorch's varlen functions are custom ops, FlexAttention a higher-order op).
-`set_attention_backend` or the `DTLLAMA_ATTENTION` environment variable pick one; `auto` takes the
-best one available for the inputs' device and dtype. The backend in use is printed once.
+All take grouped-query KV as is, except `cudnn`, and `varlen` on a torch without `enable_gqa`; each is an
+op torch.compile traces without a graph break. The process default is `set_attention_backend` or the
+`DTLLAMA_ATTENTION` environment variable; `varlen_attention(..., backend=)` overrides it for one call.
+`auto` takes the best backend available for the inputs' device, dtype and shapes; the one in use is
+printed once.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from dtllama.compat import VARLEN_ATTN_PARAMS, causal_varlen_attn
+
 from . import _fa4
 
 BACKENDS = ("auto", "fa4", "flash", "cudnn", "varlen", "flex", "sdpa")
 _AUTO_ORDER = ("fa4", "flash", "cudnn", "varlen", "flex")  # fastest first (H200, packed causal GQA fwd+bwd)
-_backend = os.environ.get("DTLLAMA_ATTENTION", "auto")
+_backend = os.environ.get("DTLLAMA_ATTENTION", "auto")  # the process default; a call's `backend=` overrides it
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {list(BACKENDS)}")
 
 
 def set_attention_backend(name: str) -> None:
+    """Set the process default backend of `varlen_attention` (calls passing `backend=` keep theirs)."""
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is unknown; choose one of {list(BACKENDS)}")
+    _check_name(name)
     _backend = name
 
 
@@ -50,18 +55,9 @@ def _probe_flash_attn() -> bool:
     return True
 
 
-def _probe_torch_varlen() -> frozenset[str] | None:
-    """The parameter names of `varlen_attn`, or None when this torch has none."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
 # Probed once at import, so that compiled code reads constants instead of tracing imports.
 _FLASH_ATTN = _probe_flash_attn()
-_VARLEN_PARAMS = _probe_torch_varlen()
+_VARLEN_PARAMS = VARLEN_ATTN_PARAMS  # varlen_attn's parameter names; None when this torch has none
 
 
 # FA4 and cuDNN's fused attention: Hopper+ (where cuDNN is SDPA's first pick); FlashAttention-2 kernels: Ampere+
@@ -114,17 +110,26 @@ def cuda_backends(dtype: torch.dtype = torch.bfloat16, device: torch.device | No
     return [n for n in _AUTO_ORDER if unavailable_reason(n, device, dtype, None, equal_lengths) is None]
 
 
+def _requested(backend: str | None) -> tuple[str, str]:
+    """`(name, how to ask for auto instead)` of a call's `backend`, or of the process default when None."""
+    if backend is None:
+        if _backend not in BACKENDS:
+            raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
+        return _backend, "set DTLLAMA_ATTENTION=auto (or set_attention_backend('auto'))"
+    _check_name(backend)
+    return backend, "pass backend='auto' (or None for the process default)"
+
+
 def _choose(device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
-            equal_lengths: bool | None = None) -> tuple[str, str]:
-    """`(backend, why)`: the requested one, or `auto`'s pick with the reasons it passed over better ones."""
-    if _backend not in BACKENDS:
-        raise ValueError(f"DTLLAMA_ATTENTION={_backend!r} is unknown; choose one of {list(BACKENDS)}")
-    if _backend != "auto":
-        why = unavailable_reason(_backend, device, dtype, head_dim, equal_lengths)
+            equal_lengths: bool | None = None, backend: str | None = None) -> tuple[str, str]:
+    """`(backend, why)`: the requested one (`backend`, or the process default when None), or `auto`'s pick
+    with the reasons it passed over better ones."""
+    name, fix = _requested(backend)
+    if name != "auto":
+        why = unavailable_reason(name, device, dtype, head_dim, equal_lengths)
         if why is not None:
-            raise ValueError(f"attention backend {_backend!r} cannot run here: {why}; "
-                             "set DTLLAMA_ATTENTION=auto (or set_attention_backend('auto')) to pick one that can")
-        return _backend, "requested"
+            raise ValueError(f"attention backend {name!r} cannot run here: {why}; {fix} to pick one that can")
+        return name, "requested"
     if device.type != "cuda":
         return "sdpa", f"auto on {device.type}"
     skipped = []
@@ -136,10 +141,11 @@ def _choose(device: torch.device, dtype: torch.dtype, head_dim: int | None = Non
     return "sdpa", "auto" + "".join(f"; not {n}: {w}" for n, w in skipped)
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16, equal_lengths: bool = False) -> str:
-    """The backend `varlen_attention` uses for inputs on `device` of `dtype` (sequences of several lengths, or,
-    with `equal_lengths`, of one)."""
-    return _choose(device, dtype, None, equal_lengths)[0]
+def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16, equal_lengths: bool = False,
+                      backend: str | None = None) -> str:
+    """The backend `varlen_attention(..., backend=backend)` uses for inputs on `device` of `dtype` (sequences of
+    several lengths, or, with `equal_lengths`, of one)."""
+    return _choose(device, dtype, None, equal_lengths, backend)[0]
 
 
 @lru_cache(maxsize=None)
@@ -157,15 +163,18 @@ def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed `q[T, Hq, D]` over `k, v[T, Hkv, D]` within each sequence; returns `[T, Hq, D]`.
 
-    `Hq` must be a multiple of `Hkv` (grouped-query attention).
+    `Hq` must be a multiple of `Hkv` (grouped-query attention). `backend`: one of `BACKENDS` for this call, or
+    None for the process default (`set_attention_backend` / `DTLLAMA_ATTENTION`); under torch.compile it is a
+    constant of the traced graph.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     equal_lengths = q.shape[0] == (cu_seqlens.shape[0] - 1) * int(max_seqlen)  # shapes only: no device sync
-    name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths)
+    name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths, backend)
     if not torch.compiler.is_compiling():
         _announce(name, why)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
@@ -179,22 +188,7 @@ def _flash(q, k, v, cu_seqlens, max_seqlen):
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
-    """Early `varlen_attn` took `is_causal`, torch 2.11 takes `window_size` (no `enable_gqa`: KV heads are
-    repeated for it), torch 2.13 takes both."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    cu, params, gqa = cu_seqlens.to(torch.int32), _VARLEN_PARAMS, k.shape[1] != q.shape[1]
-    kwargs = {}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
-    else:
-        kwargs["is_causal"] = True
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = gqa
-    elif gqa:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    return causal_varlen_attn(q, k, v, cu_seqlens, max_seqlen, _VARLEN_PARAMS)
 
 
 def _cudnn(q, k, v, cu_seqlens, max_seqlen):

@@ -1,35 +1,31 @@
 """Per-token log-probs and entropy straight from hidden states, without the `[T, vocab]` logits.
 
-`linear_logprobs_entropy(hidden[T, H], weight[V, H], labels[T])` holds at most about
-`chunk_size x V` fp32 logits at a time. The forward walks token chunks and keeps per-row statistics
-of z = hidden @ weight.T / temperature (over the vocabulary, relative to the row max m):
-  s = sum exp(z - m),   t = sum exp(z - m) * (z - m),   the label's logit z_y
-from which lse = m + log s, logprob = (z_y - m) - log s and entropy = log s - t / s. The statistics of
-disjoint vocabulary slices merge exactly (rescale by exp(m_i - max m)), which is all tensor
-parallelism needs: each rank computes its vocab shard and they all-reduce max, then sums. The
-backward walks vocabulary tiles over all tokens, recomputing each tile's logits, so each tile's
-weight gradient is one full matmul (no accumulation in low precision):
-  d logprob / dz = onehot(label) - p,   d entropy / dz = -p * (log p + entropy).
-Rows whose label is -100 give 0 for both and receive no gradient. On CUDA the row statistics and
-the logits gradient are Triton kernels (`_logprobs_triton.py`) between cuBLAS matmuls with fp32
-output; elsewhere they are the torch expressions below, the spec the kernels are tested against.
+`linear_logprobs_entropy(hidden[T, H], weight[V, H], labels[T])` holds about `chunk_size x V` fp32 logits
+at a time. Forward walks token chunks and keeps per-row statistics of z = hidden @ weight.T / temperature
+relative to the row max m: s = sum exp(z - m), t = sum exp(z - m) * (z - m) and the label's z_y, giving
+lse = m + log s, logprob = (z_y - m) - log s and entropy = log s - t / s. Statistics of disjoint vocab
+slices merge exactly (rescaled by exp(m_i - max m)), which is all tensor parallelism needs: each rank
+takes its vocab shard and all-reduces max, then sums. Backward walks vocab tiles over all tokens,
+recomputing each tile's logits, so each tile's weight gradient is one full matmul (no low-precision
+accumulation): d logprob / dz = onehot(label) - p, d entropy / dz = -p * (log p + entropy). Rows
+labelled -100 give 0 and receive no gradient. On CUDA the row statistics and logits gradient are Triton
+kernels (`_logprobs_triton.py`) between fp32-output cuBLAS matmuls; the torch expressions here are their
+spec.
 
-Recomputing the logits makes four `T x V x H` matmuls of what would be three. Within `save_bytes`
-(default 2 GiB) the forward keeps the first rows' logits relative to their row max, `z / temperature - m`,
-and backward reads those rows instead of recomputing them: at the Llama-3.2-1B shape (T=16384,
-V=128256) 2 GiB keep half the rows, an eighth of the head's matmul flops. Low-precision inputs keep
-them in fp16: the values are <= 0 and near 0 where p is large, so the error of each p is about
-p |z - m| 2^-11 (bf16 logits, as a bf16 `lm_head` writes them, err by |z| 2^-8 in the exponent).
+Recomputing makes four `T x V x H` matmuls of three, so forward keeps the first rows' `z - m` within
+`save_bytes` (default 2 GiB) and backward reads them instead. Low-precision inputs keep them in fp16: the
+values are <= 0 and near 0 where p is large, so each p errs by about p |z - m| 2^-11 (bf16 logits, as a
+bf16 `lm_head` writes them, err by |z| 2^-8 in the exponent).
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
+
+from dtllama.compat import has_mm_out_dtype, local_shape_and_offset
 
 from ._triton import use_triton
 from .rmpad import IGNORE_INDEX, check_labels
@@ -42,18 +38,9 @@ def _all_reduce(x: Tensor, group, op=None) -> None:
         dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
 
 
-@lru_cache(maxsize=None)
-def _has_mm_out_dtype() -> bool:
-    a = torch.ones(1, 1, dtype=torch.bfloat16, device="cuda")
-    try:
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, TypeError):
-        return False
-
-
 def _fp32_epilogue(a: Tensor) -> bool:
     """Whether a matmul of `a` can write fp32 straight from its accumulator (low precision on CUDA)."""
-    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _has_mm_out_dtype()
+    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and has_mm_out_dtype()
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -322,8 +309,6 @@ def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows,
 
 def _vocab_shard(weight):
     """`(local weight, process group, first vocab row of this rank)` of a vocab-sharded DTensor."""
-    from .dtensor_utils import local_shape_and_offset
-
     mesh = weight.device_mesh
     if mesh.ndim != 1 or weight.placements[0] != Shard(0):
         raise ValueError(f"output weight must be sharded on vocab over a 1-D mesh, got {weight.placements} on {mesh}")

@@ -11,11 +11,11 @@ from .grad_clip import clip_grad_norm_
 from .mixed_precision import apply_mixed_precision
 from .options import CompileOptions, FSDPOptions
 from .parallelize import parallelize
-from .pp import Pipeline, PipelineOptions, pipeline_llm
+from .pp import SCHEDULES, Pipeline, PipelineOptions, check_options, pipeline_llm
 from .tp import apply_tp
 
 __all__ = [
     "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
-    "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_mixed_precision", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline",
+    "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_mixed_precision", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline", "SCHEDULES", "check_options",
     "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_ep_degrees", "valid_tp_degrees",
 ]

@@ -26,9 +26,6 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from dtllama.models.llama4 import Llama4ForCausalLM
-from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
-
 from .tp import sum_over_token_shards
 
 
@@ -130,8 +127,10 @@ def gather_tokens(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
     return _GatherTokens.apply(x, cp_mesh)
 
 
-def apply_cp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, cp_mesh: DeviceMesh) -> None:
-    """Shard the tokens of every forward over the 1-D `cp_mesh` (Ulysses), in place. Call after TP.
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
+    """Shard the tokens of every forward over the 1-D `cp_mesh` (Ulysses), in place, where the model protocol says
+    (decoder inputs, each layer's attention cores, the log-prob head's labels, token statistics); returns it. Call
+    after TP.
 
     Batches CP cannot split are refused by `cp_batch_check`, which `parallelize` hands to its batch check,
     so that every rank raises before the first collective.
@@ -140,21 +139,25 @@ def apply_cp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, cp_mes
     def shard_decoder_inputs(module, args):
         x, position_ids, cu_seqlens, max_seqlen = args
         # A later pipeline stage receives hidden states that are already this rank's token shard.
-        x = _shard(x, cp_mesh) if module.embed_tokens is not None else x
+        x = x if x.is_floating_point() else _shard(x, cp_mesh)
         return x, _shard(position_ids, cp_mesh), cu_seqlens, max_seqlen
 
     model.model.register_forward_pre_hook(shard_decoder_inputs)
     for layer in model.model.layers.values():
-        layer.self_attn.attn_core = UlyssesAttention(layer.self_attn.attn_core, cp_mesh)
-    if isinstance(model, Llama4ForCausalLM):  # its load-balance loss is over all of the sequences' tokens
-        group, tp_sum = cp_mesh.get_group(), model.router_token_sum
-        model.router_token_sum = lambda x: sum_over_token_shards(tp_sum(x) if tp_sum else x, group)
-    if isinstance(model, (LlamaForCausalLM, Llama4ForCausalLM)) and model.logprobs_head is not None:
+        for path in layer.plan().attn_cores:
+            parent, _, name = path.rpartition(".")
+            owner = layer.get_submodule(parent)
+            setattr(owner, name, UlyssesAttention(getattr(owner, name), cp_mesh))
+    plan, group = model.plan(), cp_mesh.get_group()
+    for name in plan.token_sums:  # e.g. the load-balance loss is over all of the sequences' tokens
+        model.get_submodule(name).register_forward_hook(lambda mod, args, out: sum_over_token_shards(out, group))
+    if plan.output == "logprobs" and model.logprobs_head is not None:
         def shard_labels(module, args):
             hidden, weight, labels, *rest = args
             return hidden, weight, _shard(labels, cp_mesh), *rest
 
         model.logprobs_head.register_forward_pre_hook(shard_labels)
+    return model
 
 
 __all__ = ["UlyssesAttention", "apply_cp", "check_cp_batch", "cp_batch_check", "gather_tokens", "heads_to_tokens",

@@ -156,6 +156,9 @@ class ParallelDims:
         check_tp(config, self.tp)
         check_cp(config, self.cp, self.tp)
         check_ep(config, self.ep, self.dp_shard, self.cp, self.tp)
+        if self.pp > config.num_hidden_layers:
+            raise ValueError(f"pp={self.pp} needs at least one decoder layer per pipeline rank; the model has "
+                             f"num_hidden_layers={config.num_hidden_layers}: choose pp in 1..{config.num_hidden_layers}")
         if compile and self.tp > 1 and ac == "full" and device_type == "cpu":
             # torch 2.13 on CPU: full AC recomputes the CPU SDPA op (tagged random-seeded), and AOTAutograd's
             # RNG functionalization appends its state after the DeviceMesh inputs that DTensor parameters
@@ -233,10 +236,6 @@ class ParallelDims:
             self._meshes["ep"] = moe["ep"]
             self._meshes["efsdp"] = moe["dp_replicate", "efsdp"] if self.dp_replicate > 1 else moe["efsdp"]
         return full
-
-    @property
-    def world_mesh(self) -> DeviceMesh:
-        return self.mesh("world")
 
     def mesh(self, name: str) -> DeviceMesh:
         """One of the meshes built by `build_mesh`: a dim of `DIM_NAMES`, `dp_shard_cp`, `fsdp`, `dp`, `batch`,

@@ -106,37 +106,21 @@ class ExpertParallel:
         return combine(out, self._pending.pop(), mesh)
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """The feed-forward modules with routed experts (a `router` and `experts`), in layer order."""
-    return [layer.feed_forward for layer in model.model.layers.values()
-            if hasattr(getattr(layer, "feed_forward", None), "router")]
+def routed_experts(model: nn.Module) -> list[nn.Module]:
+    """The routed experts modules of the model's layers (the model protocol's `LayerPlan.experts`), in layer order."""
+    return [layer.get_submodule(p) for layer in model.model.layers.values() if (p := layer.plan().experts)]
 
 
-def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     """Shard every MoE layer's routed experts over the 1-D `ep_mesh`, in place. Call after TP, before AC, compile
     and FSDP (`parallelize` does), on a model whose layout `ParallelDims.check_model` accepted."""
-    for moe in moe_layers(model):
-        experts = moe.experts.gate_up_proj.shape[0]
+    for module in routed_experts(model):
+        experts = next(module.parameters()).shape[0]
         if experts % ep_mesh.size():
             raise ValueError(f"ep={ep_mesh.size()} does not divide num_local_experts={experts}; choose ep among "
                              "its divisors (ParallelDims.check_model names the valid degrees)")
-        ExpertParallel(ep_mesh).apply(moe.experts)
-
-
-def apply_moe_compile(model: nn.Module, backend: str) -> None:
-    """Per-block compile (`fullgraph=True`, in place) of a model with MoE layers: dense layers whole, as
-    `apply_compile`; in an MoE layer its norms, attention and shared expert, each on its own (the router is one
-    `nn.Linear`, whose frame dynamo skips as a compile root, with nothing to fuse).
-
-    The routed experts stay eager: their FSDP and dispatch hooks cannot be traced into a full graph (FSDP2's hooks
-    are dynamo-disabled), and their row counts are data-dependent. torchtitan compiles its MoE blocks so too."""
-    for layer in model.model.layers.values():
-        ff = getattr(layer, "feed_forward", None)
-        if not hasattr(ff, "router"):
-            layer.compile(backend=backend, fullgraph=True)
-            continue
-        for part in (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, ff.shared_expert):
-            part.compile(backend=backend, fullgraph=True)
+        ExpertParallel(ep_mesh).apply(module)
+    return model
 
 
 _OUTSIDE_ROOT = object()
@@ -176,18 +160,17 @@ def shard_experts(model: nn.Module, efsdp_mesh: DeviceMesh, options: FSDPOptions
     rather than the mesh size makes it the same mean. Under TP with ep=1 this is also what sums the gradients of
     the TP ranks' token shards (`efsdp` spans them)."""
     reshard = options.reshard_after_forward
-    for moe in moe_layers(model):
-        fully_shard(moe.experts, mesh=efsdp_mesh,
+    for experts in routed_experts(model):
+        fully_shard(experts, mesh=efsdp_mesh,
                     reshard_after_forward=efsdp_mesh.size() > 1 if reshard is None else reshard,
                     mp_policy=MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype),
                     offload_policy=CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy())
-        _keep_root_quiet(moe.experts)
-        moe.experts.set_gradient_divide_factor(float(divide_factor))
+        _keep_root_quiet(experts)
+        experts.set_gradient_divide_factor(float(divide_factor))
         # gloo has no PREMUL_SUM: sum, then divide. Not over one shard rank, where torch 2.13 then divides twice
         # (and, with no reduce-scatter to run, never needs the op).
         if efsdp_mesh.device_type == "cpu" and efsdp_mesh.shape[-1] > 1:
-            moe.experts.set_force_sum_reduction_for_comms(True)
+            experts.set_force_sum_reduction_for_comms(True)
 
 
-__all__ = ["ExpertParallel", "all_to_all_v", "apply_ep", "apply_moe_compile", "combine", "dispatch", "moe_layers",
-           "shard_experts"]
+__all__ = ["ExpertParallel", "all_to_all_v", "apply_ep", "combine", "dispatch", "routed_experts", "shard_experts"]

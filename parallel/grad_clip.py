@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, pp_mesh: DeviceMesh | None = None) -> torch.Tensor:
     """Clip in place like `torch.nn.utils.clip_grad_norm_`; returns the total norm (a plain tensor).
 
-    Under pipeline parallelism each rank holds other layers: pass `pp_mesh` to combine the ranks' norms."""
+    Under pipeline parallelism each rank holds other layers: pass `pp_mesh` to combine the ranks' norms. The last
+    stage's copy of a tied embedding (`pp.stages.TiedEmbedding`) is clipped but not counted: the first stage's is."""
     params = [p for p in parameters if p.grad is not None]
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
@@ -25,7 +26,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, pp_mesh
         groups.setdefault(key, []).append(p)
     norms = []
     for group in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
+        counted = [p.grad for p in group if not getattr(p, "_dtllama_tied_copy", False)]
+        if not counted:
+            continue
+        n = torch.nn.utils.get_total_norm(counted, norm_type)
         norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type) if norms else torch.tensor(0.0)
     if pp_mesh is not None and pp_mesh.size() > 1:

@@ -7,9 +7,9 @@ the output back to tokens. Embedding and output head are vocab-parallel (`Shard(
 the head's log-probs, entropy and loss are computed without gathering full-vocab logits
 (`dtllama.ops.linear_logprobs_entropy` sees the DTensor weight). When `tp` exceeds the KV heads,
 each rank computes all KV heads and keeps the one its query heads use (`ReplicatedKV`).
-Llama 4 (`Llama4ForCausalLM`) takes the same attention plan; its dense layers' `feed_forward` and its MoE
-layers' shared expert are SwiGLUs as above, while its router and routed experts work on this rank's own
-tokens (`RoutedRouter`; the experts are sharded by `parallel.ep`, never by TP).
+Which module takes which role, every family declares (`layer.plan().tp`, `model.plan().tp`: the model protocol);
+an MoE layer's router and routed experts work on this rank's own tokens (`RoutedRouter`; the experts are
+sharded by `parallel.ep`, never by TP).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from dtllama.models.llama4 import Llama4ForCausalLM
-from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
+from dtllama.models import protocol as P
 
 from .dims import check_tp
 
@@ -140,60 +139,43 @@ def _to_all_tokens(n_args: int) -> PrepareModuleInput:
     )
 
 
-def _swiglu_plan(prefix: str) -> dict[str, ParallelStyle]:
-    """A SwiGLU on all tokens: column-wise gate/up, row-wise down reduce-scattered back to tokens."""
-    return {
-        prefix: _to_all_tokens(1),
-        f"{prefix}.gate_proj": ColwiseParallel(),
-        f"{prefix}.up_proj": ColwiseParallel(),
-        f"{prefix}.down_proj": RowwiseParallel(output_layouts=Shard(0)),
-    }
+_STYLES = {
+    P.Colwise: ColwiseParallel,
+    P.Rowwise: lambda: RowwiseParallel(output_layouts=Shard(0)),
+    P.TokenShardedNorm: lambda: SequenceParallel(sequence_dim=0),
+    P.OwnTokens: lambda: PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
+                                            use_local_output=True),
+    P.Router: RoutedRouter,
+    P.VocabEmbedding: lambda: TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0)),
+    P.VocabHead: ColwiseParallel,  # only the weight is used (by the head op): vocab rows sharded
+    P.ReplicatedHead: ReplicatedHead,
+}
 
 
-def _feed_forward_plan(layer: nn.Module) -> dict[str, ParallelStyle]:
-    """The dense models' `mlp`, Llama 4's dense `feed_forward`, or its MoE: the router and the routed experts on
-    this rank's tokens (the experts are sharded by `parallel.ep`, never by TP), the shared expert as a SwiGLU."""
-    if hasattr(layer, "mlp"):
-        return _swiglu_plan("mlp")
-    if not hasattr(layer.feed_forward, "router"):
-        return _swiglu_plan("feed_forward")
-    keep_tokens = PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
-                                     use_local_output=True)
-    return {"feed_forward": keep_tokens, "feed_forward.router": RoutedRouter(),
-            **_swiglu_plan("feed_forward.shared_expert")}
+def torch_style(style: P.Style, config, tp: int) -> ParallelStyle:
+    """The torch `ParallelStyle` of a protocol style (`dtllama.models.protocol`) for this config at degree `tp`."""
+    if isinstance(style, P.KVProjection):
+        return ColwiseParallel() if config.num_key_value_heads % tp == 0 else ReplicatedKV(config.head_dim)
+    if isinstance(style, P.AllTokens):
+        return _to_all_tokens(style.n_args)
+    if type(style) not in _STYLES:
+        raise TypeError(f"no tensor-parallel style for {style!r}; dtllama.parallel.tp knows "
+                        f"{[c.__name__ for c in _STYLES]}, KVProjection and AllTokens")
+    return _STYLES[type(style)]()
 
 
-def apply_tp(model: LlamaForCausalLM | LlamaForValue | Llama4ForCausalLM, tp_mesh: DeviceMesh) -> None:
-    """Shard `model` in place over the 1-D `tp_mesh` (tensor + sequence parallel)."""
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard `model` (or a pipeline stage of it) in place over the 1-D `tp_mesh` (tensor + sequence parallel), as
+    its layers' and its own plans say (the model protocol); returns it."""
     config, tp = model.config, tp_mesh.size()
     check_tp(config, tp)
-    kv = ColwiseParallel() if config.num_key_value_heads % tp == 0 else ReplicatedKV(config.head_dim)
-    attn_args = 3 if isinstance(model, Llama4ForCausalLM) else 5  # (x, freqs_cis, spans) / (x, cos, sin, cu, max)
-    attention_plan = {
-        "input_layernorm": SequenceParallel(sequence_dim=0),
-        "self_attn": _to_all_tokens(attn_args),
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": kv,
-        "self_attn.v_proj": kv,
-        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(0)),
-        "post_attention_layernorm": SequenceParallel(sequence_dim=0),
-    }
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, {**attention_plan, **_feed_forward_plan(layer)})
-    if isinstance(model, Llama4ForCausalLM):
-        group = tp_mesh.get_group()
-        model.router_token_sum = lambda x: sum_over_token_shards(x, group)
-    plan = {}  # a pipeline stage may lack the embedding, or the final norm and the head
-    if model.model.embed_tokens is not None:
-        plan["model.embed_tokens"] = TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0))
-    if model.model.norm is not None:
-        plan["model.norm"] = SequenceParallel(sequence_dim=0)
-        if isinstance(model, LlamaForValue):
-            plan["score"] = ReplicatedHead()
-        elif getattr(model, "lm_head", None) is not None:
-            # Only its weight is used (by the head op), so the style just places it: vocab rows sharded.
-            plan["lm_head"] = ColwiseParallel()
-    parallelize_module(model, tp_mesh, plan)
+        parallelize_module(layer, tp_mesh, {k: torch_style(v, config, tp) for k, v in layer.plan().tp.items()})
+    plan, group = model.plan(), tp_mesh.get_group()
+    for name in plan.token_sums:
+        model.get_submodule(name).register_forward_hook(lambda mod, args, out: sum_over_token_shards(out, group))
+    parallelize_module(model, tp_mesh, {k: torch_style(v, config, tp) for k, v in plan.tp.items()})
+    return model
 
 
 __all__ = ["ReplicatedHead", "ReplicatedKV", "RoutedRouter", "TokenShardedEmbedding", "apply_tp", "sum_over_token_shards"]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import dtllama
+import third_family
 from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
 from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
@@ -35,13 +36,18 @@ def random_sequences(lengths, vocab_size: int, g: torch.Generator):
 
 
 def model_config(config_dict: dict):
-    """A dense `ModelConfig`, or a `Llama4Config` (MoE) for `model_type="llama4_text"`."""
+    """A dense `ModelConfig`, a `Llama4Config` (MoE) for `model_type="llama4_text"`, or the test family of
+    `third_family.py` for `family="parallel_block"`."""
+    if config_dict.get("family") == third_family.FAMILY:
+        return third_family.ParallelBlockConfig(**{k: v for k, v in config_dict.items() if k != "family"})
     if config_dict.get("model_type") == "llama4_text":
         return Llama4Config(**config_dict)
     return dtllama.ModelConfig(**config_dict)
 
 
 def build(config, value: bool):
+    if isinstance(config, third_family.ParallelBlockConfig):
+        return (third_family.ParallelBlockForValue if value else third_family.ParallelBlockForCausalLM)(config)
     if isinstance(config, Llama4Config):
         if value:
             raise ValueError("Llama 4 has no value head; draw value=False for a llama4_text case")

@@ -16,9 +16,9 @@ from torch.distributed.fsdp import FSDPModule
 import dtllama
 from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, Packed, cu_seqlens_from_lengths, position_ids_from_cu_seqlens
-from dtllama.parallel import ParallelDims
+from dtllama.parallel import FSDPOptions, ParallelDims
 from dtllama.parallel.pp import PipelineOptions, pipeline_llm
-from parallel_cases import ENTROPY_WEIGHT, build, cp_shard, placements, step
+from parallel_cases import ENTROPY_WEIGHT, build, cp_shard, model_config, placements, step
 
 _DIMS: dict = {}
 
@@ -39,7 +39,7 @@ def packed(seqs, labels) -> Packed:
 
 
 def build_pipeline(config_dict: dict, layout: dict, value: bool, options: PipelineOptions, seed: int, ac="none"):
-    config = dtllama.ModelConfig(**config_dict)
+    config = model_config(config_dict)
     dims = dims_for(layout)
     with torch.device("meta"):
         model = build(config, value)
@@ -116,7 +116,7 @@ def run_pp_mixed_precision(config_dict: dict, seqs, labels_list, seed: int, opti
     on the other rank), this rank's gradients, parameter dtypes and whether FSDP wraps a stage."""
     dims = dims_for(dict(pp=2))
     res = {}
-    for name, kwargs, dtype in (("mp", dict(param_dtype=torch.bfloat16), None), ("ref", {}, torch.bfloat16)):
+    for name, kwargs, dtype in (("mp", dict(fsdp=FSDPOptions(param_dtype=torch.bfloat16)), None), ("ref", {}, torch.bfloat16)):
         with torch.device("meta"):
             model = build(dtllama.ModelConfig(**config_dict), False)
         for q in model.parameters() if dtype is not None else ():

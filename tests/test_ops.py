@@ -90,6 +90,47 @@ def test_varlen_attention_matches_per_sequence_loop(lengths, kv, rep, seed):
     assert torch.allclose(out, naive_attention(q, k, v, cu), atol=1e-5)  # fp32 softmax rounding
 
 
+def test_a_call_backend_overrides_the_process_default(monkeypatch):
+    """`varlen_attention(..., backend=)` wins over `set_attention_backend`, eager and compiled with fullgraph (the
+    name is a constant at trace time). On CPU only `sdpa` (and `auto`, which picks it) can run: a process default
+    of `flex` is refused, a call asking for `sdpa` runs, and a call asking for a CUDA backend is refused whatever
+    the default. Tolerance: fp32 softmax rounding, as in the per-sequence loop test (1e-5)."""
+    import pytest
+
+    from dtllama.ops import BACKENDS, attention, attention_backend, set_attention_backend
+
+    monkeypatch.setattr(attention, "_backend", attention._backend)  # the process default is restored afterwards
+    g = torch.Generator().manual_seed(20260)
+    lengths, D = [5, 1, 9, 3], 8
+    T = sum(lengths)
+    q, k, v = torch.randn(T, 4, D, generator=g), torch.randn(T, 2, D, generator=g), torch.randn(T, 2, D, generator=g)
+    cu = cu_seqlens_from_lengths(lengths)
+    ref = naive_attention(q, k, v, cu)
+    set_attention_backend("sdpa")
+    sdpa = varlen_attention(q, k, v, cu, max(lengths))
+    assert torch.allclose(sdpa, ref, atol=1e-5)
+
+    set_attention_backend("flex")
+    with pytest.raises(ValueError, match="'flex' cannot run here: it needs a CUDA device.*DTLLAMA_ATTENTION=auto"):
+        varlen_attention(q, k, v, cu, max(lengths))
+    for name in ("sdpa", "auto"):
+        assert attention_backend(q.device, q.dtype, backend=name) == "sdpa"
+        assert torch.allclose(varlen_attention(q, k, v, cu, max(lengths), backend=name), sdpa, atol=1e-5)
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths), backend="sdpa"), fullgraph=True,
+                      backend="aot_eager")
+    assert torch.allclose(f(q, k, v), sdpa, atol=1e-5)
+    assert attention._backend == "flex"  # a call's choice does not touch the process default
+
+    set_attention_backend("sdpa")
+    for name in ("flex", "varlen", "cudnn"):
+        with pytest.raises(ValueError, match=f"'{name}' cannot run here: it needs a CUDA device.*backend='auto'"):
+            varlen_attention(q, k, v, cu, max(lengths), backend=name)
+    with pytest.raises(ValueError, match=r"attention backend 'flash3' is unknown; choose one of \[" +
+                       ", ".join(repr(b) for b in BACKENDS) + r"\]"):
+        varlen_attention(q, k, v, cu, max(lengths), backend="flash3")
+
+
 def test_pack_unpack_roundtrip_and_positions():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 100, (3, 6), generator=g)

@@ -34,10 +34,13 @@ def make_case(layers: int, tp: int = 1):
     return config, seqs, labels, seed
 
 
-def check_pipeline(world: int, layout: dict, layers: int, value: bool, options: PipelineOptions, ac: str = "none"):
+def check_pipeline(world: int, layout: dict, layers: int, value: bool, options: PipelineOptions, ac: str = "none",
+                   config: dict | None = None):
     """Gradients (joined over the ranks' parts), the gradient norm over all stages, one AdamW step, and the last
-    stage's outputs, each within fp32 rounding (TOL) of the single-device model."""
-    config, seqs, labels, seed = make_case(layers, layout.get("tp", 1))
+    stage's outputs, each within fp32 rounding (TOL) of the single-device model (`config`: another model than
+    `make_case`'s, with its fresh random batch)."""
+    default, seqs, labels, seed = make_case(layers, layout.get("tp", 1))
+    config = default if config is None else dict(config, num_hidden_layers=layers)
     ref_outs, ref_grads, ref_params, ref_norm = reference(config, seqs, labels, seed, value)
     results = get_pool(world).run(run_pp_rank, config, layout, seqs, labels, seed, value, options, ac)
     grads, params, outs = {}, {}, {}
@@ -147,13 +150,12 @@ def test_bad_pipeline_options_are_refused():
     msg = _options_error(PipelineOptions("OneFOneB"))
     assert "unknown pipeline schedule 'OneFOneB'" in msg and "ZBVZeroBubble" in msg
     assert "exactly 2 stage(s)" in _options_error(PipelineOptions("ZBVZeroBubble", stages_per_rank=3))
-    assert "tie_word_embeddings" in _options_error(PipelineOptions(), tie=True)
     assert "contiguous run" in _options_error(PipelineOptions(stage_layers=((0, 2), (1, 3))))
 
 
 def test_zero_bubble_schedules_are_refused_on_torch_2_11(monkeypatch):
     """torch 2.11's weight-gradient pass fails on custom autograd functions (seen on the GPU machine's 2.11)."""
-    monkeypatch.setattr(pp, "_torch_version", lambda: (2, 11))
+    monkeypatch.setattr(pp.schedules, "torch_version", lambda: (2, 11))
     for name, schedule in SCHEDULES.items():
         options = PipelineOptions(name, microbatches=4)
         if schedule.splits_backward:
@@ -209,3 +211,51 @@ def test_pipeline_without_data_parallelism_casts_at_use_like_bf16_parameters(sch
     last = ranks[1]  # both schedules place the last stage on rank 1 (stages 0, 1 or 0..3 round robin)
     assert ranks[0]["mp"]["outs"] is None and last["mp"]["outs"] is not None
     assert all(torch.equal(a, b) for a, b in zip(last["mp"]["outs"], last["ref"]["outs"]))
+
+
+def _llama4_config() -> dict:
+    """A tiny Llama 4 (chunked attention, a NoPE layer, qk norm, top-2 routing over 4 experts, a dense layer)."""
+    return dict(model_type="llama4_text", vocab_size=61, hidden_size=32, intermediate_size=8, intermediate_size_mlp=12,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
+                attention_chunk_size=4, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1,
+                no_rope_layer_interval=2, use_qk_norm=True, num_local_experts=4, num_experts_per_tok=2,
+                moe_layers=[0, 1, 3], tie_word_embeddings=False, initializer_range=0.2, torch_dtype="float32")
+
+
+@pytest.mark.parametrize("world, layout, schedule", [
+    (2, dict(pp=2), "1F1B"),
+    (2, dict(pp=2), "Interleaved1F1B"),
+    (4, dict(pp=2, dp_shard=2, ep=2), "Interleaved1F1B"),
+], ids=["pp2-1F1B", "pp2-Interleaved1F1B", "pp2xep2"])
+def test_llama4_pipeline_matches_single_device(world, layout, schedule):
+    """Llama 4 learns its stages from the model protocol like the dense family: MoE and dense layers on either
+    stage, routed experts sharded over `ep` inside a stage."""
+    results = check_pipeline(world, layout, 4, False, PipelineOptions(schedule, microbatches=4, microbatch_tokens=16),
+                             config=_llama4_config())
+    if layout.get("ep"):
+        experts = {n: p for r in results for n, p in r["placements"].items() if ".experts." in n}
+        assert experts and all(p is not None and "ep" in p[0] for p in experts.values()), experts
+
+
+def _tied_config() -> dict:
+    """SmolLM2-shaped: tied embeddings, GQA 3:1, head_dim 8."""
+    return dict(vocab_size=61, hidden_size=24, intermediate_size=16, num_attention_heads=3, num_key_value_heads=1,
+                tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=1e5, initializer_range=0.2,
+                torch_dtype="float32")
+
+
+@pytest.mark.parametrize("world, layout, schedule", [
+    (2, dict(pp=2), "1F1B"),
+    (4, dict(pp=2, dp_shard=2), "1F1B"),
+    (2, dict(pp=2), "ZBVZeroBubble"),  # V-shaped: rank 0 holds the first and the last stage, one table
+], ids=["pp2", "pp2xdp2", "pp2-V"])
+def test_tied_embeddings_pipeline_matches_single_device(world, layout, schedule):
+    """The first stage's embedding and the last stage's tied head share one gradient (summed over the two pipeline
+    ranks), the gradient norm counts it once, and both copies take the same AdamW step."""
+    results = check_pipeline(world, dict(layout, dp_shard=layout.get("dp_shard", -1)), 4, False,
+                             PipelineOptions(schedule, microbatches=4, microbatch_tokens=16), config=_tied_config())
+    holders = [r for r in results if "model.embed_tokens.weight" in r["grads"]]
+    if schedule == "1F1B":  # both pipeline ranks hold a copy, equal after the step
+        assert len(holders) == world
+        first = holders[0]["params"]["model.embed_tokens.weight"]
+        assert all(torch.equal(r["params"]["model.embed_tokens.weight"], first) for r in holders)

@@ -26,42 +26,39 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtllama.ops import linear_logits, prepare_batch
-
+from dtllama.models import protocol as P
+from dtllama.models.blocks import (
+    Attention, CausalLM, CausalLMOutput, Decoder, RMSNorm, RotaryEmbedding, SwiGLU, TokenSum,
+)
 from dtllama.models.llama4_config import Llama4Config
-from dtllama.models.llama import AttentionCore, CausalLMOutput, LogprobsHead, RMSNorm, _LlamaBase, rope_inv_freq
 
 MOE_BACKENDS = ("auto", "loop", "grouped")
-_moe_backend = "auto"
+_default_moe_backend = ["auto"]  # the process default; a model overrides it per experts module
 
 
-def set_moe_backend(name: str) -> None:
+def set_moe_backend(name: str, model: nn.Module | None = None) -> None:
     """How routed experts run: `loop` (one matmul pair per expert: the reference), `grouped` (`torch._grouped_mm`
-    over the expert-sorted tokens), or `auto` (grouped for CUDA bf16, where it is the fast path; loop elsewhere)."""
-    global _moe_backend
+    over the expert-sorted tokens), or `auto` (grouped for CUDA bf16, where it is the fast path; loop elsewhere).
+    With `model`, for that model's experts only; without, the default of every experts module that sets none."""
     if name not in MOE_BACKENDS:
         raise ValueError(f"MoE backend {name!r} is unknown; choose one of {list(MOE_BACKENDS)}")
-    _moe_backend = name
+    if model is None:
+        _default_moe_backend[0] = name
+        return
+    for m in model.modules():
+        if isinstance(m, Llama4TextExperts):
+            m.backend = name
 
 
 # ---------------------------------------------------------------------------------------------------- attention
 
 
-class Llama4RotaryEmbedding(nn.Module):
+class Llama4RotaryEmbedding(RotaryEmbedding):
     """Rotations as complex numbers `e^{i * position * inv_freq}` `[T, head_dim/2]`, as HF's `freqs_cis`;
     `inv_freq` (default or llama3 scaling) is the dense model's."""
 
-    def __init__(self, config: Llama4Config):
-        super().__init__()
-        self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-
-    def reset_parameters(self):
-        """Recompute the buffer after `to_empty` (it is not part of any checkpoint)."""
-        self.inv_freq = rope_inv_freq(self.config, self.inv_freq.device)
-
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        freqs = position_ids.float()[:, None] * self.inv_freq.float()[None, :]
+        freqs = self.angles(position_ids)
         return torch.polar(torch.ones_like(freqs), freqs)
 
 
@@ -119,25 +116,15 @@ def attention_spans(config: Llama4Config, position_ids, cu_seqlens, max_seqlen: 
     return AttentionSpans(cu_seqlens, max_seqlen, chunk_cu, chunk_max, temp)
 
 
-class Llama4TextAttention(nn.Module):
+class Llama4TextAttention(Attention):
     def __init__(self, config: Llama4Config, layer: int):
-        super().__init__()
-        h, d, b = config.hidden_size, config.head_dim, config.attention_bias
-        self.head_dim = d
+        super().__init__(config, qkv_bias=config.attention_bias, o_bias=config.attention_bias)
         self.use_rope = config.use_rope(layer)
         # HF gives only RoPE layers the q/k norm; its eps is rms_norm_eps.
         self.qk_norm_eps = config.rms_norm_eps if config.use_qk_norm and self.use_rope else None
-        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=b)
-        self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=b)
-        self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=b)
-        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=b)
-        self.attn_core = AttentionCore()
 
     def forward(self, x, freqs_cis, spans: AttentionSpans):
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, -1, self.head_dim)
-        k = self.k_proj(x).view(T, -1, self.head_dim)
-        v = self.v_proj(x).view(T, -1, self.head_dim)
+        q, k, v = self.qkv(x)
         if self.use_rope:
             q, k = apply_rope_interleaved(q, freqs_cis), apply_rope_interleaved(k, freqs_cis)
             if self.qk_norm_eps is not None:  # after RoPE, as HF
@@ -147,23 +134,10 @@ class Llama4TextAttention(nn.Module):
             if spans.temperature is not None:
                 q = (q * spans.temperature[:, None, None]).to(q.dtype)
             out = self.attn_core(q, k, v, spans.cu_seqlens, spans.max_seqlen)
-        return self.o_proj(out.reshape(T, -1))
+        return self.out(out)
 
 
 # ---------------------------------------------------------------------------------------------------- feed-forward
-
-
-class Llama4TextMLP(nn.Module):
-    """SwiGLU without biases: the dense layers' feed-forward and the MoE's shared expert."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Llama4TextExperts(nn.Module):
@@ -175,6 +149,7 @@ class Llama4TextExperts(nn.Module):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
         self.down_proj = nn.Parameter(torch.empty(e, i, h))
+        self.backend: str | None = None  # None: the process default (`set_moe_backend`)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`x [N, H]`: routed rows sorted by expert, `counts[e]` of them for expert e; returns `[N, H]`.
@@ -198,12 +173,13 @@ class Llama4TextExperts(nn.Module):
         multiple of 16 bytes, so hidden and intermediate sizes a multiple of 16 / itemsize."""
         h, i = self.down_proj.shape[2], self.down_proj.shape[1]
         aligned = all(n * x.element_size() % 16 == 0 for n in (h, i))
-        if _moe_backend == "grouped" and not aligned:
+        backend = self.backend or _default_moe_backend[0]
+        if backend == "grouped" and not aligned:
             raise ValueError(f"MoE backend 'grouped' needs hidden_size={h} and intermediate_size={i} to be multiples "
                              f"of {16 // x.element_size()} for {x.dtype}; use set_moe_backend('loop')")
-        if _moe_backend == "auto":
+        if backend == "auto":
             return aligned and x.is_cuda and x.dtype == torch.bfloat16
-        return _moe_backend == "grouped"
+        return backend == "grouped"
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -229,7 +205,7 @@ class Llama4TextMoe(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.experts = Llama4TextExperts(config)
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
-        self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
+        self.shared_expert = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(output [T, H], router logits [T, E])`."""
@@ -254,7 +230,17 @@ class Llama4TextDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe(layer)
         self.feed_forward = (Llama4TextMoe(config) if self.is_moe
-                             else Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp))
+                             else SwiGLU(config.hidden_size, config.intermediate_size_mlp))
+
+    def plan(self) -> P.LayerPlan:
+        attention = P.attention_plan(3)  # (x, freqs_cis, spans)
+        if not self.is_moe:
+            return P.LayerPlan({**attention, **P.swiglu_plan("feed_forward")})
+        # The router and routed experts work on this rank's own tokens (the experts are sharded by EP, never TP).
+        tp = {**attention, "feed_forward": P.OwnTokens(), "feed_forward.router": P.Router(),
+              **P.swiglu_plan("feed_forward.shared_expert")}
+        parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "feed_forward.shared_expert")
+        return P.LayerPlan(tp, experts="feed_forward.experts", compile_parts=parts)
 
     def forward(self, x, freqs_cis, spans: AttentionSpans):
         """`(x, router logits or None for a dense layer)`."""
@@ -266,30 +252,15 @@ class Llama4TextDecoderLayer(nn.Module):
         return x + self.feed_forward(h), None
 
 
-class Llama4TextModel(nn.Module):
-    """Embedding (without `padding_idx`, as `dtllama.models.llama.LlamaModel` explains), decoder layers, final norm."""
+class Llama4TextModel(Decoder):
+    """Embedding (without `padding_idx`, as `blocks.Decoder` explains), decoder layers, final norm; the layers'
+    aux outputs are the MoE layers' router logits."""
 
-    def __init__(self, config: Llama4Config):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        n = config.num_hidden_layers
-        self.layers = nn.ModuleDict({str(i): Llama4TextDecoderLayer(config, i) for i in range(n)})
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = Llama4RotaryEmbedding(config)
+    layer_class = Llama4TextDecoderLayer
+    rotary_class = Llama4RotaryEmbedding
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen):
-        """`(normed hidden states [T, H], router logits of each MoE layer)`. As in `LlamaModel`, a pipeline stage
-        without the embedding takes hidden states, and one without the final norm returns its last layer's output."""
-        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
-        freqs_cis = self.rotary_emb(position_ids)
-        spans = attention_spans(self.config, position_ids, cu_seqlens, max_seqlen)
-        router_logits = []
-        for layer in self.layers.values():
-            x, logits = layer(x, freqs_cis, spans)
-            if logits is not None:
-                router_logits.append(logits)
-        return (self.norm(x) if self.norm is not None else x), router_logits
+    def layer_inputs(self, x, position_ids, cu_seqlens, max_seqlen):
+        return self.rotary_emb(position_ids), attention_spans(self.config, position_ids, cu_seqlens, max_seqlen)
 
 
 @dataclass
@@ -332,50 +303,23 @@ class Llama4CausalLMOutput(CausalLMOutput):
     router_stats: RouterStats | None = None
 
 
-class Llama4ForCausalLM(nn.Module):
-    """Causal LM with HF's `Llama4ForCausalLM` parameter names. With tied embeddings there is no `lm_head`."""
+class Llama4ForCausalLM(CausalLM):
+    """Causal LM with HF's `Llama4ForCausalLM` parameter names; its output adds `router_stats` over the batch's real
+    tokens. `token_sum` sums the router statistics over the ranks holding other token shards of the same
+    sequences (TP's sequence parallel, Ulysses register the sums), so the load-balance loss is that of all tokens."""
 
-    hf_architecture = "ForCausalLM"
     config_class = Llama4Config  # what `hf_io` reads config.json with
+    decoder_class = Llama4TextModel
+    output_class = Llama4CausalLMOutput
+    token_sums = ("token_sum",)
 
-    def __init__(self, config: Llama4Config):
-        super().__init__()
-        self.config = config
-        self.model = Llama4TextModel(config)
-        h, v = config.hidden_size, config.vocab_size
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(h, v, bias=False)
-        self.logprobs_head = LogprobsHead()
-        # Sums a tensor over the ranks that hold other token shards of this rank's sequences (set by the TP plan,
-        # whose sequence parallelism deals tokens over TP ranks), so the load-balance loss is that of all tokens.
-        self.router_token_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    def _build_head(self, last: bool) -> None:
+        super()._build_head(last)
+        self.token_sum = TokenSum()
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    def forward(
-        self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
-        attention_mask=None, temperature: float = 1.0, chunk_size: int = 1024,
-    ) -> Llama4CausalLMOutput:
-        """As `LlamaForCausalLM.forward` (logits, or log-probs and entropy of `labels`), plus `router_stats` over
-        the batch's real tokens."""
-        batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
-                              attention_mask)
-        h, router_logits = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        stats = router_stats(router_logits, self.config.num_experts_per_tok, self.config.router_aux_loss_coef,
-                             self.router_token_sum)
-        if batch.labels is None:
-            logits = linear_logits(h, self.output_weight, temperature)
-            return Llama4CausalLMOutput(logits=batch.repad(logits), router_stats=stats)
-        lp, ent = self.logprobs_head(h, self.output_weight, batch.labels, temperature, chunk_size)
-        return Llama4CausalLMOutput(logprobs=batch.repad(lp), entropy=batch.repad(ent), router_stats=stats)
-
-    # The dense model's layout-independent init (per-name seeded generators; norms 1, the rest normal(0, std)),
-    # which covers the experts' stacked weights and the router as HF initializes them.
-    init_weights = _LlamaBase.init_weights
-
-    def reset_buffers(self) -> None:
-        self.model.rotary_emb.reset_parameters()
+    def aux_outputs(self, aux: list) -> dict:
+        c = self.config
+        return {"router_stats": router_stats(aux, c.num_experts_per_tok, c.router_aux_loss_coef, self.token_sum)}
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32) -> "Llama4ForCausalLM":
@@ -392,13 +336,6 @@ class Llama4ForCausalLM(nn.Module):
             model.to(dtype)
         load_state_into(_MultimodalView(model) if _is_multimodal(path) else model, path)
         return model
-
-    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2**31,
-                        source: str | None = None) -> None:
-        """Write an HF `Llama4ForCausalLM` folder from any layout (`source`: a folder whose tokenizer files to copy)."""
-        from dtllama.models.hf_io import save_pretrained
-
-        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
 
 
 class _MultimodalView(nn.Module):
