@@ -93,8 +93,6 @@ def build_dtllama(a, world, device):
         apply_fsdp(model, dims.mesh("fsdp"), mp)
     else:
         parallelize(model, dims, ac=a.ac, compile=a.compile, fsdp=mp)
-    if variant == "recompute":
-        model.logprobs_head.save_bytes = 0
     model.to_empty(device=device)
     model.init_weights(0)
     if a.init:
@@ -107,7 +105,8 @@ def build_dtllama(a, world, device):
         B, S = ids.shape
         flat = ids.reshape(-1)
         cu = cu_seqlens_from_lengths([S] * B, device=device)
-        out = model(flat, cu_seqlens=cu, max_seqlen=S, labels=shift_labels(flat, cu))
+        save_bytes = 0 if variant == "recompute" else None  # the ablation recomputes every logit row
+        out = model(flat, cu_seqlens=cu, max_seqlen=S, labels=shift_labels(flat, cu), save_bytes=save_bytes)
         loss = -out.logprobs.sum() / (B * (S - 1))
         loss.backward()
         return loss

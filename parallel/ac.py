@@ -127,15 +127,16 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(_policy_fn())
 
 
-def apply_ac(model: torch.nn.Module, mode: str) -> None:
-    """Wrap each decoder layer; `state_dict` keys keep their HF names (the wrapper strips its prefix)."""
+def apply_ac(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Wrap each decoder layer, in place; `state_dict` keys keep their HF names (the wrapper strips its prefix)."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing mode {mode!r} is unknown; choose one of {list(AC_MODES)}")
     if mode == "none":
-        return
+        return model
     layers = model.model.layers
     for name, layer in list(layers.items()):
         kwargs = {"preserve_rng_state": False}
         if mode == "selective":
             kwargs["context_fn"] = _selective_contexts
         layers[name] = checkpoint_wrapper(layer, **kwargs)
+    return model

@@ -32,7 +32,8 @@ def agree_on_error(error: str | None, mesh: DeviceMesh) -> None:
     raise ValueError(f"bad batch on {len(bad)} of {mesh.size()} ranks; rank {bad[0][0]}: {bad[0][1]}")
 
 
-def apply_batch_check(model: nn.Module, mesh: DeviceMesh, layout_checks: Sequence[Callable[[dict], None]] = ()) -> None:
+def apply_batch_check(model: nn.Module, mesh: DeviceMesh,
+                      layout_checks: Sequence[Callable[[dict], None]] = ()) -> nn.Module:
     """Validate `model`'s forward inputs and agree over `mesh` (all ranks) before anything else runs.
 
     `layout_checks` take the bound forward arguments and raise a ValueError for a batch this layout cannot
@@ -57,3 +58,4 @@ def apply_batch_check(model: nn.Module, mesh: DeviceMesh, layout_checks: Sequenc
         agree_on_error(error, mesh)
 
     model.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
+    return model

@@ -134,3 +134,19 @@ def run_pp_mixed_precision(config_dict: dict, seqs, labels_list, seed: int, opti
                      "dtypes": {q.dtype for q in pipe.model.parameters()},
                      "fsdp": any(isinstance(m, FSDPModule) for s in pipe.stage_modules for m in s.modules())}
     return res
+
+
+def llama4_reference_with_aux(config_dict: dict, seqs, labels_list, seed: int) -> dict:
+    """On one rank: the single-device gradients of the log-prob objective plus the load-balance loss of the same
+    batch (one microbatch: weight 1)."""
+    config = model_config(config_dict)
+    model = build(config, False)
+    model.init_weights(seed)
+    n_global = max(sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list), 1)
+    ids, labels = torch.cat(seqs), torch.cat(labels_list)
+    out = model(ids, cu_seqlens=cu_seqlens_from_lengths([len(s) for s in seqs]), labels=labels)
+    loss = -(out.logprobs.sum() + ENTROPY_WEIGHT * out.entropy.sum()) / n_global
+    if out.router_stats.aux_loss is not None:
+        loss = loss + out.router_stats.aux_loss
+    loss.backward()
+    return {hf_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}

@@ -12,7 +12,7 @@ import torch
 from helpers import rel_err
 from parallel_cases import random_sequences, reference
 from pool import get_pool
-from pp_cases import pp_error, pp_logits, run_pp_mixed_precision, run_pp_rank
+from pp_cases import llama4_reference_with_aux, pp_error, pp_logits, run_pp_mixed_precision, run_pp_rank
 from test_parallel_properties import TOL
 
 import dtllama
@@ -219,7 +219,8 @@ def _llama4_config() -> dict:
                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
                 attention_chunk_size=4, attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1,
                 no_rope_layer_interval=2, use_qk_norm=True, num_local_experts=4, num_experts_per_tok=2,
-                moe_layers=[0, 1, 3], tie_word_embeddings=False, initializer_range=0.2, torch_dtype="float32")
+                moe_layers=[0, 1, 3], tie_word_embeddings=False, initializer_range=0.2, torch_dtype="float32",
+                router_aux_loss_coef=0.0)  # the objective is the log-probs alone (see the aux-loss test below)
 
 
 @pytest.mark.parametrize("world, layout, schedule", [
@@ -259,3 +260,22 @@ def test_tied_embeddings_pipeline_matches_single_device(world, layout, schedule)
         assert len(holders) == world
         first = holders[0]["params"]["model.embed_tokens.weight"]
         assert all(torch.equal(r["params"]["model.embed_tokens.weight"], first) for r in holders)
+
+
+def test_llama4_pipeline_adds_the_load_balance_loss():
+    """Each stage adds its MoE layers' share of the load-balance loss to its backward (the schedule's loss sees only
+    the head): with one microbatch holding the whole batch, the router gradients are the single-device gradients
+    of the log-prob objective plus the aux loss."""
+    config = dict(_llama4_config(), num_hidden_layers=4, router_aux_loss_coef=0.5)
+    _, seqs, labels, seed = make_case(4)
+    n_tokens = sum(len(s) for s in seqs)
+    options = PipelineOptions("GPipe", microbatches=1, microbatch_tokens=n_tokens)  # no padding tail: same stats
+    results = get_pool(2).run(run_pp_rank, config, dict(pp=2), seqs, labels, seed, False, options)
+    ref_grads = get_pool(1).run(llama4_reference_with_aux, config, seqs, labels, seed)[0]
+    grads = {n: g for r in results for n, g in r["grads"].items()}
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < TOL, name
+    router = [n for n in ref_grads if n.endswith("router.weight")]
+    no_aux = get_pool(1).run(llama4_reference_with_aux, dict(config, router_aux_loss_coef=0.0), seqs, labels, seed)[0]
+    assert all(rel_err(no_aux[n], ref_grads[n]) > 100 * TOL for n in router)  # the aux loss moves the routers

@@ -178,10 +178,10 @@ class LogprobsHead(nn.Module):
         super().__init__()
         self.save_bytes = save_bytes
 
-    def forward(self, hidden, weight, labels, temperature: float, chunk_size: int):
+    def forward(self, hidden, weight, labels, temperature: float, chunk_size: int, save_bytes: int | None = None):
         # prepare_batch already validated the labels
         return linear_logprobs_entropy(hidden, weight, labels, temperature, chunk_size, check=False,
-                                       save_bytes=self.save_bytes)
+                                       save_bytes=self.save_bytes if save_bytes is None else save_bytes)
 
 
 class TokenSum(nn.Module):
@@ -206,12 +206,30 @@ class ValueOutput:
     values: torch.Tensor
 
 
+class AddLossGradient(torch.autograd.Function):
+    """Identity on `x` whose backward also starts `loss`'s (gradient 1): an auxiliary loss computed inside a pipeline
+    stage reaches its parameters without passing through the schedule's loss (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.new_ones(ctx.loss_shape, dtype=ctx.loss_dtype)
+
+
 @dataclass(frozen=True)
 class StageIO:
-    """What a pipeline stage's forward needs beyond its inputs: the causal-LM head's temperature and chunk size."""
+    """What a pipeline stage's forward needs beyond its inputs: the causal-LM head's temperature, chunk size and
+    memory for kept logit rows (None: the head's default), and the weight of each microbatch's auxiliary loss (an
+    MoE's load balance), which a stage adds to the backward itself since the schedule's loss sees only the head."""
 
     temperature: float = 1.0
     chunk_size: int = 1024
+    save_bytes: int | None = None
+    aux_loss_scale: float = 1.0
 
 
 class PretrainedModel(nn.Module):
@@ -318,8 +336,15 @@ class PretrainedModel(nn.Module):
         return h, aux, batch
 
     def _stage_decode(self, x, position_ids, cu_seqlens, num_seqs, max_seqlen):
-        """A pipeline stage's decoder run: `cu_seqlens` is padded with repeats of T to one length, `num_seqs` real."""
-        return self.model(x, position_ids, cu_seqlens[: int(num_seqs) + 1], int(max_seqlen))
+        """A pipeline stage's decoder run: `cu_seqlens` is padded with repeats of T to one length, `num_seqs` real.
+        Its layers' auxiliary loss (`stage_aux_loss`), if any, joins the backward through the hidden states."""
+        h, aux = self.model(x, position_ids, cu_seqlens[: int(num_seqs) + 1], int(max_seqlen))
+        loss = self.stage_aux_loss(aux) if aux else None
+        return (h if loss is None else AddLossGradient.apply(h, loss * self.stage.aux_loss_scale)), aux
+
+    def stage_aux_loss(self, aux: list) -> torch.Tensor | None:
+        """This stage's share of the model's auxiliary loss from its layers' aux outputs (none by default)."""
+        return None
 
 
 class CausalLM(PretrainedModel):
@@ -346,31 +371,34 @@ class CausalLM(PretrainedModel):
         """Fields the family adds to its output from the layers' aux outputs (none for a dense model)."""
         return {}
 
-    def head(self, h, labels, temperature: float, chunk_size: int):
+    def head(self, h, labels, temperature: float, chunk_size: int, save_bytes: int | None = None):
         """Full-vocabulary logits (no labels), or `(log-probs, entropy)` of `labels`; never `[T, vocab]` for those.
         The weight is cast to the activations' dtype at use (fp32 parameters under one-rank mixed precision)."""
         weight = self.output_weight.to(h.dtype)
         if labels is None:
             return linear_logits(h, weight, temperature)
-        return self.logprobs_head(h, weight, labels, temperature, chunk_size)
+        return self.logprobs_head(h, weight, labels, temperature, chunk_size, save_bytes)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
-                attention_mask=None, temperature: float = 1.0, chunk_size: int = 1024, num_seqs=None):
+                attention_mask=None, temperature: float = 1.0, chunk_size: int = 1024, save_bytes: int | None = None,
+                num_seqs=None):
         """Logits, or, given `labels`, per-token log-probs and entropy without full-vocab logits.
 
         `labels[t]` is the token whose log-prob is read at position t (already shifted: see
-        `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). A pipeline stage
-        (`stage` set) takes token ids or hidden states and a microbatch's `num_seqs`, and returns tensors.
+        `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). `save_bytes`: memory
+        for logit rows kept from forward to backward (None: `LogprobsHead`'s 2 GiB; 0 recomputes them all). A
+        pipeline stage (`stage` set) takes token ids or hidden states and a microbatch's `num_seqs`, and returns
+        tensors.
         """
         if self.stage is not None:
             h, _ = self._stage_decode(input_ids, position_ids, cu_seqlens, num_seqs, max_seqlen)
-            return h if self.model.norm is None else self.head(h, labels, self.stage.temperature,
-                                                               self.stage.chunk_size)
+            io = self.stage
+            return h if self.model.norm is None else self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes)
         h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         extra = self.aux_outputs(aux)
         if batch.labels is None:
             return self.output_class(logits=batch.repad(self.head(h, None, temperature, chunk_size)), **extra)
-        lp, ent = self.head(h, batch.labels, temperature, chunk_size)
+        lp, ent = self.head(h, batch.labels, temperature, chunk_size, save_bytes)
         return self.output_class(logprobs=batch.repad(lp), entropy=batch.repad(ent), **extra)
 
 

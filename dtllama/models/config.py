@@ -67,26 +67,7 @@ class ModelConfig:
             raise ValueError(
                 f"model_type={self.model_type!r} is not supported; dtllama supports {sorted(ARCHITECTURES)}"
             )
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
-                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; set head_dim explicitly"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")) == "default":
-            self.rope_scaling = None
-        if self.rope_scaling is not None:
-            self.rope_scaling = _check_rope(dict(self.rope_scaling))
+        check_attention_fields(self)
 
     # Qwen2 puts a bias on q/k/v but not o; Llama's `attention_bias` covers all four.
     @property
@@ -126,13 +107,7 @@ class ModelConfig:
                 f"config field model_type={model_type!r} (architectures={d.get('architectures')}) is not "
                 f"supported; dtllama supports {sorted(ARCHITECTURES)}"
             )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"config field hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
-        if d.get("attention_dropout", 0.0):
-            raise ValueError(
-                f"config field attention_dropout={d['attention_dropout']} is not supported; set it to 0.0"
-            )
+        check_unsupported(d)
         if d.get("use_sliding_window") or (
             model_type == "mistral"
             and d.get("sliding_window") is not None
@@ -144,32 +119,18 @@ class ModelConfig:
             )
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"config field pretraining_tp={d['pretraining_tp']} is not supported; set it to 1")
-        theta, scaling = _read_rope(d)
-        if scaling is not None and scaling["rope_type"] not in ROPE_TYPES:
-            raise ValueError(
-                f"config field rope_scaling.rope_type={scaling['rope_type']!r} is not supported; dtllama "
-                f"supports {list(ROPE_TYPES)}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
-        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        theta, scaling = read_rope(d)
+        kwargs, extra = fields_of(cls, d)
         if model_type == "qwen2":
             kwargs.pop("attention_bias", None)  # Qwen2's q/k/v bias is implied by the architecture.
-        kwargs["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "bfloat16")
-        known = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype"}
-        extra = {k: v for k, v in d.items() if k not in known}
         return cls(rope_theta=float(theta), rope_scaling=scaling, extra=extra, **kwargs)
 
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """A `config.json` dict that transformers 4 and 5 both load as this model."""
-        d = fields_for_hf(self)
+        d = fields_for_hf(self, ARCHITECTURES[self.model_type] + architecture)
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d.setdefault("use_sliding_window", False)
-        d["architectures"] = [ARCHITECTURES[self.model_type] + architecture]
-        d["hidden_act"] = "silu"
-        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, **(self.rope_scaling or {"rope_type": "default"})}
-        d["dtype"] = self.torch_dtype
         return d
 
     def num_params(self, value_head: bool = False) -> int:
@@ -183,15 +144,64 @@ class ModelConfig:
         return self.vocab_size * h + self.num_hidden_layers * layer + h + head
 
 
-def fields_for_hf(config) -> dict[str, Any]:
-    """A config dataclass's fields as `config.json` keys, over the source file's uninterpreted ones (`extra`, less
-    any quantization: weights are written in plain dtypes); `rope_scaling` is left to the caller's spelling."""
+# The config writer and reader every family shares.
+
+
+def fields_for_hf(config, architecture: str) -> dict[str, Any]:
+    """A `config.json` dict that transformers 4 and 5 both load: the config dataclass's fields over the source
+    file's uninterpreted ones (`extra`, less any quantization: weights are written in plain dtypes), RoPE in both
+    spellings (`rope_scaling` + `rope_theta` for transformers 4, `rope_parameters` for 5)."""
     d = dict(config.extra)
     d.pop("quantization_config", None)
     for f in dataclasses.fields(config):
         if f.name not in ("extra", "rope_scaling"):
             d[f.name] = getattr(config, f.name)
+    d["architectures"] = [architecture]
+    d["hidden_act"] = "silu"
+    d["rope_scaling"] = dict(config.rope_scaling) if config.rope_scaling else None
+    d["rope_parameters"] = {"rope_theta": config.rope_theta, **(config.rope_scaling or {"rope_type": "default"})}
+    d["dtype"] = config.torch_dtype
     return d
+
+
+def fields_of(cls, d: dict, keep_none: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """`(the dataclass fields a config.json sets, the fields it sets that `cls` does not interpret)`; a None value
+    counts as unset unless its field is in `keep_none`. RoPE is read apart (`read_rope`)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+    kwargs = {k: d[k] for k in names if k in d and (d[k] is not None or k in keep_none)}
+    kwargs["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "bfloat16")
+    known = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype"}
+    return kwargs, {k: v for k, v in d.items() if k not in known}
+
+
+def check_unsupported(d: dict) -> None:
+    """Fields every family refuses: another activation than SwiGLU's, attention dropout."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config field hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
+    if d.get("attention_dropout", 0.0):
+        raise ValueError(f"config field attention_dropout={d['attention_dropout']} is not supported; set it to 0.0")
+
+
+def check_attention_fields(config) -> None:
+    """Fill `num_key_value_heads` and `head_dim` as HF does, check the heads fit, normalize `rope_scaling`."""
+    if config.num_key_value_heads is None:
+        config.num_key_value_heads = config.num_attention_heads
+    if config.head_dim is None:
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size={config.hidden_size} is not divisible by num_attention_heads="
+                             f"{config.num_attention_heads}; set head_dim explicitly")
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"num_attention_heads={config.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads={config.num_key_value_heads}")
+    if config.head_dim % 2:
+        raise ValueError(f"head_dim={config.head_dim} must be even for rotary embeddings")
+    s = config.rope_scaling
+    if s is not None and (s.get("rope_type") or s.get("type")) == "default":
+        config.rope_scaling = None
+    if config.rope_scaling is not None:
+        config.rope_scaling = _check_rope(dict(config.rope_scaling))
 
 
 def read_config_json(path_or_dict: str | os.PathLike | dict) -> dict:
@@ -207,7 +217,7 @@ def read_config_json(path_or_dict: str | os.PathLike | dict) -> dict:
         return json.load(f)
 
 
-def _read_rope(d: dict) -> tuple[float, dict | None]:
+def read_rope(d: dict) -> tuple[float, dict | None]:
     """RoPE theta and scaling of a config.json dict, from either spelling: transformers 5 keeps both in
     `rope_parameters`, 4 splits them into `rope_theta` and `rope_scaling`. A file may carry both (dtllama's
     exports do, for either reader); if they disagree, the two transformers versions would build different
@@ -229,7 +239,11 @@ def _read_rope(d: dict) -> tuple[float, dict | None]:
             f"(transformers 4) but rope_parameters={params} (transformers 5); make rope_scaling equal to "
             "rope_parameters without its rope_theta, or delete the stale field"
         )
-    return float(theta), new_scaling if new_spec else old_scaling
+    scaling = new_scaling if new_spec else old_scaling
+    if scaling is not None and scaling["rope_type"] not in ROPE_TYPES:
+        raise ValueError(f"config field rope_scaling.rope_type={scaling['rope_type']!r} is not supported; dtllama "
+                         f"supports {list(ROPE_TYPES)}")
+    return float(theta), scaling
 
 
 def _scaling_of(s: dict | None) -> dict | None:

@@ -317,6 +317,12 @@ class Llama4ForCausalLM(CausalLM):
         super()._build_head(last)
         self.token_sum = TokenSum()
 
+    def stage_aux_loss(self, aux: list) -> torch.Tensor | None:
+        """This stage's MoE layers' share of the load-balance loss (a mean over all MoE layers of the model)."""
+        c = self.config
+        stats = router_stats(aux, c.num_experts_per_tok, c.router_aux_loss_coef, self.token_sum)
+        return None if stats.aux_loss is None else stats.aux_loss * (len(aux) / len(c.moe_layers))
+
     def aux_outputs(self, aux: list) -> dict:
         c = self.config
         return {"router_stats": router_stats(aux, c.num_experts_per_tok, c.router_aux_loss_coef, self.token_sum)}

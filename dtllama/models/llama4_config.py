@@ -8,12 +8,13 @@ not implement is an error naming it, never a silent default.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dtllama.models.config import ROPE_TYPES, _check_rope, _read_rope, fields_for_hf, read_config_json, register_family
+from dtllama.models.config import (
+    check_attention_fields, check_unsupported, fields_for_hf, fields_of, read_config_json, read_rope, register_family,
+)
 
 DEFAULT_ROPE_THETA = 500000.0  # Llama4TextConfig.default_theta: what a config without any theta means
 
@@ -61,15 +62,7 @@ class Llama4Config:
     def __post_init__(self):
         if self.model_type != "llama4_text":
             raise ValueError(f"model_type={self.model_type!r} is not a Llama 4 text model; expected 'llama4_text'")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        check_attention_fields(self)
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_local_experts="
                              f"{self.num_local_experts}")
@@ -77,11 +70,6 @@ class Llama4Config:
         if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
             raise ValueError(f"attention_chunk_size={self.attention_chunk_size} must be positive (or None: no chunks)")
         self.attn_temperature_tuning = bool(self.attn_temperature_tuning)  # published Scout configs say 4
-        s = self.rope_scaling
-        if s is not None and s.get("rope_type", s.get("type")) == "default":
-            self.rope_scaling = None
-        if self.rope_scaling is not None:
-            self.rope_scaling = _check_rope(dict(self.rope_scaling))
 
     def _fill_layer_lists(self) -> None:
         """HF's defaults for `no_rope_layers` (an empty list counts as absent, as in HF) and `moe_layers`, checked."""
@@ -119,17 +107,11 @@ class Llama4Config:
 
     @classmethod
     def _from_dict(cls, d: dict) -> "Llama4Config":
-        _check_unsupported(d)
+        check_unsupported(d)
         theta_given = d.get("rope_theta") is not None or (d.get("rope_parameters") or {}).get("rope_theta") is not None
-        theta, scaling = _read_rope(d)
-        if scaling is not None and scaling["rope_type"] not in ROPE_TYPES:
-            raise ValueError(f"config field rope_scaling.rope_type={scaling['rope_type']!r} is not supported; "
-                             f"dtllama supports {list(ROPE_TYPES)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
-        kwargs = {k: d[k] for k in names if k in d and (d[k] is not None or k == "attention_chunk_size")}
-        kwargs["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "bfloat16")
-        known = names | {"rope_theta", "rope_scaling", "rope_parameters", "dtype", "layer_types"}
-        extra = {k: v for k, v in d.items() if k not in known}
+        theta, scaling = read_rope(d)
+        kwargs, extra = fields_of(cls, d, keep_none=("attention_chunk_size",))
+        extra.pop("layer_types", None)  # checked below against no_rope_layers
         config = cls(rope_theta=float(theta if theta_given else DEFAULT_ROPE_THETA), rope_scaling=scaling,
                      extra=extra, **kwargs)
         if d.get("layer_types") is not None and list(d["layer_types"]) != config.layer_types:
@@ -140,13 +122,7 @@ class Llama4Config:
 
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """A `config.json` dict (model_type "llama4_text") that transformers 4 and 5 load as this model."""
-        d = fields_for_hf(self)
-        d["architectures"] = ["Llama4" + architecture]
-        d["hidden_act"] = "silu"
-        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, **(self.rope_scaling or {"rope_type": "default"})}
-        d["dtype"] = self.torch_dtype
-        return d
+        return fields_for_hf(self, "Llama4" + architecture)
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count without building the model (tied embeddings counted once). `active`: the parameters
@@ -177,14 +153,6 @@ def text_config_of(d: dict) -> dict:
                          "Llama 4 model; Llama4ForCausalLM reads 'llama4_text' or 'llama4' (multimodal) configs, "
                          "dtllama.LlamaForCausalLM the dense families")
     return d
-
-
-def _check_unsupported(d: dict) -> None:
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config field hidden_act={act!r} is not supported; Llama 4 uses 'silu' (SwiGLU)")
-    if d.get("attention_dropout", 0.0):
-        raise ValueError(f"config field attention_dropout={d['attention_dropout']} is not supported; set it to 0.0")
 
 
 register_family(Llama4Config, ("llama4_text", "llama4"))

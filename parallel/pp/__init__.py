@@ -39,11 +39,15 @@ from .stages import TiedEmbedding, rank_part, stage_module
 
 
 def pipeline_llm(model: nn.Module, dims: ParallelDims, options: PipelineOptions, device: torch.device | str, *,
-                 temperature: float = 1.0, chunk_size: int = 1024, **parallelize_kwargs) -> Pipeline:
+                 temperature: float = 1.0, chunk_size: int = 1024, aux_loss_scale: float | None = None,
+                 **parallelize_kwargs) -> Pipeline:
     """Cut the meta-device `model` into this rank's stages, `parallelize` each (`parallelize_kwargs`: ac,
     compile, fsdp), and build the schedule. `dims.build_mesh()` must have run. Then call
     `pipe.to_empty(device)` and `pipe.model.init_weights(seed)` or `load_state_into(pipe.model, path)`.
-    `temperature` and `chunk_size` are the causal-LM head's (as in the model's forward)."""
+    `temperature` and `chunk_size` are the causal-LM head's (as in the model's forward). `aux_loss_scale`: the
+    weight of each microbatch's auxiliary loss (an MoE's load balance, which each stage adds to its backward);
+    None: `cp / microbatches`, the step's mean over microbatches with FSDP's mean over the CP ranks (which each
+    compute their group's loss alike) undone, as a whole model's trainer weighs it."""
     layers = check_options(model.config, dims, options, causal_lm=model.plan().output == "logprobs")
     placement = SCHEDULES[options.schedule].placement
     pp_mesh = dims.mesh("pp")
@@ -57,7 +61,8 @@ def pipeline_llm(model: nn.Module, dims: ParallelDims, options: PipelineOptions,
         fsdp = FSDPOptions(fsdp.param_dtype, fsdp.reduce_dtype, False, fsdp.cpu_offload)
     modules, stages = [], []
     for s in mine:
-        stage = stage_module(part, layers[s], s, n_stages, StageIO(temperature, chunk_size))
+        aux = dims.cp / options.microbatches if aux_loss_scale is None else aux_loss_scale
+        stage = stage_module(part, layers[s], s, n_stages, StageIO(temperature, chunk_size, aux_loss_scale=aux))
         parallelize(stage, dims, fsdp=fsdp, **parallelize_kwargs)
         modules.append(stage)
         stages.append(PipelineStage(stage, s, n_stages, torch.device(device), group=pp_mesh.get_group()))
