@@ -9,6 +9,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +137,47 @@ def test_loss_under_casts_at_use_is_the_loss_of_bf16_parameters(titan):
     loss = titan.DtllamaLoss(titan.DtllamaLoss.Config())
     got, want = (loss(m(ids), ids.roll(-1, 1))[0] for m in (cast, ref))
     assert cast.output_weight.dtype == torch.float32 and torch.equal(got, want), (got, want)
+
+
+# Run in a fresh interpreter: the namespaces the shims may touch, by identity, around the import and two calls.
+_SHIMS_SCRIPT = r"""
+import sys, types
+import torch, torch.distributed as dist
+import torchtitan.tools.utils as utils
+
+SPACES = {"torch.distributed": dist, "torchtitan.tools.utils": utils, "torch.cpu": torch.cpu}
+
+def state():
+    return {(n, k): v for n, m in SPACES.items() for k, v in vars(m).items()
+            if not issubclass(type(v), types.ModuleType)}
+
+def changed(a, b):
+    return {k for k in a.keys() | b.keys() if a.get(k, a) is not b.get(k, b)}
+
+before = state()
+import dtllama.integrations.torchtitan as titan
+assert not changed(before, state()), changed(before, state())
+assert not [m for m in titan._DEVICE_COPIERS if m in sys.modules], "the import bound torchtitan's device"
+host = utils.device_type == "cuda" and not torch.cuda.is_available()
+want = {("torch.distributed", "set_timeout")} if not hasattr(dist, "set_timeout") else set()
+want |= {("torchtitan.tools.utils", "device_type"), ("torchtitan.tools.utils", "device_module")} if host else set()
+titan.apply_shims()
+first = state()
+assert changed(before, first) == want, (changed(before, first), want)
+if host:
+    assert utils.device_type == "cpu" and type(utils.device_module).__name__ == "_HostDevice"
+if ("torch.distributed", "set_timeout") in want:
+    assert dist.set_timeout is dist.distributed_c10d._set_pg_timeout
+titan.apply_shims()
+assert not changed(first, state()), changed(first, state())
+print("shims:", sorted(want))
+"""
+
+
+def test_importing_the_integration_changes_nothing_until_apply_shims():
+    """Importing the module leaves torch and torchtitan as they were (it does not even import the torchtitan
+    modules that copy the device choice); `apply_shims()` changes exactly the attributes it documents, once."""
+    proc = subprocess.run([sys.executable, "-c", _SHIMS_SCRIPT], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    print(proc.stdout)

@@ -15,19 +15,21 @@ implied when it is launched itself). What it plugs into torchtitan's extension p
 - `DtllamaLoss`: the summed token cross-entropy from dtllama's chunked log-probs op over those hidden states,
   divided by the global token count as torchtitan's losses are.
 - `DtllamaStateDictAdapter`: the identity, since dtllama's parameter names are Hugging Face's.
+
+Importing this module changes nothing in torch or torchtitan. `apply_shims()` does what this torch and torchtitan
+need (see its docstring); `main` (the `-m` entry point) and every config function call it first. The four names
+above and `HiddenStates` live in `_torchtitan_parts` and load on first use, so after the shims where a caller
+applies them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 _INSTALL = "run `pip install 'dtllama[titan]'`"
 try:
@@ -40,6 +42,17 @@ _version = tuple(int(p) for p in torchtitan.__version__.split("+")[0].split(".")
 if _version < (0, 3) and _version != (0, 0):  # 0.0: a source checkout, which is newer
     raise ImportError(f"dtllama.integrations.torchtitan needs torchtitan>=0.3.0 (its config registry), found "
                       f"{torchtitan.__version__}; {_INSTALL}")
+
+if TYPE_CHECKING:
+    from torchtitan.protocols.model_spec import ModelSpec
+    from torchtitan.trainer import Trainer
+
+# torchtitan 0.3.0 modules that copy `torchtitan.tools.utils.device_type` / `device_module` into their own globals
+# when imported (`from torchtitan.tools.utils import device_type`): the host-device shim must precede them.
+_DEVICE_COPIERS = ("torchtitan.distributed.utils", "torchtitan.distributed.parallel_dims",
+                   "torchtitan.components.metrics", "torchtitan.models.common.token_dispatcher")
+# The torchtitan-facing classes, in `_torchtitan_parts`: their torchtitan bases import `_DEVICE_COPIERS`.
+_PARTS = ("DtllamaForTitan", "DtllamaLoss", "DtllamaStateDictAdapter", "HiddenStates", "parallelize_dtllama")
 
 
 class _HostDevice:
@@ -68,29 +81,32 @@ class _HostDevice:
 
 
 def _use_host_device_without_accelerator() -> None:
-    """torchtitan 0.3.0 takes CUDA as its device when torch sees no accelerator, and its modules copy that choice
-    into their own globals when imported (`from torchtitan.tools.utils import device_type`). It has no option for
-    the host, so on a machine without an accelerator this points `torchtitan.tools.utils` at the CPU (gloo)
-    before the rest of torchtitan is imported: the only way in, hence a patch. On an accelerator it does nothing."""
+    """Point torchtitan at the CPU (gloo) on a host without an accelerator; elsewhere, or once done, nothing.
+
+    torchtitan 0.3.0 takes CUDA when torch sees no accelerator (`get_device_info`: `... or "cuda"`) and offers no
+    option, environment variable or hook for the host; torch has no public way to name the CPU as the accelerator.
+    So this sets the two attributes of `torchtitan.tools.utils` that everything reads, before `_DEVICE_COPIERS`
+    copy them; once one has, it is too late, and this raises instead of training half on CUDA."""
     if _titan_utils.device_type != "cuda" or torch.cuda.is_available() or _titan_utils.device_module is not torch.cuda:
         return
-    if "torchtitan.distributed.utils" in sys.modules:
+    bound = [m for m in _DEVICE_COPIERS if m in sys.modules]
+    if bound:
         raise RuntimeError(
-            "torchtitan was imported before dtllama.integrations.torchtitan on a host without an accelerator, so it "
-            "bound CUDA as its device; launch `torchrun ... -m dtllama.integrations.torchtitan --config ...` instead "
-            "of `-m torchtitan.train`"
+            f"torchtitan's {bound[0]} was imported before dtllama.integrations.torchtitan.apply_shims() on a host "
+            "without an accelerator, so it bound CUDA as its device; launch `torchrun ... -m "
+            "dtllama.integrations.torchtitan --config ...` (not `-m torchtitan.train`), or call apply_shims() "
+            "before importing torchtitan's trainer"
         )
     _titan_utils.device_type, _titan_utils.device_module = "cpu", _HostDevice()
 
 
-_use_host_device_without_accelerator()
-
-
 def _provide_set_timeout() -> None:
-    """torchtitan 0.3.0 tightens the process groups' timeouts after the first step with
-    `torch.distributed.set_timeout`, the public name later torch releases give to torch 2.13's
-    `distributed_c10d._set_pg_timeout`; without it every run stops after step 1. This adds the name where torch
-    lacks it (nothing else in torch changes): a patch, as torchtitan has no option that skips the call."""
+    """Give torch 2.13 the `torch.distributed.set_timeout` that torchtitan 0.3.0 calls; where torch has it, nothing.
+
+    torchtitan tightens the process groups' timeouts after the first step (`set_pg_timeouts`, no option skips it)
+    with `torch.distributed.set_timeout`, the public name pytorch#187387 gives to torch 2.13's private
+    `distributed_c10d._set_pg_timeout` (torch nightlies after 2.13); without it every run stops after step 1.
+    This adds that one name, bound to the same function, and changes nothing else in torch."""
     import torch.distributed as dist
 
     if not hasattr(dist, "set_timeout"):
@@ -99,181 +115,38 @@ def _provide_set_timeout() -> None:
         dist.set_timeout = _set_pg_timeout
 
 
-_provide_set_timeout()
+def apply_shims() -> None:
+    """Make torchtitan 0.3.0 run dtllama on this torch and host; idempotent (a second call changes nothing).
 
-from torchtitan.components.checkpoint import CheckpointManager  # noqa: E402 - after the two patches above
-from torchtitan.components.loss import BaseLoss  # noqa: E402
-from torchtitan.components.metrics import MetricsProcessor  # noqa: E402
-from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw  # noqa: E402
-from torchtitan.config import TORCH_DTYPE_MAP, ParallelismConfig, TrainingConfig  # noqa: E402
-from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC  # noqa: E402
-from torchtitan.distributed.fsdp import disable_fsdp_gradient_division  # noqa: E402
-from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader  # noqa: E402
-from torchtitan.protocols.model import BaseModel  # noqa: E402
-from torchtitan.protocols.model_spec import ModelSpec  # noqa: E402
-from torchtitan.protocols.state_dict_adapter import StateDictAdapter  # noqa: E402
-from torchtitan.trainer import Trainer  # noqa: E402
-
-from dtllama import flavors  # noqa: E402
-from dtllama.models.config import ModelConfig  # noqa: E402
-from dtllama.models.llama import LlamaForCausalLM  # noqa: E402
-from dtllama.ops import linear_logprobs_entropy  # noqa: E402
-from dtllama.parallel import CompileOptions, FSDPOptions, ParallelDims, parallelize  # noqa: E402
+    - host device (torchtitan 0.3.0, hosts without an accelerator): `_use_host_device_without_accelerator`;
+      must run before torchtitan's trainer is imported.
+    - `torch.distributed.set_timeout` (torch <= 2.13 lacks it): `_provide_set_timeout`; before step 1 ends.
+    """
+    _use_host_device_without_accelerator()
+    _provide_set_timeout()
 
 
-@dataclass
-class HiddenStates:
-    """What the model hands the loss: packed final hidden states `[T, hidden]` and the output weight that the
-    loss multiplies them with chunk by chunk. Not a pytree: FSDP's root keeps its parameters gathered after
-    forward (`reshard_after_forward=False`), so the weight the loss reads is the whole one."""
+def __getattr__(name: str) -> Any:
+    """`DtllamaForTitan`, `DtllamaLoss`, ... from `_torchtitan_parts`, imported on first use: importing them
+    imports `_DEVICE_COPIERS`, which must wait for `apply_shims()` on a host without an accelerator."""
+    if name in _PARTS:
+        from dtllama.integrations import _torchtitan_parts
 
-    hidden: torch.Tensor
-    weight: torch.Tensor
-
-
-class DtllamaForTitan(LlamaForCausalLM, BaseModel):
-    """`LlamaForCausalLM` (HF parameter names, no prefix) built from a torchtitan model config."""
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(BaseModel.Config):
-        flavor: str = "debug"
-        """A `dtllama.flavors` name."""
-        overrides: dict = field(default_factory=dict)
-        """`ModelConfig` fields to change, e.g. {"num_hidden_layers": 4}."""
-        tokenizer_vocab: bool = False
-        """Take `vocab_size` from the tokenizer in `hf_assets_path` (a random-init flavor on a real tokenizer)."""
-        seed: int = 0
-
-        def model_config(self) -> ModelConfig:
-            return dataclasses.replace(flavors[self.flavor], **self.overrides)
-
-        def update_from_config(self, *, config, **kwargs) -> None:
-            """Fit the model to the trainer config: the tokenizer's vocabulary if asked, and a sequence length the
-            positions cover."""
-            if self.tokenizer_vocab:
-                from tokenizers import Tokenizer
-
-                path = os.path.join(config.hf_assets_path, "tokenizer.json")
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"tokenizer_vocab=True but {path} does not exist; set --hf_assets_path "
-                                            "to a Hugging Face folder with tokenizer.json")
-                self.overrides = {**self.overrides, "vocab_size": Tokenizer.from_file(path).get_vocab_size()}
-            limit = self.model_config().max_position_embeddings
-            if config.training.seq_len > limit:
-                raise ValueError(f"--training.seq_len {config.training.seq_len} exceeds the model's "
-                                 f"max_position_embeddings={limit}; use a seq_len <= {limit}")
-
-        def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
-            """Parameters and training FLOPs per token, torchtitan's formula: 6 per non-embedding parameter plus
-            the attention scores (12 * layers * heads * head_dim * seq_len)."""
-            c = model.config
-            nparams = c.num_params()
-            attention = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
-            return nparams, 6 * (nparams - c.vocab_size * c.hidden_size) + attention
-
-    def __init__(self, config: Config):
-        super().__init__(config.model_config())
-        self.seed = config.seed
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> HiddenStates:
-        """torchtitan's `[B, S]` batch, packed: each row, and within it each document (`positions` back at 0),
-        is its own sequence. `input_ids` keeps dtllama's name so `parallelize`'s batch check validates it."""
-        b, s = input_ids.shape
-        if positions is None:
-            positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        starts = (positions == 0).clone()
-        starts[:, 0] = True
-        starts = starts.flatten().nonzero().flatten()
-        total = torch.tensor([b * s], device=input_ids.device)
-        cu_seqlens = torch.cat([starts, total]).to(torch.int32)
-        hidden, _ = self._decode(input_ids.flatten(), positions.flatten(), cu_seqlens, None, None, None)
-        # The weight as the activations' dtype: under dtllama's casts at use (no data parallelism) it is fp32.
-        return HiddenStates(hidden, self.output_weight.to(hidden.dtype))
-
-    def init_weights(self, seed: int | None = None, names: set[str] | None = None, buffer_device=None) -> None:
-        """torchtitan calls `init_weights(buffer_device=...)`; dtllama's init (per-parameter seeded, independent
-        of the sharding) recomputes its buffers where they already are."""
-        super().init_weights(self.seed if seed is None else seed, names)
-
-    def verify_module_protocol(self) -> None:
-        """dtllama's submodules are plain torch modules: torchtitan's `Module` protocol serves its own sharding
-        configs, and here dtllama's `parallelize` applies every parallelism instead."""
-        return None
-
-
-def parallelize_dtllama(model: DtllamaForTitan, *, parallel_dims, training: TrainingConfig,
-                        parallelism: ParallelismConfig, compile_config, ac_config, **kwargs) -> DtllamaForTitan:
-    """torchtitan's layout applied by `dtllama.parallel.parallelize`. torchtitan divides the summed loss by the
-    global token count itself, so FSDP sums gradients instead of averaging them (as torchtitan's own FSDP does)."""
-    if parallel_dims.pp > 1 or parallel_dims.cp > 1:
-        raise ValueError(
-            f"pipeline_parallel_degree={parallel_dims.pp}, context_parallel_degree={parallel_dims.cp}: torchtitan "
-            "splits those batches its own way; set both to 1 here, or use dtllama's recipe (recipes/train.py --pp/--cp)"
-        )
-    if parallelism.spmd_backend != "partial_dtensor":
-        raise ValueError(f"parallelism.spmd_backend={parallelism.spmd_backend!r}: dtllama's plans are DTensor "
-                         "plans; use --parallelism.spmd_backend partial_dtensor")
-    dims = ParallelDims(dp_replicate=parallel_dims.dp_replicate, dp_shard=-1, tp=parallel_dims.tp,
-                        ep=parallel_dims.ep).resolve(parallel_dims.world_size, model.config)
-    dims.build_mesh(_titan_utils.device_type)
-    param, reduce = (TORCH_DTYPE_MAP[training.mixed_precision_param], TORCH_DTYPE_MAP[training.mixed_precision_reduce])
-    fsdp = FSDPOptions(param_dtype=None if param == TORCH_DTYPE_MAP[training.dtype] else param, reduce_dtype=reduce)
-    compiled = compile_config.enable and "model" in compile_config.components
-    parallelize(model, dims, ac=_ac_mode(ac_config), fsdp=fsdp,
-                compile=CompileOptions(compile_config.backend) if compiled else False)
-    disable_fsdp_gradient_division(model)
-    if dims.mesh("world").device_type == "cpu":  # gloo has no PREMUL_SUM, which a divide factor of 1 would use
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_force_sum_reduction_for_comms(True)
-    return model
-
-
-def _ac_mode(ac_config) -> str:
-    """torchtitan's activation-checkpointing config as dtllama's mode name."""
-    if isinstance(ac_config, FullAC.Config):
-        return "full"
-    if isinstance(ac_config, SelectiveAC.Config):
-        return "selective"
-    if ac_config is None or type(ac_config).__name__ == "NoAC":
-        return "none"
-    raise ValueError(f"activation_checkpoint={type(ac_config).__qualname__} is not one dtllama applies; use "
-                     "FullAC, SelectiveAC or none")
-
-
-class DtllamaLoss(BaseLoss):
-    """Summed token cross-entropy of `HiddenStates` by `dtllama.ops.linear_logprobs_entropy` (token chunks,
-    never `[T, vocab]` logits; vocab-parallel under TP), over torchtitan's global count of valid tokens."""
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(BaseLoss.Config):
-        chunk_size: int = 1024
-        """Tokens per chunk of logits."""
-
-    def __init__(self, config: Config, *, compile_config=None):
-        self.chunk_size = config.chunk_size
-
-    def __call__(self, pred: HiddenStates, labels: torch.Tensor, global_valid_tokens: torch.Tensor | None = None,
-                 **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # The labels are the inputs' token stream shifted by one, so the model's batch check has validated them.
-        logprobs, _ = linear_logprobs_entropy(pred.hidden, pred.weight, labels.flatten(), 1.0, self.chunk_size,
-                                              check=False)
-        loss = -logprobs.sum()
-        return (loss if global_valid_tokens is None else loss / global_valid_tokens), {}
-
-
-class DtllamaStateDictAdapter(StateDictAdapter):
-    """Hugging Face names are dtllama's names: both directions are the identity (a new dict, same tensors)."""
-
-    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return dict(state_dict)
-
-    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
-        return dict(hf_state_dict)
+        return getattr(_torchtitan_parts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_registry(flavor: str, **config: Any) -> ModelSpec:
     """torchtitan's model spec of a dtllama flavor (`config`: fields of `DtllamaForTitan.Config`)."""
+    # The hook for the shims under `torchtitan.train --module dtllama.integrations.torchtitan`: importing this
+    # module does nothing, and a config function (each one here starts by calling this) is the first of our code
+    # that runs, while torchtitan parses the command line: before `Trainer.__init__` sets the device and before
+    # step 1's `set_timeout`. The model's build and `parallelize_dtllama` come after the device is set.
+    apply_shims()
+    from torchtitan.protocols.model_spec import ModelSpec
+
+    from dtllama.integrations._torchtitan_parts import DtllamaForTitan, DtllamaStateDictAdapter, parallelize_dtllama
+
     return ModelSpec(name="dtllama", flavor=flavor, model=DtllamaForTitan.Config(flavor=flavor, **config),
                      parallelize_fn=parallelize_dtllama, pipelining_fn=None, post_optimizer_build_fn=None,
                      state_dict_adapter=DtllamaStateDictAdapter)
@@ -282,8 +155,18 @@ def model_registry(flavor: str, **config: Any) -> ModelSpec:
 def dtllama_debug() -> Trainer.Config:
     """The `debug` flavor on the tokenizer of `--hf_assets_path` and JSON-lines text in
     `--dataloader.dataset_path` (read as torchtitan's `c4_test`: {"text": ...} rows), FSDP over all ranks."""
+    spec = model_registry("debug", tokenizer_vocab=True)  # first: it applies the shims the imports below need
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.config import ParallelismConfig, TrainingConfig
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+    from torchtitan.trainer import Trainer
+
+    from dtllama.integrations._torchtitan_parts import DtllamaLoss
+
     return Trainer.Config(
-        model_spec=model_registry("debug", tokenizer_vocab=True),
+        model_spec=spec,
         loss=DtllamaLoss.Config(),
         optimizer=default_adamw(lr=3e-3),
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=2, decay_ratio=0.8, decay_type="linear"),
@@ -299,7 +182,10 @@ def dtllama_debug() -> Trainer.Config:
 def dtllama_smollm2_135m() -> Trainer.Config:
     """SmolLM2-135M fine-tuned from the HF folder `--hf_assets_path` (its weights read by DCP's HF reader through
     the identity adapter, each rank its own shards), on `--dataloader.dataset_path`."""
-    config = dtllama_debug()
+    config = dtllama_debug()  # first: it applies the shims the imports below need
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import default_adamw
+
     config.model_spec = model_registry("smollm2-135m")
     config.optimizer = default_adamw(lr=2e-5)
     config.checkpoint = CheckpointManager.Config(enable=True, initial_load_in_hf=True, interval=10**9)
@@ -307,8 +193,9 @@ def dtllama_smollm2_135m() -> Trainer.Config:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`torchtitan.train` with this module as the config registry (on a host without an accelerator, importing
-    this module first is what lets torchtitan run on the CPU)."""
+    """`torchtitan.train` with this module as the config registry, the shims applied before torchtitan's trainer
+    is imported (on a host without an accelerator, that order is what lets torchtitan run on the CPU)."""
+    apply_shims()
     from torchtitan import train
 
     args = list(sys.argv[1:] if argv is None else argv)
