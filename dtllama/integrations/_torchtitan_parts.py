@@ -93,7 +93,7 @@ class DtllamaForTitan(LlamaForCausalLM, BaseModel):
         starts = starts.flatten().nonzero().flatten()
         total = torch.tensor([b * s], device=input_ids.device)
         cu_seqlens = torch.cat([starts, total]).to(torch.int32)
-        hidden = self._decode(input_ids.flatten(), positions.flatten(), cu_seqlens, None, None, None)[0]
+        hidden = self.hidden_states(input_ids.flatten(), positions.flatten(), cu_seqlens)
         # The weight as the activations' dtype: under dtllama's casts at use (no data parallelism) it is fp32.
         return HiddenStates(hidden, self.output_weight.to(hidden.dtype))
 

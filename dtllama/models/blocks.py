@@ -328,6 +328,11 @@ class PretrainedModel(nn.Module):
 
         save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes, source=source)
 
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
+        """The final normed hidden states `[T, hidden]` of a packed batch, validated as the forward validates it:
+        for a trainer that applies its own loss head (the torchtitan integration)."""
+        return self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, None, None)[0]
+
     def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
         """Validate (and pack a padded batch), then run the decoder: `(hidden [T, H], aux, the packed batch)`."""
         batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
