@@ -6,18 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import pytest
 import torch
 from helpers import ROOT, rel_err
 
 import dtllama
+from dtllama.train.config import parse_args
 from dtllama.train.data import IGNORE_INDEX, Example, Examples, balance, global_batch, microbatches, records, tokenize
+from dtllama.train.loop import pack
 from dtllama.train.optim import adamw, lr_multiplier
-
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
-import train as recipe  # noqa: E402
+from dtllama.train.source import ByteTokenizer
 
 
 def write(tmp_path, name: str, text: str) -> str:
@@ -28,10 +27,10 @@ def write(tmp_path, name: str, text: str) -> str:
 
 def test_prompt_response_loss_covers_the_response_only():
     """Hand-counted: prompt "ab" (97, 98), response "cd" (99, 100) and eos (0); the loss predicts 99, 100 and 0."""
-    ex = tokenize({"prompt": "ab", "response": "cd"}, "row", recipe.ByteTokenizer())
+    ex = tokenize({"prompt": "ab", "response": "cd"}, "row", ByteTokenizer())
     assert ex.ids == [97, 98, 99, 100, 0] and ex.loss_mask == [False, False, True, True, True]
     assert ex.labels() == [IGNORE_INDEX, 99, 100, 0, IGNORE_INDEX] and ex.loss_tokens == 3
-    text = tokenize({"text": "ab"}, "row", recipe.ByteTokenizer())
+    text = tokenize({"text": "ab"}, "row", ByteTokenizer())
     assert text.labels() == [98, 0, IGNORE_INDEX] and text.loss_tokens == 2
 
 
@@ -58,14 +57,14 @@ def test_bad_records_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
         list(records(bad_json))
     with pytest.raises(ValueError, match=r"x.jsonl:7: a row needs 'text'.*\['prompt'\]"):
-        tokenize({"prompt": "only"}, "x.jsonl:7", recipe.ByteTokenizer())
+        tokenize({"prompt": "only"}, "x.jsonl:7", ByteTokenizer())
     long = write(tmp_path, "long.jsonl", '{"text": "short"}\n{"text": "' + "y" * 40 + '"}\n')
     with pytest.raises(ValueError, match=r"long.jsonl:2: 41 tokens exceed --max-seq-len 16"):
-        [next(Examples(long, recipe.ByteTokenizer(), 16, 256)) for _ in range(2)]
-    cut = Examples(long, recipe.ByteTokenizer(), 16, 256, truncate=True)
+        [next(Examples(long, ByteTokenizer(), 16, 256)) for _ in range(2)]
+    cut = Examples(long, ByteTokenizer(), 16, 256, truncate=True)
     assert max(len(next(cut).ids) for _ in range(2)) == 16
     with pytest.raises(ValueError, match=r"long.jsonl:1: token id 116 is outside the model's vocabulary of 100"):
-        next(Examples(long, recipe.ByteTokenizer(), 64, 100))
+        next(Examples(long, ByteTokenizer(), 64, 100))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(records(str(tmp_path / "missing.txt")))
 
@@ -75,7 +74,7 @@ def test_stream_is_deterministic_and_resumes_at_its_position(tmp_path):
     folder.mkdir()
     (folder / "a.txt").write_text("\n\n".join(f"doc {i}" for i in range(7)))
     (folder / "b.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(6)))
-    tok = recipe.ByteTokenizer()
+    tok = ByteTokenizer()
     a, b = Examples(str(folder), tok, 64, 256, seed=3, buffer=4), Examples(str(folder), tok, 64, 256, seed=3, buffer=4)
     first = [next(a).ids for _ in range(30)]  # more than two epochs
     assert first == [next(b).ids for _ in range(30)]
@@ -120,7 +119,7 @@ def test_packed_mixed_lengths_equal_one_sequence_at_a_time():
                      str(n)) for n in (5, 17, 1, 9)]
 
     def loss_and_grads(examples):
-        p = recipe.pack(examples, 1, "cpu")
+        p = pack(examples, 1, "cpu")
         model.zero_grad()
         loss = -model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels).logprobs.sum()
         loss.backward()
@@ -151,15 +150,15 @@ def test_lr_schedule_and_weight_decay_groups():
 
 def test_toml_config_sets_defaults_that_flags_override(tmp_path):
     cfg = write(tmp_path, "run.toml", 'steps = 7\nbatch-tokens = 300\nlr_schedule = "linear"\n')
-    args = recipe.parse_args(["--config", cfg, "--steps", "9"])
+    args = parse_args(["--config", cfg, "--steps", "9"])
     assert (args.steps, args.batch_tokens, args.lr_schedule) == (9, 300, "linear")
     bad = write(tmp_path, "bad.toml", "steps = 7\nlearning_rate = 1e-3\n")
     with pytest.raises(ValueError, match=r"bad.toml: unknown key 'learning_rate'"):
-        recipe.parse_args(["--config", bad])
+        parse_args(["--config", bad])
     shipped = sorted(os.listdir(os.path.join(ROOT, "recipes", "configs")))
     assert shipped == ["llama3.1-8b.toml", "llama3.2-1b.toml", "smollm2-135m.toml"]
     for name in shipped:  # every shipped config parses
-        recipe.parse_args(["--config", os.path.join(ROOT, "recipes", "configs", name)])
+        parse_args(["--config", os.path.join(ROOT, "recipes", "configs", name)])
 
 
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path):

@@ -7,6 +7,7 @@ torchrun prints a ~30-line `ChildFailedError` traceback and failure table after 
 the recipe already reports a user's mistake as one `error:` line from rank 0, so this launcher exits
 with the failed worker's exit code and nothing more (`DTLLAMA_LAUNCH_DEBUG=1`: torchrun's report too).
 A worker that crashed without a message of its own still gets one line naming its rank and exit code.
+`run_recipe` is the recipes' side of that contract.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+
+import torch.distributed as dist
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
@@ -35,6 +39,20 @@ def main(argv: list[str] | None = None) -> int:
                   "torchrun's report; the recipe's --debug shows worker tracebacks)", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def run_recipe(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """`main(argv)`, with the errors a user can fix printed as one line by rank 0 and exit code 2 (`--debug` in
+    `argv`: raise them)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        if "--debug" in argv:
+            raise
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from dtllama.models.llama import LlamaForCausalLM, ValueOutput
+from dtllama.models.blocks import ValueOutput
 from dtllama.ops import Packed
 from dtllama.parallel import ParallelDims
 from dtllama.parallel.cp import gather_tokens
@@ -50,6 +50,11 @@ def _columns(out) -> tuple[torch.Tensor, ...]:
     return (out.logprobs, out.entropy) if out.logprobs is not None else (out.logits,)
 
 
+def _causal(model) -> bool:
+    """Whether the model is a causal LM (log-probs of labels), not a value model: the model protocol says."""
+    return model.plan().output == "logprobs"
+
+
 def _result(cols: tuple[torch.Tensor, ...]):
     return cols if len(cols) > 1 else cols[0]
 
@@ -64,7 +69,7 @@ class WholeRunner:
         return self.model.parameters()
 
     def _forward(self, b: Packed) -> tuple[torch.Tensor, ...]:
-        labels = dict(labels=b.labels) if isinstance(self.model, LlamaForCausalLM) else {}
+        labels = dict(labels=b.labels) if _causal(self.model) else {}
         out = self.model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, **labels)
         return tuple(_all_tokens(c, self.dims) for c in _columns(out))
 
@@ -91,10 +96,10 @@ class PipelineRunner:
     def _share(self, mbs, outs: list | None, b: Packed) -> tuple[torch.Tensor, ...]:
         """Merge the last stage's per-microbatch outputs and send them to every pipeline rank."""
         T = b.input_ids.numel()
-        if isinstance(self.pipe.model, LlamaForCausalLM) and b.labels is None:
+        if _causal(self.pipe.model) and b.labels is None:
             shapes = [(T, self.pipe.model.config.vocab_size)]
         else:
-            shapes = [(T,)] * (2 if isinstance(self.pipe.model, LlamaForCausalLM) else 1)
+            shapes = [(T,)] * (2 if _causal(self.pipe.model) else 1)
         if outs is None:
             cols = [torch.zeros(s, device=b.input_ids.device) for s in shapes]
         else:
