@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from .ac import apply_ac
 from .batch_check import apply_batch_check
@@ -19,22 +22,27 @@ from .tp import apply_tp
 def parallelize(
     model: torch.nn.Module,
     dims: ParallelDims,
+    mesh: DeviceMesh | None = None,
     *,
     ac: str = "none",
     compile: bool | CompileOptions = False,
     fsdp: FSDPOptions | None = None,
+    param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """Apply TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
     experts first, over `efsdp`; where a model that casts at use has no data parallelism, mixed precision by
     casts instead) -> batch check, in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm`
     calls it per stage); returns the model.
 
-    `dims` must have built its meshes (`dims.build_mesh()`); `compile=True` means `CompileOptions()`. Build the
+    `dims` must have built its meshes (`dims.build_mesh()`); `compile=True` means `CompileOptions()`. `mesh` and
+    `param_dtype` are deprecated spellings kept for the shared side-by-side benchmark, which calls
+    `parallelize(model, dims, mesh, param_dtype=...)`: the mesh must be the one `dims` built, and `param_dtype`
+    means `fsdp=FSDPOptions(param_dtype=...)` (a DeprecationWarning says so). Build the
     model on the meta device, call this, then `to_empty(device=...)` and `init_weights` (or load a checkpoint): no
     rank ever holds the whole model (`init_weights` builds one full parameter at a time on the host and keeps this
     rank's slice). What each parallelism touches, the model says through its protocol (`dtllama.models.protocol`).
     """
-    fsdp, compile = _options(dims, fsdp, compile)
+    fsdp, compile = _options(dims, mesh, fsdp, param_dtype, compile)
     dims.check_model(model.config, compile=compile is not None, ac=ac, device_type=dims.mesh("world").device_type,
                      cpu_offload=fsdp.cpu_offload)
     if dims.tp_enabled:
@@ -73,10 +81,18 @@ def _shard(model: torch.nn.Module, dims: ParallelDims, fsdp: FSDPOptions) -> Non
         apply_fsdp(model, dims.mesh("fsdp"), fsdp)
 
 
-def _options(dims, fsdp, compile) -> tuple[FSDPOptions, CompileOptions | None]:
-    """Check the arguments' shapes and turn the short forms into option objects."""
+def _options(dims, mesh, fsdp, param_dtype, compile) -> tuple[FSDPOptions, CompileOptions | None]:
+    """Check the arguments' shapes and turn the short and deprecated forms into option objects."""
+    if mesh is not None and mesh is not dims.mesh("world"):
+        raise ValueError("parallelize got a mesh that is not the one dims.build_mesh() returned; "
+                         "pass the same ParallelDims that built it (or leave mesh out)")
     dims.mesh("world")  # a clear error if build_mesh was not called
-    fsdp = fsdp if fsdp is not None else FSDPOptions()
+    if fsdp is not None and param_dtype is not None:
+        raise ValueError(f"param_dtype={param_dtype} given twice; put it in FSDPOptions(param_dtype=...) only")
+    if param_dtype is not None or mesh is not None:
+        warnings.warn("parallelize(model, dims, mesh, param_dtype=...) is deprecated: leave the mesh out (dims owns "
+                      "it) and pass fsdp=FSDPOptions(param_dtype=...)", DeprecationWarning, stacklevel=3)
+    fsdp = fsdp if fsdp is not None else FSDPOptions(param_dtype=param_dtype)
     if compile is True:
         compile = CompileOptions()
     elif compile is False:
