@@ -3,7 +3,7 @@
 import importlib.util as _util
 
 # `ops/` and `parallel/` sit beside this folder; the install maps them into this package
-# (pyproject's package-dir), and that mapping is the only one: a bare source tree on sys.path has no
+# (pyproject's package-dir), and that mapping is the only one: a bare source tree on the import path has no
 # `dtllama.ops`, and no other folder is searched.
 if _util.find_spec("dtllama.ops") is None or _util.find_spec("dtllama.parallel") is None:
     raise ImportError(
