@@ -143,6 +143,8 @@ _STYLES = {
     P.Colwise: ColwiseParallel,
     P.Rowwise: lambda: RowwiseParallel(output_layouts=Shard(0)),
     P.TokenShardedNorm: lambda: SequenceParallel(sequence_dim=0),
+    # Rows of this rank's heads: a "token shard" as far as the replicated weight's gradient sum is concerned.
+    P.HeadNorm: lambda: SequenceParallel(sequence_dim=0, use_local_output=True),
     P.OwnTokens: lambda: PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Shard(0),),
                                             use_local_output=True),
     P.Router: RoutedRouter,

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 import dtllama
 import third_family
 from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
+from dtllama.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3ForValue
 from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
 from dtllama.parallel import CompileOptions, ParallelDims, clip_grad_norm_, parallelize
@@ -40,12 +41,16 @@ def model_config(config_dict: dict):
     `third_family.py` for `family="parallel_block"`."""
     if config_dict.get("family") == third_family.FAMILY:
         return third_family.ParallelBlockConfig(**{k: v for k, v in config_dict.items() if k != "family"})
+    if config_dict.get("family") == "qwen3":
+        return Qwen3Config(**{k: v for k, v in config_dict.items() if k != "family"})
     if config_dict.get("model_type") == "llama4_text":
         return Llama4Config(**config_dict)
     return dtllama.ModelConfig(**config_dict)
 
 
 def build(config, value: bool):
+    if isinstance(config, Qwen3Config):
+        return (Qwen3ForValue if value else Qwen3ForCausalLM)(config)
     if isinstance(config, third_family.ParallelBlockConfig):
         return (third_family.ParallelBlockForValue if value else third_family.ParallelBlockForCausalLM)(config)
     if isinstance(config, Llama4Config):

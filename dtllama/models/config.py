@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -63,11 +63,19 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.model_type not in ARCHITECTURES:
+        if self.model_type not in self.ARCHITECTURES:
             raise ValueError(
-                f"model_type={self.model_type!r} is not supported; dtllama supports {sorted(ARCHITECTURES)}"
+                f"model_type={self.model_type!r} is not supported by {type(self).__name__}; it reads "
+                f"{sorted(self.ARCHITECTURES)}"
             )
         check_attention_fields(self)
+
+    ARCHITECTURES: ClassVar[dict[str, str]] = ARCHITECTURES  # the model types this class reads, and HF's prefix
+
+    @property
+    def hf_prefix(self) -> str:
+        """HF's class-name prefix of this model type (`Qwen2` of `Qwen2ForCausalLM`)."""
+        return self.ARCHITECTURES[self.model_type]
 
     # Qwen2 puts a bias on q/k/v but not o; Llama's `attention_bias` covers all four.
     @property
@@ -100,13 +108,16 @@ class ModelConfig:
     def _from_dict(cls, d: dict) -> "ModelConfig":
         model_type = d.get("model_type", "llama")
         other = OTHER_FAMILIES.get(model_type)
-        if other is not None:  # another family's config.json: read by that family's config class
+        if other is not None and other is not cls:  # another family's config.json: read by its config class
             return other.from_hf(d)
-        if model_type not in ARCHITECTURES:
+        if model_type not in cls.ARCHITECTURES:
             raise ValueError(
                 f"config field model_type={model_type!r} (architectures={d.get('architectures')}) is not "
-                f"supported; dtllama supports {sorted(ARCHITECTURES)}"
+                f"supported; dtllama supports {sorted({*ARCHITECTURES, *OTHER_FAMILIES})}"
             )
+        if any(t != "full_attention" for t in d.get("layer_types") or ()):
+            raise ValueError(f"config field layer_types={d['layer_types']} is not supported; dtllama runs full "
+                             "causal attention in every layer")
         check_unsupported(d)
         if d.get("use_sliding_window") or (
             model_type == "mistral"
@@ -127,7 +138,7 @@ class ModelConfig:
 
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """A `config.json` dict that transformers 4 and 5 both load as this model."""
-        d = fields_for_hf(self, ARCHITECTURES[self.model_type] + architecture)
+        d = fields_for_hf(self, self.hf_prefix + architecture)
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d.setdefault("use_sliding_window", False)

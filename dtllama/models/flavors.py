@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from dtllama.models.config import ModelConfig
 from dtllama.models.llama4_config import Llama4Config
+from dtllama.models.qwen3 import Qwen3Config
 
 
 def _llama3(factor: float, **kw) -> ModelConfig:
@@ -105,6 +106,32 @@ _LLAMA4["llama4-debug"] = lambda: Llama4Config(
 )
 
 _FLAVORS.update(_LLAMA4)
+
+
+def _qwen3(**kw) -> Qwen3Config:
+    """The published Qwen/Qwen3-* config.json files: head_dim 128, 8 KV heads, theta 1e6, 40960 positions."""
+    return Qwen3Config(vocab_size=151936, head_dim=128, num_key_value_heads=8, rms_norm_eps=1e-6,
+                       max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645, **kw)
+
+
+_FLAVORS.update({
+    "qwen3-0.6b": lambda: _qwen3(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-1.7b": lambda: _qwen3(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                 num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-4b": lambda: _qwen3(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                               num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-8b": lambda: _qwen3(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32),
+    "qwen3-14b": lambda: _qwen3(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                                num_attention_heads=40),
+    "qwen3-32b": lambda: _qwen3(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                                num_attention_heads=64),
+    # A tiny Qwen3 shape (head_dim apart from hidden / heads, GQA 2:1) for CPU runs.
+    "qwen3-debug": lambda: Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       max_position_embeddings=1024, rms_norm_eps=1e-6, torch_dtype="float32"),
+})
 
 
 class UnknownFlavorError(KeyError, ValueError):

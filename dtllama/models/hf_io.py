@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
-from dtllama.models.config import ARCHITECTURES, ModelConfig
+from dtllama.models.config import ModelConfig
 from dtllama.fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _check_value_head(model, state: dict, ckpt: dict, missing: set[str], path: s
             "architectures (or token_classification_bias) to match the checkpoint's head"
         )
     if "score.bias" in ckpt and "score.bias" not in ours:
-        token = ARCHITECTURES[model.config.model_type] + "ForTokenClassification"
+        token = model.config.hf_prefix + "ForTokenClassification"
         raise ValueError(
             f"checkpoint {path!r} has 'score.bias' (HF *ForTokenClassification layout) but the model's value head "
             f"has no bias (config architectures={model.config.architectures}); build the model from "

@@ -47,6 +47,12 @@ class TokenShardedNorm(Style):
 
 
 @dataclass(frozen=True)
+class HeadNorm(Style):
+    """A norm over each head's features, run on `[tokens * local heads, head_dim]` rows: weight replicated over the
+    TP ranks (each holding other heads), its gradient summed over them."""
+
+
+@dataclass(frozen=True)
 class AllTokens(Style):
     """A block whose first input is all-gathered from token shards; `n_args` positional inputs, the rest pass."""
 
