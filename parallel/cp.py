@@ -26,7 +26,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .tp import sum_over_token_shards
+from .tp import sum_token_statistics
 
 
 def all_to_all(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
@@ -148,9 +148,8 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
             parent, _, name = path.rpartition(".")
             owner = layer.get_submodule(parent)
             setattr(owner, name, UlyssesAttention(getattr(owner, name), cp_mesh))
-    plan, group = model.plan(), cp_mesh.get_group()
-    for name in plan.token_sums:  # e.g. the load-balance loss is over all of the sequences' tokens
-        model.get_submodule(name).register_forward_hook(lambda mod, args, out: sum_over_token_shards(out, group))
+    plan = model.plan()
+    sum_token_statistics(model, plan, cp_mesh.get_group())  # e.g. the load-balance loss is over all tokens
     if plan.output == "logprobs" and model.logprobs_head is not None:
         def shard_labels(module, args):
             hidden, weight, labels, *rest = args

@@ -132,6 +132,13 @@ def sum_over_token_shards(x: torch.Tensor, group) -> torch.Tensor:
     return _SumOverTokenShards.apply(x, group)
 
 
+def sum_token_statistics(model: nn.Module, plan: P.ModelPlan, group) -> None:
+    """Sum the output of each of the model's token-statistic hook points (`plan.token_sums`) over `group`, the ranks
+    holding other token shards of the same sequences (TP's sequence parallel, Ulysses CP; the hooks compose)."""
+    for name in plan.token_sums:
+        model.get_submodule(name).register_forward_hook(lambda mod, args, out: sum_over_token_shards(out, group))
+
+
 def _to_all_tokens(n_args: int) -> PrepareModuleInput:
     rest = (None,) * (n_args - 1)  # the attention's positions and spans pass through untouched
     return PrepareModuleInput(
@@ -173,9 +180,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     check_tp(config, tp)
     for layer in model.model.layers.values():
         parallelize_module(layer, tp_mesh, {k: torch_style(v, config, tp) for k, v in layer.plan().tp.items()})
-    plan, group = model.plan(), tp_mesh.get_group()
-    for name in plan.token_sums:
-        model.get_submodule(name).register_forward_hook(lambda mod, args, out: sum_over_token_shards(out, group))
+    plan = model.plan()
+    sum_token_statistics(model, plan, tp_mesh.get_group())
     parallelize_module(model, tp_mesh, {k: torch_style(v, config, tp) for k, v in plan.tp.items()})
     return model
 

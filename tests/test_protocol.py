@@ -22,19 +22,18 @@ CONFIG = dict(family=third_family.FAMILY, vocab_size=61, hidden_size=32, interme
 LENGTHS = [9, 1, 12, 8, 5, 3, 7]
 
 
-@pytest.mark.parametrize("world, layout", [
-    (2, dict(tp=2)), (2, dict(cp=2)), (2, dict(ep=2)), (4, dict(ep=2, tp=2)), (4, dict(cp=2, dp_shard=2)),
-], ids=["tp2", "cp2", "ep2", "ep2xtp2", "cp2xdp2"])
-@pytest.mark.parametrize("value", [False, True], ids=["logprobs", "values"])
-def test_a_new_family_needs_no_parallel_code(world, layout, value):
+def check_layout(world: int, layout: dict, config: dict, value: bool, lengths=LENGTHS) -> list[dict]:
+    """One fresh random batch on `layout` against the single-device model, compared as the property tests compare:
+    outputs, gradients, parameters after AdamW and the gradient norm within fp32 rounding (TOL). Returns the ranks'
+    results."""
     seed = int(torch.randint(0, 2**16, ()))
-    seqs, labels = random_sequences(LENGTHS, CONFIG["vocab_size"], torch.Generator().manual_seed(seed))
+    seqs, labels = random_sequences(lengths, config["vocab_size"], torch.Generator().manual_seed(seed))
     layout = dict(layout, dp_shard=layout.get("dp_shard", -1))
-    results = get_pool(world).run(run_rank, CONFIG, layout, seqs, labels, seed, value)
-    outs, grads, params, norm = reference(CONFIG, seqs, labels, seed, value)
+    results = get_pool(world).run(run_rank, config, layout, seqs, labels, seed, value)
+    outs, grads, params, norm = reference(config, seqs, labels, seed, value)
     grad_floor = 0.1 * max(float(g.abs().max()) for g in grads.values())  # as the property tests compare
     param_floor = max(float(p.abs().max()) for p in params.values())
-    value_floor = CONFIG["initializer_range"] * CONFIG["hidden_size"] ** 0.5
+    value_floor = config["initializer_range"] * config["hidden_size"] ** 0.5
     for r in results:
         for key, per_seq in r["outs"].items():
             for j, i in enumerate(r["indices"]):
@@ -43,6 +42,15 @@ def test_a_new_family_needs_no_parallel_code(world, layout, value):
             assert rel(r["grads"][name], grads[name], grad_floor) <= TOL, ("grad", name)
             assert rel(r["params"][name], params[name], param_floor) <= TOL, ("param", name)
         assert abs(r["norm"] - norm) <= TOL * norm
+    return results
+
+
+@pytest.mark.parametrize("world, layout", [
+    (2, dict(tp=2)), (2, dict(cp=2)), (2, dict(ep=2)), (4, dict(ep=2, tp=2)), (4, dict(cp=2, dp_shard=2)),
+], ids=["tp2", "cp2", "ep2", "ep2xtp2", "cp2xdp2"])
+@pytest.mark.parametrize("value", [False, True], ids=["logprobs", "values"])
+def test_a_new_family_needs_no_parallel_code(world, layout, value):
+    for r in check_layout(world, layout, CONFIG, value):
         experts = {n: p for n, p in r["placements"].items() if ".mlp.experts." in n}
         assert experts and all(("ep" in p[0]) == ("ep" in layout) for p in experts.values() if p), experts
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import logprobs_entropy_reference, rel_err
-from parallel_cases import random_sequences, reference, run_rank
-from pool import get_pool
 from test_hf_parity import random_batch
-from test_parallel_properties import TOL as LAYOUT_TOL, rel
 from test_pp import check_pipeline
+from test_protocol import check_layout
 
 import dtllama
 from dtllama.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3ForValue
@@ -126,19 +124,7 @@ LAYOUT_CONFIG = dict(family="qwen3", vocab_size=61, hidden_size=32, intermediate
 ], ids=["tp2", "tp4-replicated-kv", "cp2", "fsdp2xtp2", "hsdp"])
 def test_layouts_match_single_device(world, layout):
     """TP splits the heads and the head norms' weights stay whole (their gradient summed over the TP ranks)."""
-    seed = int(torch.randint(0, 2**16, ()))
-    seqs, labels = random_sequences([9, 1, 12, 8, 5, 3], LAYOUT_CONFIG["vocab_size"], torch.Generator().manual_seed(seed))
-    layout = dict(layout, dp_shard=layout.get("dp_shard", -1))
-    results = get_pool(world).run(run_rank, LAYOUT_CONFIG, layout, seqs, labels, seed, False)
-    outs, grads, params, norm = reference(LAYOUT_CONFIG, seqs, labels, seed, False)
-    grad_floor = 0.1 * max(float(g.abs().max()) for g in grads.values())  # as the property tests compare
-    for r in results:
-        for key, per_seq in r["outs"].items():
-            for j, i in enumerate(r["indices"]):
-                assert rel(per_seq[j], outs[key][i], 0.0) <= LAYOUT_TOL, (key, i)
-        for name in grads:
-            assert rel(r["grads"][name], grads[name], grad_floor) <= LAYOUT_TOL, name
-        assert abs(r["norm"] - norm) <= LAYOUT_TOL * norm
+    check_layout(world, layout, LAYOUT_CONFIG, False, lengths=[9, 1, 12, 8, 5, 3])
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])

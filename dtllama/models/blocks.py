@@ -150,8 +150,9 @@ class Decoder(nn.Module):
     rotary_class: type[RotaryEmbedding] = RotaryEmbedding
 
     def layer_inputs(self, x, position_ids, cu_seqlens, max_seqlen) -> tuple:
-        """What every layer takes after `x` (RoPE angles, sequence bounds), built once per forward."""
-        raise NotImplementedError
+        """What every layer takes after `x` (RoPE angles, sequence bounds), built once per forward. Each family's
+        decoder defines it (its RoPE form differs); reached only by a family that left it out."""
+        raise NotImplementedError(f"{type(self).__name__} must define layer_inputs (see blocks.Decoder)")
 
     def forward(self, x, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, list]:
         """`(hidden states [T, H], the layers' aux outputs)`."""
@@ -252,7 +253,9 @@ class PretrainedModel(nn.Module):
         self._build_head(last)
 
     def _build_head(self, last: bool) -> None:
-        raise NotImplementedError
+        """The head modules (`CausalLM`, `ValueModel` define them); reached only by a model class deriving from
+        `PretrainedModel` directly instead of from one of those two."""
+        raise NotImplementedError(f"{type(self).__name__} must derive from CausalLM or ValueModel (or build a head)")
 
     def head_plan(self) -> dict[str, P.Style]:
         return {}
