@@ -22,14 +22,9 @@ from dtllama.models.config import ModelConfig
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-def _mlp_widths(config: ModelConfig) -> dict[str, int]:
-    """The SwiGLU widths TP splits: `intermediate_size`, and Llama 4's `intermediate_size_mlp` when it has dense
-    layers (its MoE layers' shared expert is `intermediate_size` wide; routed experts are never TP-split)."""
-    widths = {"intermediate_size": config.intermediate_size}
-    moe_layers = getattr(config, "moe_layers", None)
-    if moe_layers is not None and len(moe_layers) < config.num_hidden_layers:
-        widths["intermediate_size_mlp"] = config.intermediate_size_mlp
-    return widths
+def _mlp_widths(config) -> dict[str, int]:
+    """The SwiGLU widths TP splits, by config field: the family's config names them (`tp_widths`)."""
+    return config.tp_widths()
 
 
 def valid_tp_degrees(config: ModelConfig) -> list[int]:

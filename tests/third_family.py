@@ -27,6 +27,10 @@ class ParallelBlockConfig(ModelConfig):
     num_local_experts: int = 4
     num_experts_per_tok: int = 2
     moe_layers: list[int] = field(default_factory=lambda: [1])
+    load_balance_coeff: float | None = None
+
+    def tp_widths(self) -> dict[str, int]:
+        return {"intermediate_size": self.intermediate_size, "intermediate_size_mlp": self.intermediate_size_mlp}
 
 
 class ParallelBlockLayer(nn.Module):

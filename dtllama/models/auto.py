@@ -14,12 +14,14 @@ from dtllama.models.config import ModelConfig
 from dtllama.models.llama import LlamaForCausalLM, LlamaForValue
 from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
 from dtllama.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3ForValue
+from dtllama.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeForValue
 
 # config class -> (causal LM, value model or None)
 MODEL_CLASSES: dict[type, tuple[type, type | None]] = {
     ModelConfig: (LlamaForCausalLM, LlamaForValue),
     Llama4Config: (Llama4ForCausalLM, None),
     Qwen3Config: (Qwen3ForCausalLM, Qwen3ForValue),
+    Qwen3MoeConfig: (Qwen3MoeForCausalLM, Qwen3MoeForValue),
 }
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtllama.models import protocol as P
+from dtllama.models.moe import balanced_blocks
 from dtllama.ops import linear_logits, linear_logprobs_entropy, prepare_batch, rms_norm, varlen_attention
 from dtllama.compat import local_shape_and_offset
 from dtllama.ops.logprobs import SAVE_BYTES
@@ -313,9 +314,19 @@ class PretrainedModel(nn.Module):
                 full = torch.empty(p.shape).normal_(0.0, std, generator=g)
             copy_full_into(p, full)
         self.reset_buffers()
+        for block in balanced_blocks(self):
+            block.reset_balance(bias=True)
 
     def reset_buffers(self) -> None:
+        """Recompute the buffers derived from the config (RoPE), zero the MoE balancing counts; after any load."""
         self.model.rotary_emb.reset_parameters()
+        for block in balanced_blocks(self):
+            block.reset_balance(bias=False)
+
+    def balanced_moe(self) -> list:
+        """The MoE blocks this model (or stage) holds that balance by bias (`moe.MoEBlock`: `tokens_per_expert`,
+        `update_bias`), in layer order; the parallel layer sums their counts over ranks after each step."""
+        return balanced_blocks(self)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):

@@ -144,6 +144,10 @@ class ModelConfig:
             d.setdefault("use_sliding_window", False)
         return d
 
+    def tp_widths(self) -> dict[str, int]:
+        """The SwiGLU widths tensor parallelism splits, by field name (the model protocol's config side)."""
+        return {"intermediate_size": self.intermediate_size}
+
     def num_params(self, value_head: bool = False) -> int:
         """Parameter count (tied embeddings counted once), without building the model."""
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim

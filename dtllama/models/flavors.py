@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dtllama.models.config import ModelConfig
 from dtllama.models.llama4_config import Llama4Config
 from dtllama.models.qwen3 import Qwen3Config
+from dtllama.models.qwen3_moe import Qwen3MoeConfig
 
 
 def _llama3(factor: float, **kw) -> ModelConfig:
@@ -131,6 +132,28 @@ _FLAVORS.update({
     "qwen3-debug": lambda: Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                        max_position_embeddings=1024, rms_norm_eps=1e-6, torch_dtype="float32"),
+})
+
+
+def _qwen3_moe(**kw) -> Qwen3MoeConfig:
+    """The published Qwen/Qwen3-30B-A3B and -235B-A22B config.json files: 128 experts, top-8, renormalized."""
+    return Qwen3MoeConfig(vocab_size=151936, head_dim=128, num_key_value_heads=4, rms_norm_eps=1e-6,
+                          rope_theta=1000000.0, max_position_embeddings=40960, num_local_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645,
+                          **kw)
+
+
+_FLAVORS.update({
+    "qwen3-30b-a3b": lambda: _qwen3_moe(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32),
+    "qwen3-235b-a22b": lambda: _qwen3_moe(hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                                          num_hidden_layers=94, num_attention_heads=64),
+    # A tiny Qwen3-MoE (8 experts, top-2, a dense first layer) for CPU runs.
+    "qwen3-moe-debug": lambda: Qwen3MoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+        num_local_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
+        torch_dtype="float32"),
 })
 
 

@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from dtllama.models.config import ModelConfig
+from dtllama.models.moe import GroupedExperts, MoEBlock, balanced_blocks
 from dtllama.fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,25 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
     return model
 
 
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict as its HF checkpoint files name and shape it: the model's own names (HF's), except
+    stacked experts a family's files hold one per expert (views of this rank's experts: `Qwen3MoeExperts`) and
+    training state HF has no field for (the MoE balancing bias: `moe.MoEBlock`)."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(module, GroupedExperts):
+            module.checkpoint_tensors(prefix, state)
+        elif isinstance(module, MoEBlock):
+            state.pop(prefix + "expert_bias", None)
+    return state
+
+
 @torch.no_grad()
 def load_state_into(model, path: str) -> None:
     """Read an HF checkpoint into `model` (plain or DTensor parameters; each rank reads its slices)."""
     ckpt = read_safetensors_index(path)
-    state = model.state_dict()
+    state = checkpoint_state(model)
     missing = []
     for name, t in state.items():
         if name not in ckpt:
@@ -137,6 +152,8 @@ def load_state_into(model, path: str) -> None:
     dcp.load(wanted, storage_reader=PinnedHFReader(path, ckpt, thread_count=threads),
              no_dist=not dist.is_initialized())
     model.reset_buffers()
+    for block in balanced_blocks(model):  # HF checkpoints hold no balancing bias: start from none
+        block.reset_balance(bias=True)
 
 
 def _check_value_head(model, state: dict, ckpt: dict, missing: set[str], path: str) -> None:
@@ -260,7 +277,7 @@ def _shard_index(model, dtype: torch.dtype, max_shard_bytes: int) -> dict[str, i
     with torch.device("meta"):
         whole = cls(model.config)
     index, used, shard = {}, 0, 1
-    for name, t in whole.state_dict().items():
+    for name, t in checkpoint_state(whole).items():
         nbytes = t.numel() * dtype.itemsize
         if used and used + nbytes > max_shard_bytes:
             shard, used = shard + 1, 0
@@ -280,7 +297,7 @@ def save_pretrained(model, path, dtype: torch.dtype | None = None, max_shard_byt
     """
     path = os.fspath(path)
     distributed = dist.is_initialized()
-    state = {k: (v.to(dtype) if dtype is not None else v) for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype is not None else v) for k, v in checkpoint_state(model).items()}
     parent = os.path.dirname(os.path.abspath(path))
 
     def make_tmp():

@@ -18,37 +18,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from dtllama.models import protocol as P
-from dtllama.models.blocks import (
-    Attention, CausalLM, CausalLMOutput, Decoder, RMSNorm, RotaryEmbedding, SwiGLU, TokenSum,
-)
+from dtllama.models.blocks import Attention, Decoder, RMSNorm, RotaryEmbedding, SwiGLU
 from dtllama.models.llama4_config import Llama4Config
-
-MOE_BACKENDS = ("auto", "loop", "grouped")
-_default_moe_backend = ["auto"]  # the process default; a model overrides it per experts module
-
-
-def set_moe_backend(name: str, model: nn.Module | None = None) -> None:
-    """How routed experts run: `loop` (one matmul pair per expert: the reference), `grouped` (`torch._grouped_mm`
-    over the expert-sorted tokens), or `auto` (grouped for CUDA bf16, where it is the fast path; loop elsewhere).
-    With `model`, for that model's experts only; without, the default of every experts module that sets none."""
-    if name not in MOE_BACKENDS:
-        raise ValueError(f"MoE backend {name!r} is unknown; choose one of {list(MOE_BACKENDS)}")
-    if model is None:
-        _default_moe_backend[0] = name
-        return
-    for m in model.modules():
-        if isinstance(m, Llama4TextExperts):
-            m.backend = name
-
+from dtllama.models.moe import (  # noqa: F401 (expert_counts, router_stats, set_moe_backend: re-exported)
+    GroupedExperts, MoEBlock, RouterStats, Routing, expert_counts, router_stats, run_experts, set_moe_backend,
+)
+from dtllama.models.moe_lm import MoECausalLM, MoECausalLMOutput
 
 # ---------------------------------------------------------------------------------------------------- attention
 
@@ -140,53 +121,12 @@ class Llama4TextAttention(Attention):
 # ---------------------------------------------------------------------------------------------------- feed-forward
 
 
-class Llama4TextExperts(nn.Module):
+class Llama4TextExperts(GroupedExperts):
     """All routed experts' SwiGLU weights stacked as HF stores them: `gate_up_proj [E, H, 2I]` (gate first, then
     up, along the last dim) and `down_proj [E, I, H]`, applied as `x @ W` (no transposes)."""
 
     def __init__(self, config: Llama4Config):
-        super().__init__()
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
-        self.down_proj = nn.Parameter(torch.empty(e, i, h))
-        self.backend: str | None = None  # None: the process default (`set_moe_backend`)
-
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`x [N, H]`: routed rows sorted by expert, `counts[e]` of them for expert e; returns `[N, H]`.
-
-        Under expert parallel the weights are DTensors sharded on experts and `x`, `counts` are the rows of this
-        rank's experts only (`dtllama.parallel.ep` dispatches them): the math runs on the local shards."""
-        gate_up, down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate_up_proj, self.down_proj))
-        if self._grouped(x):
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(x, gate_up, offs=offs).chunk(2, dim=-1)
-            return torch._grouped_mm(up * F.silu(gate), down, offs=offs)
-        out, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            gate, up = (x[start:start + n] @ gate_up[e]).chunk(2, dim=-1)
-            out.append((up * F.silu(gate)) @ down[e])
-            start += n
-        return torch.cat(out)
-
-    def _grouped(self, x: torch.Tensor) -> bool:
-        """Whether to take the grouped-GEMM path (see `set_moe_backend`). `_grouped_mm` wants every row stride a
-        multiple of 16 bytes, so hidden and intermediate sizes a multiple of 16 / itemsize."""
-        h, i = self.down_proj.shape[2], self.down_proj.shape[1]
-        aligned = all(n * x.element_size() % 16 == 0 for n in (h, i))
-        backend = self.backend or _default_moe_backend[0]
-        if backend == "grouped" and not aligned:
-            raise ValueError(f"MoE backend 'grouped' needs hidden_size={h} and intermediate_size={i} to be multiples "
-                             f"of {16 // x.element_size()} for {x.dtype}; use set_moe_backend('loop')")
-        if backend == "auto":
-            return aligned and x.is_cuda and x.dtype == torch.bfloat16
-        return backend == "grouped"
-
-
-def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many of the rows' entries name each expert: `[..., n]` expert ids to `[..., num_experts]` int64 counts.
-    A scatter rather than `bincount`, whose output size depends on the data (a graph break when compiled)."""
-    counts = experts.new_zeros(*experts.shape[:-1], num_experts, dtype=torch.int64)
-    return counts.scatter_add_(-1, experts.long(), torch.ones_like(experts, dtype=torch.int64))
+        super().__init__(config.num_local_experts, config.hidden_size, config.intermediate_size, transposed=False)
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,27 +136,27 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return experts, torch.sigmoid(top.float()).to(logits.dtype)
 
 
-class Llama4TextMoe(nn.Module):
+class Llama4TextMoe(MoEBlock):
     """Token-choice MoE. HF runs every expert on every token (scaled by a score of 0 where unrouted); this runs
-    each expert on its own tokens only, which is the same sum: an expert's SwiGLU of a zero row is zero."""
+    each expert on its own tokens only, which is the same sum: an expert's SwiGLU of a zero row is zero. With
+    `load_balance_coeff`, the top-k is chosen by `sigmoid(logit) + bias` (`moe.MoEBlock`)."""
 
     def __init__(self, config: Llama4Config):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
+        super().__init__(config.num_local_experts, config.num_experts_per_tok, config.load_balance_coeff)
         self.experts = Llama4TextExperts(config)
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.shared_expert = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(output [T, H], router logits [T, E])`."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """`(output [T, H], the routing)`."""
         logits = self.router(x)
-        experts, scores = route(logits, self.top_k)
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within each
-        token = order // self.top_k
-        counts = expert_counts(flat, logits.shape[1])
-        routed = self.experts(x[token] * scores.flatten()[order, None], counts)
-        return self.shared_expert(x) + torch.zeros_like(x).index_add_(0, token, routed), logits
+        if self.expert_bias is None:
+            experts, scores = route(logits, self.top_k)
+        else:
+            experts = self.select(torch.sigmoid(logits.float()))
+            scores = torch.sigmoid(logits.gather(1, experts).float()).to(logits.dtype)
+        out = self.shared_expert(x) + run_experts(x, self.experts, experts, scores, scale_inputs=True)
+        return out, Routing(logits, experts)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -243,12 +183,12 @@ class Llama4TextDecoderLayer(nn.Module):
         return P.LayerPlan(tp, experts="feed_forward.experts", compile_parts=parts)
 
     def forward(self, x, freqs_cis, spans: AttentionSpans):
-        """`(x, router logits or None for a dense layer)`."""
+        """`(x, the MoE's routing or None for a dense layer)`."""
         x = x + self.self_attn(self.input_layernorm(x), freqs_cis, spans)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            h, logits = self.feed_forward(h)
-            return x + h, logits
+            h, routing = self.feed_forward(h)
+            return x + h, routing
         return x + self.feed_forward(h), None
 
 
@@ -263,69 +203,14 @@ class Llama4TextModel(Decoder):
         return self.rotary_emb(position_ids), attention_spans(self.config, position_ids, cu_seqlens, max_seqlen)
 
 
-@dataclass
-class RouterStats:
-    """Per MoE layer (in layer order): `tokens_per_expert [L, E]` (int64; each row sums to T * top_k) and the
-    load-balance loss `aux_loss` (already times `router_aux_loss_coef`; None when that is 0)."""
-
-    tokens_per_expert: torch.Tensor
-    aux_loss: torch.Tensor | None
+Llama4CausalLMOutput = MoECausalLMOutput
 
 
-def router_stats(router_logits: list[torch.Tensor], top_k: int, coef: float,
-                 token_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> RouterStats | None:
-    """Counts of the routing `route` made, and the Switch Transformer load-balance loss (arXiv:2101.03961, eq. 4)
-    `coef * E * sum_e f_e * P_e` per layer, averaged over MoE layers: `f_e` the share of tokens sent to expert e
-    (of T, so top-k routing sums to k, as HF's `load_balancing_loss_func` counts), `P_e` the mean softmax router
-    probability (the differentiable part). HF's Llama 4 text model computes no such loss (its config's
-    `router_aux_loss_coef` is unused there); this is that helper's formula, per layer rather than over all
-    layers' tokens pooled.
-
-    `token_sum`: where this rank holds a shard of the sequences' tokens (sequence parallel), the sum over the
-    ranks holding the others, so `f_e` and `P_e` are means over all the sequences' tokens as on one device.
-    The counts returned stay this rank's own."""
-    if not router_logits:
-        return None
-    logits = torch.stack(router_logits)  # [L, T, E]
-    n_layers, T, E = logits.shape
-    counts = expert_counts(torch.topk(logits.detach(), top_k, dim=-1).indices.reshape(n_layers, -1), E)
-    if not coef:
-        return RouterStats(counts, None)
-    total = token_sum or (lambda x: x)
-    n_tokens = total(torch.tensor(float(T), device=logits.device)).clamp_min(1)
-    share = total(counts.float()) / n_tokens
-    prob = total(torch.softmax(logits.float(), dim=-1).sum(1)) / n_tokens
-    return RouterStats(counts, coef * E * (share * prob).sum(-1).mean())
-
-
-@dataclass
-class Llama4CausalLMOutput(CausalLMOutput):
-    router_stats: RouterStats | None = None
-
-
-class Llama4ForCausalLM(CausalLM):
-    """Causal LM with HF's `Llama4ForCausalLM` parameter names; its output adds `router_stats` over the batch's real
-    tokens. `token_sum` sums the router statistics over the ranks holding other token shards of the same
-    sequences (TP's sequence parallel, Ulysses register the sums), so the load-balance loss is that of all tokens."""
+class Llama4ForCausalLM(MoECausalLM):
+    """Causal LM with HF's `Llama4ForCausalLM` parameter names; its output adds `router_stats` (`MoECausalLM`)."""
 
     config_class = Llama4Config  # what `hf_io` reads config.json with
     decoder_class = Llama4TextModel
-    output_class = Llama4CausalLMOutput
-    token_sums = ("token_sum",)
-
-    def _build_head(self, last: bool) -> None:
-        super()._build_head(last)
-        self.token_sum = TokenSum()
-
-    def stage_aux_loss(self, aux: list) -> torch.Tensor | None:
-        """This stage's MoE layers' share of the load-balance loss (a mean over all MoE layers of the model)."""
-        c = self.config
-        stats = router_stats(aux, c.num_experts_per_tok, c.router_aux_loss_coef, self.token_sum)
-        return None if stats.aux_loss is None else stats.aux_loss * (len(aux) / len(c.moe_layers))
-
-    def aux_outputs(self, aux: list) -> dict:
-        c = self.config
-        return {"router_stats": router_stats(aux, c.num_experts_per_tok, c.router_aux_loss_coef, self.token_sum)}
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.float32) -> "Llama4ForCausalLM":

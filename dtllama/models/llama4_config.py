@@ -42,6 +42,8 @@ class Llama4Config:
     interleave_moe_layer_step: int = 1
     use_qk_norm: bool = True
     router_aux_loss_coef: float = 0.001
+    # dtllama's, not HF's: aux-loss-free balancing's bias step (`dtllama.models.moe`); None: off. Not exported.
+    load_balance_coeff: float | None = None
     # Per layer, 1 = RoPE (chunked attention), 0 = NoPE (full attention, temperature tuning). None: HF's default,
     # every `no_rope_layer_interval`-th layer NoPE.
     no_rope_layers: list[int] | None = None
@@ -88,6 +90,14 @@ class Llama4Config:
         if bad:
             raise ValueError(f"moe_layers={self.moe_layers} names layers {bad} outside 0..{n - 1}")
 
+    def tp_widths(self) -> dict[str, int]:
+        """The SwiGLU widths TP splits: `intermediate_size` (the shared expert's), and `intermediate_size_mlp` when
+        there are dense layers (Maverick's interleave); routed experts are never TP-split."""
+        widths = {"intermediate_size": self.intermediate_size}
+        if len(self.moe_layers) < self.num_hidden_layers:
+            widths["intermediate_size_mlp"] = self.intermediate_size_mlp
+        return widths
+
     def use_rope(self, layer: int) -> bool:
         return bool(self.no_rope_layers[layer])
 
@@ -122,7 +132,9 @@ class Llama4Config:
 
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """A `config.json` dict (model_type "llama4_text") that transformers 4 and 5 load as this model."""
-        return fields_for_hf(self, "Llama4" + architecture)
+        d = fields_for_hf(self, "Llama4" + architecture)
+        d.pop("load_balance_coeff")
+        return d
 
     def num_params(self, active: bool = False) -> int:
         """Parameter count without building the model (tied embeddings counted once). `active`: the parameters
