@@ -5,7 +5,7 @@ from .compile import apply_compile
 from .cp import apply_cp
 from .batch_check import agree_on_error, apply_batch_check
 from .dims import ParallelDims, valid_cp_degrees, valid_ep_degrees, valid_tp_degrees
-from .ep import apply_ep
+from .ep import apply_ep, balance_experts
 from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
 from .mixed_precision import apply_mixed_precision
@@ -16,6 +16,7 @@ from .tp import apply_tp
 
 __all__ = [
     "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
+    "balance_experts",
     "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_mixed_precision", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline", "SCHEDULES", "check_options",
     "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_ep_degrees", "valid_tp_degrees",
 ]

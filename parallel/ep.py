@@ -173,4 +173,28 @@ def shard_experts(model: nn.Module, efsdp_mesh: DeviceMesh, options: FSDPOptions
             experts.set_force_sum_reduction_for_comms(True)
 
 
-__all__ = ["ExpertParallel", "all_to_all_v", "apply_ep", "combine", "dispatch", "routed_experts", "shard_experts"]
+@torch.no_grad()
+def balance_experts(model: nn.Module, dims, update: bool = True) -> None:
+    """Aux-loss-free balancing's step, after each optimizer step on every rank: the tokens each MoE block sent each
+    expert since the last call (`model.balanced_moe()`, the model protocol), summed over all ranks that hold other
+    tokens of the same layers (`dp` and `tp`: data-parallel and CP ranks other sequences or shards, TP ranks other
+    token shards; a pipeline stage's ranks only, whose layers they are), move every block's bias
+    (`MoEBlock.update_bias`); `update=False` (a skipped step) drops the counts instead. Nothing for a model that
+    does not balance by bias."""
+    blocks = model.balanced_moe()
+    if not blocks:
+        return
+    counts = torch.stack([b.tokens_per_expert for b in blocks])
+    for name in ("dp", "tp"):
+        mesh = dims.mesh(name)
+        if mesh.size() > 1:
+            torch.distributed.all_reduce(counts, group=mesh.get_group())
+    for block, c in zip(blocks, counts):
+        if update:
+            block.update_bias(c)
+        else:
+            block.reset_balance(bias=False)
+
+
+__all__ = ["ExpertParallel", "all_to_all_v", "apply_ep", "balance_experts", "combine", "dispatch", "routed_experts",
+           "shard_experts"]

@@ -16,9 +16,10 @@ import dtllama
 import third_family
 from dtllama.models.llama4 import Llama4Config, Llama4ForCausalLM
 from dtllama.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3ForValue
+from dtllama.models.qwen3_moe import Qwen3MoeConfig
 from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
-from dtllama.parallel import CompileOptions, ParallelDims, clip_grad_norm_, parallelize
+from dtllama.parallel import CompileOptions, ParallelDims, balance_experts, clip_grad_norm_, parallelize
 
 ENTROPY_WEIGHT = 0.01
 LR = 1e-2
@@ -45,10 +46,14 @@ def model_config(config_dict: dict):
         return Qwen3Config(**{k: v for k, v in config_dict.items() if k != "family"})
     if config_dict.get("model_type") == "llama4_text":
         return Llama4Config(**config_dict)
+    if config_dict.get("model_type") == "qwen3_moe":
+        return Qwen3MoeConfig(**config_dict)
     return dtllama.ModelConfig(**config_dict)
 
 
 def build(config, value: bool):
+    if isinstance(config, Qwen3MoeConfig):
+        return dtllama.model_class(config, value)(config)
     if isinstance(config, Qwen3Config):
         return (Qwen3ForValue if value else Qwen3ForCausalLM)(config)
     if isinstance(config, third_family.ParallelBlockConfig):
@@ -247,10 +252,12 @@ def pretrained_cp_logprobs(path: str, seqs: list[torch.Tensor], cp: int) -> torc
     return cp_gather(lp, dims.mesh("cp"))[:ids.numel()]
 
 
-def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int, folder: str, save: bool):
+def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int, folder: str, save: bool,
+                  biases: bool = False):
     """On every rank: AdamW training of a parallelized model, 3 steps on the same batch. `save`: init from `seed`,
     take step 1, checkpoint to `folder` (DCP, `Checkpointer`); otherwise init from another seed and resume from
-    `folder`. Then steps 2 and 3; returns their global losses (the sum over the data-parallel ranks' sequences)."""
+    `folder`. Then steps 2 and 3; returns their global losses (the sum over the data-parallel ranks' sequences),
+    and with `biases` also the MoE balancing biases after step 1 (as saved or as resumed) and after step 3."""
     from dtllama.train.checkpoint import Checkpointer, TrainState
 
     config = model_config(config_dict)
@@ -271,6 +278,7 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        balance_experts(model, dims)
         total = loss.detach() / dims.mesh("dp").size()
         dist.all_reduce(total, group=batch.get_group())
         return float(total)
@@ -281,7 +289,13 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
         checkpointer.save(1, state)
     else:
         assert checkpointer.load_latest(state) == 1
-    return [train_step(), train_step()]
+
+    def bias():
+        return [b.expert_bias.clone() for b in model.balanced_moe()]
+
+    first = bias()
+    losses = [train_step(), train_step()]
+    return (losses, first, bias()) if biases else losses
 
 
 def _layout_dims(layout: dict, config) -> ParallelDims:
@@ -318,7 +332,7 @@ def aux_loss_rank(config_dict: dict, layout: dict | None, seqs, seed: int):
     aux = model(ids, cu_seqlens=cu_seqlens_from_lengths(lengths)).router_stats.aux_loss
     (aux * dp).backward()
     grads = {hf_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
-             for n, p in model.named_parameters() if n.endswith("router.weight")}
+             for n, p in model.named_parameters() if n.endswith(("router.weight", "mlp.gate.weight"))}
     return float(aux.detach()), grads
 
 
@@ -340,3 +354,47 @@ def gathered_loss_grads(config_dict: dict, layout: dict | None, seqs, labels_lis
     grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
              for n, q in model.named_parameters()}
     return float(loss.detach()), grads
+
+
+def skew_router(model, seed: int, strength: float) -> None:
+    """Give every token's hidden state a common direction `c` (added to each embedding row) and the first two
+    experts' router rows `strength * c`: a router that sends most tokens to experts 0 and 1 from the start."""
+    from dtllama.models.blocks import copy_full_into
+
+    c = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    c = c / c.norm()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            name = hf_name(name)
+            full = p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+            if name == "model.embed_tokens.weight":
+                copy_full_into(p, full + 0.5 * c)
+            elif name.endswith("mlp.gate.weight"):
+                full[:2] += strength * c
+                copy_full_into(p, full)
+
+
+def balance_run(config_dict: dict, layout: dict, steps: int, seed: int, data: str, strength: float):
+    """On every rank: the recipes' training step (`dtllama.train.loop.train_step`, which runs the balancing step)
+    for `steps` steps on the byte-tokenized `data` from a skewed router; returns each step's max/mean tokens per
+    expert (over all ranks and MoE layers) and the balancing biases at the end."""
+    from dtllama.train.config import Optim, Training
+    from dtllama.train.data import Example, Examples, global_batch
+    from dtllama.train.loop import optimizer, train_step
+    from dtllama.train.source import ByteTokenizer
+
+    config = model_config(config_dict)
+    dims = _layout_dims(layout, config)
+    with torch.device("meta"):
+        model = build(config, value=False)
+    parallelize(model, dims)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    skew_router(model, seed, strength)
+    training, optim = Training(data=data, steps=steps, batch_tokens=1024, max_seq_len=256), Optim(lr=3e-3)
+    opt, sched = optimizer(model, optim, steps)
+    examples = Examples(data, ByteTokenizer(), 256, config.vocab_size, seed=seed, truncate=True)
+    filler = Example([0, 0], [False, False], "filler")
+    loads = [train_step(model, opt, sched, global_batch(examples, training.batch_tokens), dims, filler, training,
+                        optim)["expert_load_max_over_mean"] for _ in range(steps)]
+    return loads, [b.expert_bias.clone() for b in model.balanced_moe()]

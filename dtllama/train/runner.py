@@ -90,6 +90,11 @@ class PipelineRunner:
     def __init__(self, pipe: Pipeline, dims: ParallelDims):
         self.pipe, self.dims = pipe, dims
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """This rank's part of the model (its stages' layers)."""
+        return self.pipe.model
+
     def parameters(self):
         return self.pipe.model.parameters()
 
