@@ -10,7 +10,10 @@
 - `layer.plan()` -> `LayerPlan` for each decoder layer: TP styles by submodule, the attention cores Ulysses
   wraps, the routed experts EP shards, the parts compiled apart;
 - `model.cut(layers, first, last, stage)`: a model holding some layers (a pipeline stage or a rank's part),
-  sharing the modules of `model`, whose forward is a pipeline stage's when `stage` is given.
+  sharing the modules of `model`, whose forward is a pipeline stage's when `stage` is given;
+- `model.balanced_moe()`: the MoE blocks that balance by bias (`moe.MoEBlock`), whose counts `balance_experts`
+  sums over ranks after each step;
+- `config.tp_widths()`: the SwiGLU widths TP splits, by field name (for the error naming valid degrees).
 
 The TP styles are plain descriptions (the model knows no mesh); `parallel/tp.py` maps each to a torch
 `ParallelStyle`. A new family declares these in its own file and needs no edit under `parallel/`.
