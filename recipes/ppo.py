@@ -29,7 +29,7 @@ from dtllama.train import rl
 from dtllama.train.build import pipeline_options, resolve_layout, setup_distributed
 from dtllama.train.config import Job, Layout, Logging, ModelSource, Optim, RunConfig, opt, parse_config, section
 from dtllama.train.launch import run_recipe
-from dtllama.train.metrics import MetricsWriter, mean_over
+from dtllama.train.metrics import MetricsWriter, max_over, mean_over
 from dtllama.train.ppo import PPO, actor_critic, after_update, ppo_update, rollout, rollout_microbatch_tokens
 from dtllama.train.source import load_source
 
@@ -106,7 +106,10 @@ def main(argv=None):
             f"first-minibatch |ratio-1| {row['first_ratio_max_dev']:.1e} KL {row['first_approx_kl']:.1e}  "
             f"approx-KL {row['approx_kl']:.2e}  KL(ref) {row['kl'][-1]:+.2e}  clip {row['clip_frac']:.3f}  "
             f"entropy {row['entropy']:.3f}  value err {row['value_error']:.3f}  EV {row['explained_variance']:+.3f}  "
-            f"{row['seconds']:.1f}s  e.g. {row['samples']!r}")
+            f"{row['seconds']:.1f}s  e.g. {row['samples']!r}"
+            + (f"  rollout |dlogp| {row['rollout_logprob_diff_mean']:.2e} (max {row['rollout_logprob_diff_max']:.2e}) "
+               f"KL(rollout||train) {row['rollout_kl']:.2e} weight {row['rollout_weight_mean']:.3f}"
+               if cfg.ppo.rollout_logprobs != "trainer" else ""))
         metrics.write(row, step_key="iteration")
     metrics.close()
     dist.barrier()
@@ -127,6 +130,10 @@ def iteration_row(it: int, t0: float, roll, models, cfg: Config, dims, tokenizer
                value_error=mean_over(first["value_error"], dp), explained_variance=mean_over(ev, dp),
                seconds=time.perf_counter() - t0,
                samples=[tokenizer.decode(r, skip_special_tokens=True) for r in roll.responses[:2]])
+    c = roll.correction  # the engine / trainer mismatch (a max over ranks for the max, means for the rest)
+    row.update(rollout_logprob_diff_mean=mean_over(c["logprob_diff_mean"], dp),
+               rollout_logprob_diff_max=max_over(c["logprob_diff_max"], dp),
+               rollout_kl=mean_over(c["kl_rollout_train"], dp), rollout_weight_mean=mean_over(c["weight_mean"], dp))
     # Clipping and approx-KL start once the policy has moved: reported for the updated actor vs the rollout.
     after = after_update(roll, models.actor, cfg.ppo)
     row["clip_frac"], row["approx_kl"] = mean_over(after["clip_frac"], dp), mean_over(after["approx_kl"], dp)

@@ -108,11 +108,22 @@ class GroupedExperts(nn.Module):
                 raise ValueError(f"{prefix}gate_up_proj is split inside an expert ({gate_up.placements}); HF files "
                                  "hold whole experts, so shard the experts on dim 0 only (EP, FSDP)")
             gate_up, down = gate_up.to_local(), down.to_local()
+        state.update(self.per_expert(prefix, "gate_up_proj", gate_up, first))
+        state.update(self.per_expert(prefix, "down_proj", down, first))
+
+    def per_expert(self, prefix: str, leaf: str, stacked: torch.Tensor, first: int = 0) -> list[tuple[str, torch.Tensor]]:
+        """The HF checkpoint's per-expert tensors (views) of `stacked`, this module's `leaf` tensor ("gate_up_proj"
+        or "down_proj") holding experts `first, first + 1, ...`: `{prefix}{e}.gate_proj.weight` and `up_proj`
+        from gate_up, `down_proj` from down."""
         i = self.intermediate
-        for j in range(gate_up.shape[0]):
+        out = []
+        for j in range(stacked.shape[0]):
             key = f"{prefix}{first + j}."
-            state[key + "gate_proj.weight"], state[key + "up_proj.weight"] = gate_up[j, :i], gate_up[j, i:]
-            state[key + "down_proj.weight"] = down[j]
+            if leaf == "gate_up_proj":
+                out += [(key + "gate_proj.weight", stacked[j, :i]), (key + "up_proj.weight", stacked[j, i:])]
+            else:
+                out.append((key + "down_proj.weight", stacked[j]))
+        return out
 
     per_expert_files = False  # whether HF checkpoint files store one tensor per expert (`checkpoint_tensors`)
 

@@ -50,6 +50,13 @@ def mean_over(x: float, mesh) -> float:
     return float(t) / mesh.size()
 
 
+def max_over(x: float, mesh) -> float:
+    """The largest of a per-rank number over the ranks of `mesh`."""
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group())
+    return float(t)
+
+
 class MetricsWriter:
     """Rows of metrics to a JSONL file and TensorBoard (rank 0; `append` continues a resumed run's file)."""
 

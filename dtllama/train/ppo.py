@@ -57,14 +57,39 @@ class PPO:
     vf_coef: float = opt(0.5)
     entropy_coef: float = opt(0.0)
     critic_lr: float = opt(1e-3, "the critic's learning rate (--lr is the actor's)")
+    rollout_logprobs: str = opt("trainer", "the rollout engine's log-probs: 'trainer' (the actor's own at sampling) "
+                                           "or 'noise:SIGMA' (those plus Gaussian noise: an engine simulated)")
+    rollout_correction: str = opt("none", "weight the policy loss for the engine / trainer mismatch: truncated "
+                                          "per-token ratios (tis) or sequences masked outside the bounds (mis)",
+                                  choices=list(rl.CORRECTIONS))
+    tis_cap: float = opt(2.0, "tis: the cap of each token's ratio")
+    mis_low: float = opt(0.5, "mis: the lowest sequence ratio kept")
+    mis_high: float = opt(2.0, "mis: the highest sequence ratio kept")
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1 or self.ppo_epochs < 1:
             raise ValueError(f"group_size={self.group_size}, max_new_tokens={self.max_new_tokens} and ppo_epochs="
                              f"{self.ppo_epochs} must each be >= 1")
+        self.rollout_noise()  # a bad spec fails at parsing
         if self.advantage == "grpo" and self.group_size < 2:
             raise ValueError("advantage='grpo' needs group_size >= 2 (a group of one has no baseline): raise "
                              "--group-size or use --advantage gae")
+
+
+    def rollout_noise(self) -> float:
+        """The std of the simulated engine's noise (0 for the trainer's own log-probs)."""
+        spec = self.rollout_logprobs
+        if spec == "trainer":
+            return 0.0
+        kind, _, sigma = spec.partition(":")
+        try:
+            value = float(sigma)
+        except ValueError:
+            value = -1.0
+        if kind != "noise" or not value >= 0:
+            raise ValueError(f"--rollout-logprobs {spec!r}: expected 'trainer' or 'noise:SIGMA' with SIGMA >= 0 "
+                             "(e.g. noise:0.05)")
+        return value
 
 
 Runner = WholeRunner | PipelineRunner
@@ -96,6 +121,9 @@ class Rollout:
     ret: torch.Tensor  # returns: the critic's targets
     scores: torch.Tensor  # one reward per sequence
     responses: list[list[int]]  # the sampled token ids per sequence
+    rollout_lp: torch.Tensor  # the engine's log-probs of the sampled tokens (`PPO.rollout_logprobs`)
+    weights: torch.Tensor | None  # the rollout correction's per-token weights (None: no correction)
+    correction: dict  # the engine / trainer mismatch metrics (`rl.rollout_correction`)
 
 
 @dataclass
@@ -184,7 +212,13 @@ def rollout(models: ActorCritic, prompts: list[list[int]], reward: Callable[[int
     scores = torch.tensor([reward(i // ppo.group_size, r) for i, r in enumerate(responses)])
     old, ref_lp, values = models.actor(b)[0], models.ref(b)[0], models.critic(b)
     adv, ret = _advantages(b, mask, scores, values, len(prompts), ppo)
-    return Rollout(b, mask, old, ref_lp, values, adv, ret, scores, responses)
+    sigma = ppo.rollout_noise()
+    # The ranks of a TP / CP / pipeline group share `gen` (they sampled the same tokens): the same noise.
+    rollout_lp = old + sigma * torch.randn(old.shape, generator=gen).to(old.device) * mask if sigma else old
+    weights, correction = rl.rollout_correction(old, rollout_lp, mask, b.cu_seqlens, ppo.rollout_correction,
+                                                ppo.tis_cap, ppo.mis_low, ppo.mis_high)
+    weights = None if ppo.rollout_correction == "none" else weights
+    return Rollout(b, mask, old, ref_lp, values, adv, ret, scores, responses, rollout_lp, weights, correction)
 
 
 def _advantages(b: Packed, mask, scores, values, n_prompts: int, ppo: PPO):
@@ -225,7 +259,8 @@ def _loss_fns(roll: Rollout, ppo: PPO, norm: float, scale: float):
         (lp, ent), m = out, take(roll.mask)
         if not bool(m.any()):  # a pipeline microbatch without responses (first-fit filled the others)
             return lp.sum() * 0.0
-        pg = rl.policy_loss(lp, take(roll.old), take(roll.adv), m, ppo.clip_low, ppo.clip_high, agg, cu, norm)[0]
+        w = None if roll.weights is None else take(roll.weights)
+        pg = rl.policy_loss(lp, take(roll.old), take(roll.adv), m, ppo.clip_low, ppo.clip_high, agg, cu, norm, w)[0]
         kl = rl.aggregate(rl.kl_penalty(lp, take(roll.ref), ppo.kl_kind), m, agg, cu, norm)
         return (pg + ppo.kl_coef * kl - ppo.entropy_coef * rl.entropy_bonus(ent, m, agg, cu, norm)) * scale
 
@@ -268,7 +303,8 @@ def ppo_update(roll: Rollout, models: ActorCritic, ppo: PPO, dims: ParallelDims)
 def _epoch_terms(roll: Rollout, ppo: PPO, norm: float, logprobs, entropy, values):
     """This rank's share of an epoch's (policy, value, KL, entropy) terms, and the policy and value metrics."""
     cu, mask, agg = roll.batch.cu_seqlens, roll.mask, ppo.agg
-    pg, pm = rl.policy_loss(logprobs, roll.old, roll.adv, mask, ppo.clip_low, ppo.clip_high, agg, cu, norm)
+    pg, pm = rl.policy_loss(logprobs, roll.old, roll.adv, mask, ppo.clip_low, ppo.clip_high, agg, cu, norm,
+                            roll.weights)
     vf, vm = rl.value_loss(values, roll.values, roll.ret, mask, ppo.value_clip, agg, cu, norm)
     kl = rl.aggregate(rl.kl_penalty(logprobs, roll.ref, ppo.kl_kind), mask, agg, cu, norm)
     ent = rl.entropy_bonus(entropy, mask, agg, cu, norm)

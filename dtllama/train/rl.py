@@ -19,6 +19,8 @@ Inputs are validated here, on each rank, so that a bad batch raises before the c
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
@@ -147,8 +149,11 @@ def broadcast_to_tokens(per_seq: torch.Tensor, response_mask: torch.Tensor, cu_s
 
 
 def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low: float = 0.2, clip_high: float = 0.2,
-                agg: str = "token-mean", cu_seqlens=None, normalizer=None) -> tuple[torch.Tensor, dict]:
+                agg: str = "token-mean", cu_seqlens=None, normalizer=None, weights=None) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate `max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`, `r = exp(lp - old_lp)`.
+
+    `weights` (per token, no gradient): each token's term times it before aggregation: the rollout correction's
+    importance weights (`rollout_correction`); None is a weight of 1.
 
     The two bounds are separate (decoupled clip, as DAPO's clip-higher): a positive advantage stops
     pulling once `r > 1 + clip_high`, a negative one once `r < 1 - clip_low`. Metrics (detached floats of
@@ -168,7 +173,11 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low: flo
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), response_mask, agg, cu_seqlens, normalizer)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        _check_same_shape("logprobs", logprobs, weights=weights)
+        per_token = per_token * weights.detach()
+    loss = aggregate(per_token, response_mask, agg, cu_seqlens, normalizer)
     with torch.no_grad():
         cut = (clipped > unclipped) & (mask > 0)
         n = mask.sum()
@@ -178,6 +187,51 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low: flo
                        approx_kl=float(masked_mean(kl_penalty(logprobs, old_logprobs, "k3"), mask)),
                        ratio_max_dev=float(((ratio - 1).abs() * mask).max()))
     return loss, metrics
+
+
+CORRECTIONS = ("none", "tis", "mis")
+
+
+def rollout_correction(old_logprobs, rollout_logprobs, response_mask, cu_seqlens, mode: str = "tis",
+                       cap: float = 2.0, low: float = 0.5, high: float = 2.0) -> tuple[torch.Tensor, dict]:
+    """Importance weights `[T]` for the policy loss when the rollout engine's log-probs differ from the trainer's
+    (other kernels, bf16): the tokens were sampled from the engine's distribution, the loss assumes the trainer's.
+    verl's rollout correction (its `docs/algo/rollout_corr.md`), with `r_t = exp(old_lp_t - rollout_lp_t)`:
+
+    - "tis" (truncated importance sampling, per token): `min(r_t, cap)`;
+    - "mis" (masked importance sampling, per sequence): 1 where the sequence's ratio `prod_t r_t` (over its
+      response tokens) lies in `[low, high]`, 0 for the whole sequence otherwise;
+    - "none": 1.
+    Weights are 0 off the response. Metrics (this rank's response tokens): the mismatch `logprob_diff_mean` /
+    `logprob_diff_max` (|old - rollout|), `kl_rollout_train` (KL(rollout || train), Schulman's k3 on the
+    rollout's samples: `r - 1 - log r`), the weights' mean and, for "mis", the share of sequences masked."""
+    mask = _check_mask(response_mask)
+    _check_same_shape("old_logprobs", old_logprobs, rollout_logprobs=rollout_logprobs, response_mask=response_mask)
+    _check_finite(mask, old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs)
+    if mode not in CORRECTIONS:
+        raise ValueError(f"rollout correction mode={mode!r} is not one of {CORRECTIONS}")
+    if not (cap > 0 and 0 <= low <= 1 <= high):
+        raise ValueError(f"cap={cap} must be > 0 and low={low}, high={high} must bracket 1 (e.g. 2.0, 0.5, 2.0)")
+    with torch.no_grad():
+        log_r = torch.where(mask > 0, old_logprobs.float() - rollout_logprobs.float(), 0.0)
+        metrics = dict(logprob_diff_mean=float(masked_mean(log_r.abs(), mask)),
+                       logprob_diff_max=float(log_r.abs().max()),
+                       kl_rollout_train=float(masked_mean(torch.exp(log_r) - 1 - log_r, mask)))
+        if mode == "none":
+            weights = mask.float()
+        elif mode == "tis":
+            weights = torch.clamp(torch.exp(log_r), max=cap) * mask
+        else:
+            seq = _seq_index(cu_seqlens, mask.shape[0])
+            n_seqs = cu_seqlens.numel() - 1
+            seq_log_r = torch.zeros(n_seqs, dtype=log_r.dtype, device=log_r.device).index_add_(0, seq, log_r)
+            keep = (seq_log_r >= math.log(low) if low > 0 else torch.ones_like(seq_log_r, dtype=torch.bool))
+            keep &= seq_log_r <= math.log(high)
+            has_response = torch.zeros(n_seqs, device=mask.device).index_add_(0, seq, mask.float()) > 0
+            metrics["masked_seq_frac"] = float((~keep & has_response).sum() / has_response.sum().clamp_min(1))
+            weights = keep.float()[seq] * mask
+        metrics["weight_mean"] = float(masked_mean(weights, mask))
+    return weights, metrics
 
 
 def value_loss(values, old_values, returns, response_mask, clip: float = 0.2, agg: str = "token-mean",
@@ -237,5 +291,5 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mas
     return float(1 - var(d) / vr) if float(vr) > 0 else float("nan")
 
 
-__all__ = ["AGG_MODES", "KL_KINDS", "aggregate", "broadcast_to_tokens", "entropy_bonus", "explained_variance",
-           "gae_advantages", "grpo_advantages", "kl_penalty", "masked_mean", "policy_loss", "value_loss"]
+__all__ = ["AGG_MODES", "CORRECTIONS", "KL_KINDS", "aggregate", "broadcast_to_tokens", "entropy_bonus", "explained_variance",
+           "gae_advantages", "grpo_advantages", "kl_penalty", "masked_mean", "policy_loss", "rollout_correction", "value_loss"]
