@@ -86,7 +86,13 @@ def _buckets(order: list[_Entry], bucket_bytes: int) -> list[list[_Entry]]:
 
 
 def _full(t: torch.Tensor, dtype) -> torch.Tensor:
-    full = t.full_tensor() if isinstance(t, DTensor) else t.detach()
+    """The full tensor, cast; a DTensor whole on this rank (replicated, or on a mesh of one rank) without the
+    redistribution's dispatch (most of the time of a small tensor)."""
+    if isinstance(t, DTensor):
+        whole = t.device_mesh.size() == 1 or all(p.is_replicate() for p in t.placements)
+        full = t.to_local().detach() if whole else t.full_tensor()
+    else:
+        full = t.detach()
     return full.to(dtype) if dtype is not None and full.dtype != dtype else full
 
 
