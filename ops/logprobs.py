@@ -132,10 +132,12 @@ def _merge(m, s, t, picked, group):
     return top, both[0], both[1], both[2]
 
 
-def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group=None, start=0):
+def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group=None, start=0, inv_temp=None):
     """`(logprobs, entropy, shift, kept logits)` over token chunks: the first `kept` rows' logits are kept
     relative to their row max (`shift` is `lse - m` there, `lse` elsewhere). With a `group`, `weight` holds the
-    vocab rows `[start, start + V)` of a vocab-sharded head and the row statistics are merged over the group."""
+    vocab rows `[start, start + V)` of a vocab-sharded head and the row statistics are merged over the group.
+    `inv_temp [T]` (fp32, per token; then `temperature` is 1): each chunk's logits are scaled by it first, so the
+    kernels see a temperature of 1."""
     T = hidden.shape[0]
     inv_t = 1.0 / temperature
     shift = hidden.new_zeros(T, dtype=torch.float32)
@@ -144,6 +146,8 @@ def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, grou
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         z = _mm_f32(hidden[s:e], weight.t())
+        if inv_temp is not None:
+            z.mul_(inv_temp[s:e, None])
         m, se, t, picked = _merge(*_row_stats(z, labels[s:e] - start, inv_t), group)
         log_se = se.log()
         valid = labels[s:e] != IGNORE_INDEX
@@ -164,9 +168,10 @@ def _vocab_tile(T: int, V: int, chunk_size: int) -> int:
 
 
 def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature,
-                      chunk_size, group=None, start=0):
+                      chunk_size, group=None, start=0, inv_temp=None):
     """`(d_hidden, d_weight)` over vocab tiles: kept `rows` read, the other rows' logits recomputed; d_hidden is
-    summed over the vocab shards of `group`."""
+    summed over the vocab shards of `group`. With `inv_temp`, the gradient w.r.t. the scaled logits (recomputed
+    ones scaled as forward scaled them) times `inv_temp` is the raw logits'."""
     T, V, R = hidden.shape[0], weight.shape[0], rows.shape[0]
     inv_t = 1.0 / temperature
     valid = labels != IGNORE_INDEX
@@ -184,7 +189,11 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift
                      dz[:R])
         if R < T:
             z = _mm_f32(hidden[R:], w.t())
+            if inv_temp is not None:
+                z.mul_(inv_temp[R:, None])
             _dlogits(z, y[R:] - v0, shift[R:], entropy[R:], g_lp[R:], g_ent[R:], inv_t, inv_t, dz[R:])
+        if inv_temp is not None:
+            dz.mul_(inv_temp[:, None].to(dz.dtype))
         if d_weight.dtype == dz.dtype:
             torch.mm(dz.t(), hidden, out=d_weight[v0:v0 + tile])
         else:
@@ -195,13 +204,13 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift
 
 
 @torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
-def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int, kept: int
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept)
+def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int, kept: int,
+             inv_temp: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, inv_temp=inv_temp)
 
 
 @_forward.register_fake
-def _(hidden, weight, labels, temperature, chunk_size, kept):
+def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp):
     T = hidden.shape[0]
     return (*(hidden.new_empty(T, dtype=torch.float32) for _ in range(3)),
             hidden.new_empty((kept, weight.shape[0]), dtype=kept_dtype(hidden.dtype)))
@@ -210,32 +219,32 @@ def _(hidden, weight, labels, temperature, chunk_size, kept):
 @torch.library.custom_op("dtllama::linear_logprobs_entropy_backward", mutates_args=())
 def _backward(
     grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, shift: Tensor,
-    entropy: Tensor, rows: Tensor, temperature: float, chunk_size: int,
+    entropy: Tensor, rows: Tensor, temperature: float, chunk_size: int, inv_temp: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     return _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature,
-                             chunk_size)
+                             chunk_size, inv_temp=inv_temp)
 
 
 @_backward.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size):
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size, inv_temp):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, temperature, chunk_size, _ = inputs
-    ctx.save_for_backward(hidden, weight, labels, output[2], output[1], output[3])
+    hidden, weight, labels, temperature, chunk_size, _, inv_temp = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[2], output[1], output[3], inv_temp)
     ctx.temperature, ctx.chunk_size = temperature, chunk_size
 
 
 def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_shift, _grad_rows):
-    hidden, weight, labels, shift, entropy, rows = ctx.saved_tensors
+    hidden, weight, labels, shift, entropy, rows, inv_temp = ctx.saved_tensors
     zeros = torch.zeros_like(shift)  # a DTensor when the inputs are
     d_hidden, d_weight = _backward(
         (zeros if grad_logprobs is None else grad_logprobs).contiguous(),
         (zeros if grad_entropy is None else grad_entropy).contiguous(),
-        hidden, weight, labels, shift, entropy, rows, ctx.temperature, ctx.chunk_size,
+        hidden, weight, labels, shift, entropy, rows, ctx.temperature, ctx.chunk_size, inv_temp,
     )
-    return d_hidden, d_weight, None, None, None, None
+    return d_hidden, d_weight, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -245,10 +254,13 @@ SAVE_BYTES = 2 * 2**30  # logit rows kept from forward to backward by default (s
 
 
 def linear_logprobs_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024,
+    hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float | Tensor = 1.0, chunk_size: int = 1024,
     check: bool = True, save_bytes: int = SAVE_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`.
+
+    `temperature`: one for all tokens, or a positive `[T]` tensor, one per token (a rollout's per-request
+    temperatures broadcast over each sequence's tokens: see the causal LM's `temperature`).
 
     `check=False` skips validating the labels (one device sync), for callers that already did
     (the model's `check_packed`). `save_bytes`: memory for logit rows kept from forward to backward,
@@ -259,6 +271,9 @@ def linear_logprobs_entropy(
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must be [T]={hidden.shape[0]}")
+    inv_temp = None
+    if isinstance(temperature, Tensor):
+        inv_temp, temperature = _inverse_temperatures(temperature, hidden.shape[0], check), 1.0
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive")
     if chunk_size < 1:
@@ -269,14 +284,33 @@ def linear_logprobs_entropy(
     if check and not torch.compiler.is_compiling():
         check_labels(labels, weight.shape[0])
     if isinstance(weight, DTensor) and any(p == Shard(0) for p in weight.placements):
-        return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes)
+        return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes, inv_temp)
     kept = 0 if isinstance(hidden, DTensor) else kept_rows(hidden.shape[0], weight.shape[0], hidden.dtype, save_bytes)
-    if isinstance(hidden, DTensor) and not isinstance(labels, DTensor):
-        # Labels come whole; their slices follow the tokens of `hidden` (a local split, no communication).
-        labels = DTensor.from_local(labels, hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim,
-                                    run_check=False).redistribute(hidden.device_mesh, hidden.placements)
-    logprobs, entropy, _, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size), kept)
+    if isinstance(hidden, DTensor):
+        # Labels (and temperatures) come whole; their slices follow the tokens of `hidden` (a local split).
+        labels = _like_tokens(labels, hidden)
+        inv_temp = None if inv_temp is None else _like_tokens(inv_temp, hidden)
+    logprobs, entropy, _, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size), kept,
+                                       inv_temp)
     return logprobs, entropy
+
+
+def _like_tokens(x: Tensor, hidden: DTensor) -> Tensor:
+    """A whole per-token tensor as a DTensor placed as `hidden`'s tokens (a local split, no communication)."""
+    if isinstance(x, DTensor):
+        return x
+    mesh = hidden.device_mesh
+    return DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, hidden.placements)
+
+
+def _inverse_temperatures(temperature: Tensor, T: int, check: bool) -> Tensor:
+    """`1 / temperature` in fp32 of a per-token `[T]` tensor, checked (positive) unless `check` is off."""
+    if temperature.shape != (T,):
+        raise ValueError(f"temperature of shape {tuple(temperature.shape)} must be a float or one per token [T]={T}")
+    local = temperature.to_local() if isinstance(temperature, DTensor) else temperature
+    if check and not torch.compiler.is_compiling() and local.numel() and bool((local <= 0).any()):
+        raise ValueError(f"temperature must be positive; got min {float(local.min())}")
+    return 1.0 / temperature.float()
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -291,16 +325,18 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_s
 # per-token outputs is exact with a replicated weight, whose gradient is then a partial sum.
 # (Token-sharded inputs keep no log-softmax rows: the kept tensor is empty, its placement follows the tokens.)
 @register_sharding(torch.ops.dtllama.linear_logprobs_entropy.default)
-def _(hidden, weight, labels, temperature, chunk_size, kept):
-    return [([Shard(0)] * 4, [Shard(0), Replicate(), Shard(0), None, None, None]),
-            ([Replicate()] * 4, [Replicate()] * 3 + [None, None, None])]
+def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp):
+    t = inv_temp is not None
+    return [([Shard(0)] * 4, [Shard(0), Replicate(), Shard(0), None, None, None, Shard(0) if t else None]),
+            ([Replicate()] * 4, [Replicate()] * 3 + [None, None, None, Replicate() if t else None])]
 
 
 @register_sharding(torch.ops.dtllama.linear_logprobs_entropy_backward.default)
-def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size):
+def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size, inv_temp):
+    t = inv_temp is not None
     return [([Shard(0), Partial()], [Shard(0), Shard(0), Shard(0), Replicate(), Shard(0), Shard(0), Shard(0), Shard(0),
-                                     None, None]),
-            ([Replicate(), Replicate()], [Replicate()] * 8 + [None, None])]
+                                     None, None, Shard(0) if t else None]),
+            ([Replicate(), Replicate()], [Replicate()] * 8 + [None, None, Replicate() if t else None])]
 
 
 # Vocab-parallel dispatch: the output weight is a DTensor sharded on the vocab dim (tensor parallel);
@@ -325,35 +361,41 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     cannot be a custom-op argument, hence an autograd.Function)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, kept, group, start):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, kept, group, start, inv_temp):
         logprobs, entropy, shift, rows = _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group,
-                                                          start)
-        ctx.save_for_backward(hidden, weight, labels, shift, entropy, rows)
+                                                          start, inv_temp)
+        ctx.save_for_backward(hidden, weight, labels, shift, entropy, rows, inv_temp)
         ctx.args = (temperature, chunk_size, group, start)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, labels, shift, entropy, rows = ctx.saved_tensors
+        hidden, weight, labels, shift, entropy, rows, inv_temp = ctx.saved_tensors
         temperature, chunk_size, group, start = ctx.args
         d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy,
-                                               rows, temperature, chunk_size, group, start)
-        return d_hidden, d_weight, None, None, None, None, None, None
+                                               rows, temperature, chunk_size, group, start, inv_temp)
+        return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
-def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes):
+def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes, inv_temp=None):
     local_w, group, start = _vocab_shard(weight)
     h = _all_tokens(hidden, weight.device_mesh)
     kept = kept_rows(h.shape[0], local_w.shape[0], h.dtype, save_bytes)
+    if isinstance(inv_temp, DTensor):
+        inv_temp = inv_temp.full_tensor()
     return _VocabParallelLogprobsEntropy.apply(h, local_w, labels, float(temperature), int(chunk_size), kept, group,
-                                               start)
+                                               start, inv_temp)
 
 
-def linear_logits(hidden: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
-    """Full logits `hidden @ weight.T / temperature`; a vocab-sharded weight gives gathered logits."""
+def linear_logits(hidden: Tensor, weight: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """Full logits `hidden @ weight.T / temperature` (a float, or one per token `[T]`); a vocab-sharded weight gives
+    gathered logits."""
+    if isinstance(temperature, Tensor):
+        temperature = temperature.float()[:, None]
     if isinstance(weight, DTensor):
         mesh = weight.device_mesh
         if not isinstance(hidden, DTensor):
             hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
-        return (torch.nn.functional.linear(hidden.redistribute(mesh, [Replicate()]), weight) / temperature).full_tensor()
+        logits = torch.nn.functional.linear(hidden.redistribute(mesh, [Replicate()]), weight).full_tensor()
+        return logits / temperature
     return torch.nn.functional.linear(hidden, weight) / temperature

@@ -152,8 +152,10 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
     sum_token_statistics(model, plan, cp_mesh.get_group())  # e.g. the load-balance loss is over all tokens
     if plan.output == "logprobs" and model.logprobs_head is not None:
         def shard_labels(module, args):
-            hidden, weight, labels, *rest = args
-            return hidden, weight, _shard(labels, cp_mesh), *rest
+            hidden, weight, labels, temperature, *rest = args
+            if isinstance(temperature, torch.Tensor):  # one per token: its slice follows the labels'
+                temperature = _shard(temperature, cp_mesh)
+            return hidden, weight, _shard(labels, cp_mesh), temperature, *rest
 
         model.logprobs_head.register_forward_pre_hook(shard_labels)
     return model

@@ -180,7 +180,7 @@ class LogprobsHead(nn.Module):
         super().__init__()
         self.save_bytes = save_bytes
 
-    def forward(self, hidden, weight, labels, temperature: float, chunk_size: int, save_bytes: int | None = None):
+    def forward(self, hidden, weight, labels, temperature, chunk_size: int, save_bytes: int | None = None):
         # prepare_batch already validated the labels
         return linear_logprobs_entropy(hidden, weight, labels, temperature, chunk_size, check=False,
                                        save_bytes=self.save_bytes if save_bytes is None else save_bytes)
@@ -390,7 +390,7 @@ class CausalLM(PretrainedModel):
         """Fields the family adds to its output from the layers' aux outputs (none for a dense model)."""
         return {}
 
-    def head(self, h, labels, temperature: float, chunk_size: int, save_bytes: int | None = None):
+    def head(self, h, labels, temperature, chunk_size: int, save_bytes: int | None = None):
         """Full-vocabulary logits (no labels), or `(log-probs, entropy)` of `labels`; never `[T, vocab]` for those.
         The weight is cast to the activations' dtype at use (fp32 parameters under one-rank mixed precision)."""
         weight = self.output_weight.to(h.dtype)
@@ -399,9 +399,12 @@ class CausalLM(PretrainedModel):
         return self.logprobs_head(h, weight, labels, temperature, chunk_size, save_bytes)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
-                attention_mask=None, temperature: float = 1.0, chunk_size: int = 1024, save_bytes: int | None = None,
-                num_seqs=None):
+                attention_mask=None, temperature: float | torch.Tensor = 1.0, chunk_size: int = 1024,
+                save_bytes: int | None = None, num_seqs=None):
         """Logits, or, given `labels`, per-token log-probs and entropy without full-vocab logits.
+
+        `temperature`: one for the batch, or a tensor of one per sequence `[B]` (of `cu_seqlens`, or the rows of a
+        padded batch), as a rollout samples each request at its own; each sequence's tokens then read theirs.
 
         `labels[t]` is the token whose log-prob is read at position t (already shifted: see
         `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). `save_bytes`: memory
@@ -415,10 +418,24 @@ class CausalLM(PretrainedModel):
             return h if self.model.norm is None else self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes)
         h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         extra = self.aux_outputs(aux)
+        temperature = token_temperatures(temperature, batch.cu_seqlens)
         if batch.labels is None:
             return self.output_class(logits=batch.repad(self.head(h, None, temperature, chunk_size)), **extra)
         lp, ent = self.head(h, batch.labels, temperature, chunk_size, save_bytes)
         return self.output_class(logprobs=batch.repad(lp), entropy=batch.repad(ent), **extra)
+
+
+def token_temperatures(temperature, cu_seqlens: torch.Tensor):
+    """A per-sequence temperature tensor `[B]` as one per token `[T]` (each sequence's tokens its own); a float as
+    is. The error names the shapes a tensor may have."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    cu = cu_seqlens.long()
+    n, T = cu.numel() - 1, int(cu[-1])
+    if temperature.shape != (n,):
+        raise ValueError(f"temperature of shape {tuple(temperature.shape)}: pass a float or one per sequence [{n}] "
+                         "(the sequences of cu_seqlens, or the rows of a padded batch)")
+    return torch.repeat_interleave(temperature.float().to(cu.device), cu[1:] - cu[:-1], output_size=T)
 
 
 class ValueModel(PretrainedModel):

@@ -1,0 +1,31 @@
+"""What each rank runs for the head-option tests (`test_head_options.py`): a model every rank of a TP / CP layout
+runs on the whole batch, with one temperature per sequence."""
+
+from __future__ import annotations
+
+import torch
+from parallel_cases import _whole_batch_model, cp_gather, model_config
+from torch.distributed.tensor import DTensor
+
+from dtllama.models.blocks import hf_name
+from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
+
+
+def temperature_rank(config_dict: dict, layout: dict | None, seqs, temps, seed: int):
+    """Log-probs, entropy (all tokens, gathered over CP) and the full gradients of `sum(logprobs + 0.3 entropy)` at
+    per-sequence temperatures `temps`; `layout=None`: one process, the reference."""
+    model, dims = _whole_batch_model(model_config(config_dict), layout, seed)
+    multiple = 1 if dims is None else dims.token_multiple
+    ids = torch.cat(seqs)
+    p = pad_to_multiple(ids, cu_seqlens_from_lengths([len(s) for s in seqs]), multiple,
+                        shift_labels(ids, cu_seqlens_from_lengths([len(s) for s in seqs])))
+    n_pad = p.cu_seqlens.numel() - 1 - len(seqs)  # a padding tail sequence, if any, reads temperature 1
+    t = torch.cat([torch.tensor(temps), torch.ones(n_pad)])
+    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels, temperature=t)
+    dp = 1 if dims is None else dims.mesh("dp").size()  # the CP ranks, over which FSDP averages (each has its shard)
+    ((out.logprobs.sum() + 0.3 * out.entropy.sum()) * dp).backward()
+    cp = dims.mesh("cp") if dims is not None and dims.cp_enabled else None
+    T = len(ids)
+    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
+             for n, q in model.named_parameters()}
+    return cp_gather(out.logprobs, cp)[:T], cp_gather(out.entropy, cp)[:T], grads
