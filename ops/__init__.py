@@ -1,7 +1,7 @@
 """Custom ops of dtllama: padding-free batches, attention dispatch, RMSNorm, fused log-probs."""
 
 from .attention import BACKENDS, attention_backend, cuda_backends, set_attention_backend, varlen_attention
-from .logprobs import linear_cross_entropy, linear_logits, linear_logprobs_entropy
+from .logprobs import linear_cross_entropy, linear_logits, linear_logprobs_entropy, linear_topk_logprobs
 from .rmpad import (
     IGNORE_INDEX,
     Packed,
@@ -19,6 +19,6 @@ from .rms_norm import rms_norm
 
 __all__ = [
     "BACKENDS", "IGNORE_INDEX", "Packed", "attention_backend", "check_labels", "cuda_backends", "check_packed", "cu_seqlens_from_lengths",
-    "linear_cross_entropy", "linear_logits", "linear_logprobs_entropy", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "prepare_batch", "rms_norm", "set_attention_backend",
+    "linear_cross_entropy", "linear_logits", "linear_logprobs_entropy", "linear_topk_logprobs", "pack", "pad_to_multiple", "position_ids_from_cu_seqlens", "prepare_batch", "rms_norm", "set_attention_backend",
     "shift_labels", "unpack", "varlen_attention",
 ]

@@ -399,3 +399,104 @@ def linear_logits(hidden: Tensor, weight: Tensor, temperature: float | Tensor = 
         logits = torch.nn.functional.linear(hidden.redistribute(mesh, [Replicate()]), weight).full_tensor()
         return logits / temperature
     return torch.nn.functional.linear(hidden, weight) / temperature
+
+
+# Top-k log-probs of every position (distillation from a teacher, a KL on the top-k): token chunks as above; under
+# TP each rank takes the top-k of its vocab slice and the k x tp candidates are merged.
+
+
+def _topk_chunk(z: Tensor, k: int, group, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`(log-probs [n, k], global vocab ids [n, k], lse [n])` of the scaled fp32 logits `z` of one token chunk,
+    `z` holding vocab columns `[start, start + V)` of the group's vocabulary."""
+    import torch.distributed as dist
+
+    m = z.amax(-1)
+    top = m.clone()
+    _all_reduce(top, group, dist.ReduceOp.MAX)
+    se = (z - top[:, None]).exp().sum(-1)
+    _all_reduce(se, group)
+    lse = top + se.log()
+    values, ids = z.topk(min(k, z.shape[1]), dim=-1)
+    ids = ids + start
+    if group is not None:
+        n = dist.get_world_size(group)
+        gathered = [torch.empty_like(values) for _ in range(n)], [torch.empty_like(ids) for _ in range(n)]
+        dist.all_gather(gathered[0], values.contiguous(), group=group)
+        dist.all_gather(gathered[1], ids.contiguous(), group=group)
+        values, ids = torch.cat(gathered[0], -1), torch.cat(gathered[1], -1)
+        values, pick = values.topk(k, dim=-1)
+        ids = ids.gather(1, pick)
+    return values - lse[:, None], ids, lse
+
+
+class _TopkLogprobs(torch.autograd.Function):
+    """Top-k log-probs by token chunks (no `[T, vocab]` logits); backward recomputes each chunk's logits:
+    d logp_j / dz = onehot(id_j) - p, so dz = scatter(g) - p * sum(g)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, k, inv_t, chunk_size, group, start):
+        T = hidden.shape[0]
+        values = hidden.new_empty((T, k), dtype=torch.float32)
+        ids = torch.empty((T, k), dtype=torch.long, device=hidden.device)
+        lse = hidden.new_empty(T, dtype=torch.float32)
+        for s in range(0, T, chunk_size):
+            z = _mm_f32(hidden[s:s + chunk_size], weight.t()) * inv_t
+            values[s:s + chunk_size], ids[s:s + chunk_size], lse[s:s + chunk_size] = _topk_chunk(z, k, group, start)
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.args = (inv_t, chunk_size, group, start)
+        ctx.mark_non_differentiable(ids)
+        return values, ids
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_ids):
+        """Over vocab tiles of all tokens, as the log-prob op's backward: each tile's weight gradient one matmul in
+        the weight's dtype, the hidden gradient accumulated in fp32; about `chunk_size x V` logits at a time."""
+        hidden, weight, ids, lse = ctx.saved_tensors
+        inv_t, chunk_size, group, start = ctx.args
+        T, V = hidden.shape[0], weight.shape[0]
+        g = grad_values.float()
+        g_sum, local = g.sum(-1, keepdim=True), ids - start
+        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        d_weight = torch.empty_like(weight)
+        tile = _vocab_tile(T, V, chunk_size)
+        for v0 in range(0, V, tile):
+            w = weight[v0:v0 + tile]
+            n = w.shape[0]
+            dz = _mm_f32(hidden, w.t()).mul_(inv_t).sub_(lse[:, None]).exp_().mul_(-g_sum)  # -p * sum(g), in place
+            rel = local - v0
+            dz.scatter_add_(1, rel.clamp(0, n - 1), torch.where((rel >= 0) & (rel < n), g, 0.0))
+            dz = dz.mul_(inv_t).to(hidden.dtype)
+            d_weight[v0:v0 + tile] = dz.t() @ hidden
+            _add_mm_f32_(d_hidden, dz, w)
+        _all_reduce(d_hidden, group)
+        return d_hidden.to(hidden.dtype), d_weight, None, None, None, None, None
+
+
+def linear_topk_logprobs(hidden: Tensor, weight: Tensor, k: int, temperature: float | Tensor = 1.0,
+                         chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """`(log-probs [T, k] fp32, vocab ids [T, k])`: the k most likely tokens of every position under
+    `softmax(hidden @ weight.T / temperature)`, largest first, as `torch.topk` of the full log-softmax, without the
+    `[T, vocab]` logits; differentiable through the log-probs (a KL on the top-k). A vocab-sharded weight (TP) takes
+    each rank's top-k and merges them; a token-sharded hidden (sequence parallel) is gathered first."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
+    if not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"k={k} must be in 1..vocab size {weight.shape[0]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    scale = None
+    if isinstance(temperature, Tensor):  # one per token: the hidden rows scaled (autograd carries it)
+        scale = _inverse_temperatures(temperature, hidden.shape[0], True)
+        scale = scale.full_tensor() if isinstance(scale, DTensor) else scale
+        temperature = 1.0
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    if isinstance(weight, DTensor):
+        local_w, group, start = _vocab_shard(weight)
+        h = _all_tokens(hidden, weight.device_mesh)
+    else:
+        local_w, group, start = weight, None, 0
+        h = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
+    if scale is not None:
+        h = h * scale[:, None].to(h.dtype)
+    return _TopkLogprobs.apply(h, local_w, k, 1.0 / temperature, chunk_size, group, start)

@@ -29,3 +29,21 @@ def temperature_rank(config_dict: dict, layout: dict | None, seqs, temps, seed: 
     grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
              for n, q in model.named_parameters()}
     return cp_gather(out.logprobs, cp)[:T], cp_gather(out.entropy, cp)[:T], grads
+
+
+def topk_rank(config_dict: dict, layout: dict | None, seqs, k: int, seed: int):
+    """Top-k log-probs and ids of every token (gathered over CP) and the full gradients of `sum(w * topk_logprobs)`
+    (fixed weights `w`: a KL on the top-k); `layout=None`: one process, the reference."""
+    model, dims = _whole_batch_model(model_config(config_dict), layout, seed)
+    multiple = 1 if dims is None else dims.token_multiple
+    ids = torch.cat(seqs)
+    p = pad_to_multiple(ids, cu_seqlens_from_lengths([len(s) for s in seqs]), multiple)
+    out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, top_k=k)
+    w = torch.linspace(0.5, 1.5, k)
+    dp = 1 if dims is None else dims.mesh("dp").size()
+    ((out.topk_logprobs * w).sum() * dp).backward()
+    cp = dims.mesh("cp") if dims is not None and dims.cp_enabled else None
+    T = len(ids)
+    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
+             for n, q in model.named_parameters()}
+    return cp_gather(out.topk_logprobs.detach(), cp)[:T], cp_gather(out.topk_indices, cp)[:T], grads

@@ -1,17 +1,18 @@
 """Head options of the causal LM's fused log-prob head: one temperature per sequence (a rollout samples each request
-at its own) equals each sequence run alone at its scalar temperature, in the op and the model, on TP and CP too."""
+at its own) equals each sequence run alone at its scalar temperature, and the top-k log-probs of every position equal
+`torch.topk` of the full log-softmax (values, ids, gradients), in the op and the model, on TP and CP too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import rel_err
-from head_cases import temperature_rank
+from head_cases import temperature_rank, topk_rank
 from parallel_cases import random_sequences
 from pool import get_pool
 
 import dtllama
-from dtllama.ops import cu_seqlens_from_lengths, linear_logprobs_entropy, shift_labels
+from dtllama.ops import cu_seqlens_from_lengths, linear_logprobs_entropy, linear_topk_logprobs, shift_labels
 
 CONFIG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.2,
@@ -80,3 +81,43 @@ def test_per_sequence_temperature_under_tp_and_cp_equals_one_device(world, layou
         assert rel_err(lp, ref_lp) <= 1e-5 and rel_err(ent, ref_ent) <= 1e-5
         for name, ref in ref_grads.items():
             assert rel_err(grads[name], ref, floor=1e-3) <= 1e-5, name
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["scalar-temperature", "per-token-temperature"])
+def test_topk_logprobs_are_torch_topk_of_the_full_log_softmax(per_token):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**16, ())))
+    T, H, V, k = 29, 16, 47, 5
+    hidden = torch.randn(T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    temp = (0.5 + torch.rand(T, generator=g)) if per_token else 0.8
+    values, ids = linear_topk_logprobs(hidden, weight, k, temp, chunk_size=8)
+    t = temp[:, None] if per_token else temp
+    ref_values, ref_ids = torch.log_softmax(hidden @ weight.t() / t, -1).topk(k, -1)
+    assert torch.equal(ids, ref_ids) and rel_err(values, ref_values.detach()) <= TOL
+    w = torch.rand(T, k, generator=g)
+    grads = torch.autograd.grad((values * w).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref_values * w).sum(), (hidden, weight))
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(grads, ref_grads))
+    with pytest.raises(ValueError, match="k=48 must be in 1..vocab size 47"):
+        linear_topk_logprobs(hidden, weight, 48)
+
+
+@pytest.mark.parametrize("world, layout", [(2, dict(tp=2)), (2, dict(cp=2))], ids=["tp2", "cp2"])
+def test_topk_logprobs_under_tp_and_cp_equal_one_device(world, layout):
+    seed = int(torch.randint(0, 2**16, ()))
+    seqs, _ = random_sequences([11, 7, 14], CONFIG["vocab_size"], torch.Generator().manual_seed(seed))
+    ref_values, ref_ids, ref_grads = topk_rank(CONFIG, None, seqs, 4, seed)
+    full = torch.log_softmax(dtllama_logits(seqs, seed), -1).topk(4, -1)
+    assert torch.equal(ref_ids, full.indices) and rel_err(ref_values, full.values) <= TOL  # the model's own
+    for values, ids, grads in get_pool(world).run(topk_rank, CONFIG, dict(layout, dp_shard=1), seqs, 4, seed):
+        assert torch.equal(ids, ref_ids) and rel_err(values, ref_values) <= 1e-5
+        for name, ref in ref_grads.items():
+            assert rel_err(grads[name], ref, floor=1e-3) <= 1e-5, name
+
+
+def dtllama_logits(seqs, seed: int) -> torch.Tensor:
+    """The full logits of the packed sequences on one process (the model initialized as the layouts are)."""
+    model = dtllama.LlamaForCausalLM(dtllama.ModelConfig(**CONFIG))
+    model.init_weights(seed)
+    with torch.no_grad():
+        return model(torch.cat(seqs), cu_seqlens=cu_seqlens_from_lengths([len(s) for s in seqs])).logits

@@ -19,7 +19,9 @@ from torch import nn
 
 from dtllama.models import protocol as P
 from dtllama.models.moe import balanced_blocks
-from dtllama.ops import linear_logits, linear_logprobs_entropy, prepare_batch, rms_norm, varlen_attention
+from dtllama.ops import (
+    linear_logits, linear_logprobs_entropy, linear_topk_logprobs, prepare_batch, rms_norm, varlen_attention,
+)
 from dtllama.compat import local_shape_and_offset
 from dtllama.ops.logprobs import SAVE_BYTES
 
@@ -201,6 +203,8 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None  # `[..., k]` with `top_k`: the k most likely tokens' log-probs
+    topk_indices: torch.Tensor | None = None  # `[..., k]`: their vocab ids
 
 
 @dataclass
@@ -400,11 +404,13 @@ class CausalLM(PretrainedModel):
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
                 attention_mask=None, temperature: float | torch.Tensor = 1.0, chunk_size: int = 1024,
-                save_bytes: int | None = None, num_seqs=None):
+                save_bytes: int | None = None, num_seqs=None, top_k: int | None = None):
         """Logits, or, given `labels`, per-token log-probs and entropy without full-vocab logits.
 
         `temperature`: one for the batch, or a tensor of one per sequence `[B]` (of `cu_seqlens`, or the rows of a
         padded batch), as a rollout samples each request at its own; each sequence's tokens then read theirs.
+        `top_k`: also the log-probs and vocab ids of every position's k most likely tokens (`topk_logprobs`,
+        `topk_indices`: distillation, a KL on the top-k), without `[T, vocab]` logits.
 
         `labels[t]` is the token whose log-prob is read at position t (already shifted: see
         `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). `save_bytes`: memory
@@ -419,6 +425,9 @@ class CausalLM(PretrainedModel):
         h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         extra = self.aux_outputs(aux)
         temperature = token_temperatures(temperature, batch.cu_seqlens)
+        if top_k is not None:
+            values, ids = linear_topk_logprobs(h, self.output_weight.to(h.dtype), top_k, temperature, chunk_size)
+            extra.update(topk_logprobs=batch.repad(values), topk_indices=batch.repad(ids))
         if batch.labels is None:
             return self.output_class(logits=batch.repad(self.head(h, None, temperature, chunk_size)), **extra)
         lp, ent = self.head(h, batch.labels, temperature, chunk_size, save_bytes)
