@@ -48,10 +48,10 @@ class Task:
 
 @dataclass
 class Config(RunConfig):
-    """The PPO run: a debug flavor by default; no --ep (the critic needs a dense family, which has no experts)."""
+    """The PPO run: a debug flavor by default (an MoE flavor or folder takes --ep: actor, reference and critic alike)."""
 
     source: ModelSource = section(ModelSource, flavor="debug")
-    layout: Layout = section(Layout, skip=("ep",), microbatches=2)
+    layout: Layout = section(Layout, microbatches=2)
     optim: Optim = section(Optim, only=("lr",))
     ppo: PPO = section(PPO)
     task: Task = section(Task)
