@@ -407,15 +407,13 @@ def linear_logits(hidden: Tensor, weight: Tensor, temperature: float | Tensor = 
 
 def _topk_chunk(z: Tensor, k: int, group, start: int) -> tuple[Tensor, Tensor, Tensor]:
     """`(log-probs [n, k], global vocab ids [n, k], lse [n])` of the scaled fp32 logits `z` of one token chunk,
-    `z` holding vocab columns `[start, start + V)` of the group's vocabulary."""
+    `z` holding vocab columns `[start, start + V)` of the group's vocabulary. The log-sum-exp is the log-prob op's
+    row statistics merged over the group (`_row_stats`, `_merge`; no label is read)."""
     import torch.distributed as dist
 
-    m = z.amax(-1)
-    top = m.clone()
-    _all_reduce(top, group, dist.ReduceOp.MAX)
-    se = (z - top[:, None]).exp().sum(-1)
-    _all_reduce(se, group)
-    lse = top + se.log()
+    no_label = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
+    m, se, _, _ = _merge(*_row_stats(z, no_label, 1.0), group)
+    lse = m + se.log()
     values, ids = z.topk(min(k, z.shape[1]), dim=-1)
     ids = ids + start
     if group is not None:

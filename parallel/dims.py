@@ -22,19 +22,12 @@ from dtllama.models.config import ModelConfig
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-def _mlp_widths(config) -> dict[str, int]:
-    """The SwiGLU widths TP splits, by config field: the family's config names them (`tp_widths`)."""
-    return config.tp_widths()
-
-
 def valid_tp_degrees(config: ModelConfig) -> list[int]:
     """TP degrees the plan supports: whole query heads per rank, KV heads split or replicated evenly, every
-    SwiGLU width split evenly."""
-    q, kv = config.num_attention_heads, config.num_key_value_heads
-    return [
-        t for t in range(1, q + 1)
-        if q % t == 0 and (kv % t == 0 or t % kv == 0) and all(w % t == 0 for w in _mlp_widths(config).values())
-    ]
+    SwiGLU width split evenly (the widths the family's config names: `tp_widths`)."""
+    q, kv, widths = config.num_attention_heads, config.num_key_value_heads, config.tp_widths().values()
+    return [t for t in range(1, q + 1)
+            if q % t == 0 and (kv % t == 0 or t % kv == 0) and all(w % t == 0 for w in widths)]
 
 
 def _kv_heads_after_tp(config: ModelConfig, tp: int) -> int:
@@ -92,7 +85,7 @@ def check_tp(config: ModelConfig, tp: int) -> None:
         raise ValueError(
             f"tp={tp} does not fit num_attention_heads={config.num_attention_heads}, "
             f"num_key_value_heads={config.num_key_value_heads}, "
-            + "".join(f"{k}={v}, " for k, v in _mlp_widths(config).items()).rstrip(", ") + "; "
+            + "".join(f"{k}={v}, " for k, v in config.tp_widths().items()).rstrip(", ") + "; "
             f"choose tp in {valid_tp_degrees(config)}"
         )
 

@@ -11,6 +11,12 @@ from dtllama.models.blocks import hf_name
 from dtllama.ops import cu_seqlens_from_lengths, pad_to_multiple, shift_labels
 
 
+def full_grads(model) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient under its HF name (`full_tensor()` of a sharded one)."""
+    return {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
+            for n, q in model.named_parameters()}
+
+
 def temperature_rank(config_dict: dict, layout: dict | None, seqs, temps, seed: int):
     """Log-probs, entropy (all tokens, gathered over CP) and the full gradients of `sum(logprobs + 0.3 entropy)` at
     per-sequence temperatures `temps`; `layout=None`: one process, the reference."""
@@ -26,8 +32,7 @@ def temperature_rank(config_dict: dict, layout: dict | None, seqs, temps, seed: 
     ((out.logprobs.sum() + 0.3 * out.entropy.sum()) * dp).backward()
     cp = dims.mesh("cp") if dims is not None and dims.cp_enabled else None
     T = len(ids)
-    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
-             for n, q in model.named_parameters()}
+    grads = full_grads(model)
     return cp_gather(out.logprobs, cp)[:T], cp_gather(out.entropy, cp)[:T], grads
 
 
@@ -44,6 +49,5 @@ def topk_rank(config_dict: dict, layout: dict | None, seqs, k: int, seed: int):
     ((out.topk_logprobs * w).sum() * dp).backward()
     cp = dims.mesh("cp") if dims is not None and dims.cp_enabled else None
     T = len(ids)
-    grads = {hf_name(n): (q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad).detach().clone()
-             for n, q in model.named_parameters()}
+    grads = full_grads(model)
     return cp_gather(out.topk_logprobs.detach(), cp)[:T], cp_gather(out.topk_indices, cp)[:T], grads

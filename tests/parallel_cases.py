@@ -261,12 +261,7 @@ def resume_losses(config_dict: dict, layout: dict, seqs, labels_list, seed: int,
     from dtllama.train.checkpoint import Checkpointer, TrainState
 
     config = model_config(config_dict)
-    dims = _layout_dims(layout, config)
-    with torch.device("meta"):
-        model = build(config, value=False)
-    parallelize(model, dims)
-    model.to_empty(device="cpu")
-    model.init_weights(seed if save else seed + 1)
+    model, dims = parallel_model(config, layout, seed if save else seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-2, weight_decay=0.1, foreach=False)
     batch = dims.mesh("batch")
     mine = list(range(batch.get_local_rank(), len(seqs), batch.size()))
@@ -307,18 +302,27 @@ def _layout_dims(layout: dict, config) -> ParallelDims:
     return _DIMS[key]
 
 
+def parallel_model(config, layout: dict, seed: int):
+    """`(model, dims)`: the causal LM of `config` built on meta, parallelized over `layout` (this rank's part),
+    materialized on the host and initialized from `seed` (layout-independent, so every layout starts alike)."""
+    dims = _layout_dims(layout, config)
+    with torch.device("meta"):
+        model = build(config, value=False)
+    parallelize(model, dims)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model, dims
+
+
 def _whole_batch_model(config, layout: dict | None, seed: int):
     """`(model, dims)`: parallelized over a layout whose batch mesh is one rank (every rank sees every sequence;
     TP / CP ranks each hold a token shard), or, for `layout=None`, on this process alone (dims None)."""
-    with torch.device("meta" if layout is not None else "cpu"):
+    if layout is None:
         model = build(config, value=False)
-    dims = None
-    if layout is not None:
-        dims = _layout_dims(layout, config)
-        assert dims.mesh("batch").size() == 1, "every rank must see every sequence"
-        parallelize(model, dims)
-        model.to_empty(device="cpu")
-    model.init_weights(seed)
+        model.init_weights(seed)
+        return model, None
+    model, dims = parallel_model(config, layout, seed)
+    assert dims.mesh("batch").size() == 1, "every rank must see every sequence"
     return model, dims
 
 
@@ -384,12 +388,7 @@ def balance_run(config_dict: dict, layout: dict, steps: int, seed: int, data: st
     from dtllama.train.source import ByteTokenizer
 
     config = model_config(config_dict)
-    dims = _layout_dims(layout, config)
-    with torch.device("meta"):
-        model = build(config, value=False)
-    parallelize(model, dims)
-    model.to_empty(device="cpu")
-    model.init_weights(seed)
+    model, dims = parallel_model(config, layout, seed)
     skew_router(model, seed, strength)
     training, optim = Training(data=data, steps=steps, batch_tokens=1024, max_seq_len=256), Optim(lr=3e-3)
     opt, sched = optimizer(model, optim, steps)

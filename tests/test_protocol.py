@@ -72,3 +72,24 @@ def test_the_family_declares_its_layout():
     assert dense.experts is None and moe.experts == "mlp.experts"
     assert isinstance(moe.tp["mlp.router"], P.Router) and "post_attention_layernorm" not in moe.tp
     assert set(model.plan().tp) == {"model.embed_tokens", "model.norm", "lm_head"}
+
+
+def test_a_family_missing_a_hook_is_told_which():
+    """The base classes' hooks a family must define (`Decoder.layer_inputs`; a head, by deriving from `CausalLM` or
+    `ValueModel`) raise an error naming the class and the fix when a family leaves one out."""
+    from dtllama.models.blocks import Decoder, PretrainedModel
+    from dtllama.models.llama import LlamaModel
+
+    config = third_family.ParallelBlockConfig(**{k: v for k, v in CONFIG.items() if k != "family"})
+
+    class NoInputs(LlamaModel):
+        layer_inputs = Decoder.layer_inputs  # as a family that never defined it
+
+    class Headless(PretrainedModel):
+        decoder_class = LlamaModel
+
+    with pytest.raises(NotImplementedError, match="NoInputs must define layer_inputs"):
+        NoInputs(config)(torch.randint(0, config.vocab_size, (5,)), torch.arange(5),
+                         torch.tensor([0, 5], dtype=torch.int32), 5)
+    with pytest.raises(NotImplementedError, match="Headless must derive from CausalLM or ValueModel"):
+        Headless(config)

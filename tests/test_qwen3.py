@@ -38,13 +38,11 @@ def hf_qwen3(seed: int, tie: bool = False, head: str = "ForCausalLM"):
     return model
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_logits_logprobs_entropy_and_gradients_match_transformers(tie, tmp_path):
-    seed = int(torch.randint(0, 2**16, ()))
-    hf = hf_qwen3(seed, tie)
-    hf.save_pretrained(tmp_path)
-    ours = dtllama.from_pretrained(tmp_path)
-    assert type(ours) is Qwen3ForCausalLM
+def check_causal_lm_parity(hf, folder, seed: int):
+    """`hf` saved to `folder` and loaded by dtllama: logits of a padded batch, log-probs and entropy of it packed,
+    and the gradients of every parameter against transformers' within TOL. Returns dtllama's model."""
+    hf.save_pretrained(folder)
+    ours = dtllama.from_pretrained(folder)
     ids, mask = random_batch(hf.config.vocab_size, seed)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
@@ -59,24 +57,37 @@ def test_logits_logprobs_entropy_and_gradients_match_transformers(tie, tmp_path)
     (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
     (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
     theirs = dict(hf.named_parameters())
+    assert set(theirs) == {n for n, _ in ours.named_parameters()}  # HF's names, nothing mapped
     for name, param in ours.named_parameters():
         if name == "model.embed_tokens.weight":  # HF's padding_idx row gets no gradient there (a documented choice)
             continue
         assert rel_err(param.grad, theirs[name].grad, floor=1e-3) <= TOL, name
-    assert any(n.endswith("self_attn.q_norm.weight") for n, _ in ours.named_parameters())
+    return ours
 
 
-def test_value_head_matches_transformers(tmp_path):
-    hf = hf_qwen3(5, head="ForSequenceClassification")
-    hf.save_pretrained(tmp_path)
-    ours = dtllama.from_pretrained(tmp_path, value=True)
-    assert type(ours) is Qwen3ForValue
+def check_value_head(hf, folder, value_class) -> None:
+    """`hf` (a `*ForSequenceClassification`) saved to `folder`, loaded by dtllama as `value_class`: equal values."""
+    hf.save_pretrained(folder)
+    ours = dtllama.from_pretrained(folder, value=True)
+    assert type(ours) is value_class
     ids, mask = random_batch(hf.config.vocab_size, 5)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         ref = hf.score(hf.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state)
         values = ours(ids, attention_mask=mask).values
     assert rel_err(values[mask], ref.squeeze(-1)[mask]) <= TOL
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_logits_logprobs_entropy_and_gradients_match_transformers(tie, tmp_path):
+    seed = int(torch.randint(0, 2**16, ()))
+    ours = check_causal_lm_parity(hf_qwen3(seed, tie), tmp_path, seed)
+    assert type(ours) is Qwen3ForCausalLM
+    assert any(n.endswith("self_attn.q_norm.weight") for n, _ in ours.named_parameters())
+
+
+def test_value_head_matches_transformers(tmp_path):
+    check_value_head(hf_qwen3(5, head="ForSequenceClassification"), tmp_path, Qwen3ForValue)
 
 
 def test_export_loads_in_transformers_with_equal_logits(tmp_path):

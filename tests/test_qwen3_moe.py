@@ -10,19 +10,19 @@ import os
 
 import pytest
 import torch
-from helpers import logprobs_entropy_reference, rel_err
+from helpers import rel_err
 from parallel_cases import aux_loss_rank, balance_run, random_sequences, resume_losses
 from pool import get_pool
 from test_ep import make_case
-from test_hf_parity import random_batch
-from test_llama4 import grouped_mm_calls, moe_backend  # noqa: F401 (fixtures)
+from test_llama4 import _grouped_mm_runs_on_cpu, grouped_mm_calls, moe_backend  # noqa: F401 (fixtures)
 from test_parallel_properties import check_case
 from test_pp import check_pipeline
+from test_qwen3 import check_causal_lm_parity, check_value_head
 
 import dtllama
 from dtllama.models.hf_io import read_safetensors_index
-from dtllama.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeForValue
-from dtllama.ops import cu_seqlens_from_lengths, pack, shift_labels
+from dtllama.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForValue
+from dtllama.ops import cu_seqlens_from_lengths
 from dtllama.parallel.pp import PipelineOptions
 
 transformers = pytest.importorskip("transformers", reason="the HF parity tests need transformers ([test] extra)")
@@ -54,29 +54,8 @@ def hf_qwen3_moe(seed: int, tie: bool = False, norm_topk: bool = True, head: str
 @pytest.mark.parametrize("tie, norm_topk", [(False, True), (True, False)], ids=["untied-renorm", "tied-raw"])
 def test_logits_logprobs_entropy_and_gradients_match_transformers(tie, norm_topk, tmp_path):
     seed = int(torch.randint(0, 2**16, ()))
-    hf = hf_qwen3_moe(seed, tie, norm_topk)
-    hf.save_pretrained(tmp_path)
-    ours = dtllama.from_pretrained(tmp_path)
+    ours = check_causal_lm_parity(hf_qwen3_moe(seed, tie, norm_topk), tmp_path, seed)
     assert type(ours) is Qwen3MoeForCausalLM and ours.config.norm_topk_prob == norm_topk
-    ids, mask = random_batch(hf.config.vocab_size, seed)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    with torch.no_grad():
-        padded = ours(ids, attention_mask=mask).logits
-    assert rel_err(padded[mask], ref[mask].detach()) <= TOL
-    p = pack(ids, mask)
-    labels = shift_labels(p.input_ids, p.cu_seqlens)
-    out = ours(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=labels)
-    ref_lp, ref_ent = logprobs_entropy_reference(ref[mask], labels)
-    assert rel_err(out.logprobs, ref_lp.detach()) <= TOL and rel_err(out.entropy, ref_ent.detach()) <= TOL
-    (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
-    (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
-    theirs = dict(hf.named_parameters())
-    assert set(theirs) == {n for n, _ in ours.named_parameters()}  # HF's names, nothing mapped
-    for name, param in ours.named_parameters():
-        if name == "model.embed_tokens.weight":  # HF's padding_idx row gets no gradient there (a documented choice)
-            continue
-        assert rel_err(param.grad, theirs[name].grad, floor=1e-3) <= TOL, name
     assert float(ours.model.layers["0"].mlp.experts.gate_up_proj.grad.abs().max()) > 0
 
 
@@ -100,16 +79,7 @@ def test_routing_and_load_balance_loss_match_transformers(tmp_path):
 
 
 def test_value_head_matches_transformers(tmp_path):
-    hf = hf_qwen3_moe(5, head="ForSequenceClassification")
-    hf.save_pretrained(tmp_path)
-    ours = dtllama.from_pretrained(tmp_path, value=True)
-    assert type(ours) is Qwen3MoeForValue
-    ids, mask = random_batch(hf.config.vocab_size, 5)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        ref = hf.score(hf.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state)
-        values = ours(ids, attention_mask=mask).values
-    assert rel_err(values[mask], ref.squeeze(-1)[mask]) <= TOL
+    check_value_head(hf_qwen3_moe(5, head="ForSequenceClassification"), tmp_path, Qwen3MoeForValue)
 
 
 def test_export_writes_per_expert_files_that_transformers_loads_with_equal_logits(tmp_path):
@@ -271,15 +241,7 @@ def _grouped_vs_loop(device: str, dtype: torch.dtype, backend_fixture, calls: li
     return rel_err(grouped, loop), rel_err(grouped_g, loop_g)
 
 
-def _cpu_grouped_mm() -> bool:
-    try:
-        torch._grouped_mm(torch.ones(2, 8), torch.ones(2, 8, 8), offs=torch.tensor([1, 2], dtype=torch.int32))
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _cpu_grouped_mm(), reason="this torch has no CPU torch._grouped_mm; the loop is then the "
+@pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="this torch has no CPU torch._grouped_mm; the loop is then the "
                     "only CPU path (the CUDA test below covers the grouped one)")
 def test_grouped_mm_matches_expert_loop_on_cpu(moe_backend, grouped_mm_calls):
     errs = _grouped_vs_loop("cpu", torch.float32, moe_backend, grouped_mm_calls)
@@ -293,3 +255,28 @@ def test_grouped_mm_matches_expert_loop_bf16_cuda(moe_backend, grouped_mm_calls)
     errs = _grouped_vs_loop("cuda", torch.bfloat16, moe_backend, grouped_mm_calls)
     print(f"bf16 grouped vs loop: logits {errs[0]:.2e}, experts.gate_up_proj gradient {errs[1]:.2e}")
     assert max(errs) <= 1e-2  # DESIGN.md's bf16 bound, as for Llama 4
+
+
+def test_export_under_activation_checkpointing_writes_the_same_files(tmp_path):
+    """Activation checkpointing wraps each layer (module names gain `_checkpoint_wrapped_module`, state-dict keys do
+    not): the per-expert split and the dropped balancing bias follow the state-dict names, so the files are equal."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from dtllama.parallel.ac import apply_ac
+
+    config = dataclasses.replace(dtllama.flavors["qwen3-moe-debug"], load_balance_coeff=0.01)
+    model = Qwen3MoeForCausalLM(config)
+    model.init_weights(seed=int(torch.randint(0, 2**16, ())))
+    model.save_pretrained(tmp_path / "plain")
+    apply_ac(model, "full")
+    model.save_pretrained(tmp_path / "ac")
+
+    def tensors(folder):
+        return {k: v for f in sorted({e.file for e in read_safetensors_index(str(folder)).values()})
+                for k, v in load_file(f).items()}
+
+    plain, ac = tensors(tmp_path / "plain"), tensors(tmp_path / "ac")
+    assert set(plain) == set(ac) and all(torch.equal(plain[k], ac[k]) for k in plain)
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in ac and not any("expert_bias" in k for k in ac)

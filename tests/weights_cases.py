@@ -8,12 +8,11 @@ import ctypes
 import gc
 
 import torch
-from parallel_cases import _layout_dims, build, model_config
+from parallel_cases import model_config, parallel_model
 from pp_cases import build_pipeline
 from safetensors.torch import load_file
 
 from dtllama.models.hf_io import read_safetensors_index
-from dtllama.parallel import parallelize
 from dtllama.train.weights import stream_weights
 
 
@@ -21,14 +20,7 @@ def _model(config_dict: dict, layout: dict, seed: int, pp_options):
     if layout.get("pp", 1) > 1:
         pipe, dims = build_pipeline(config_dict, layout, False, pp_options, seed)
         return pipe.model, dims
-    config = model_config(config_dict)
-    dims = _layout_dims(layout, config)
-    with torch.device("meta"):
-        model = build(config, value=False)
-    parallelize(model, dims)
-    model.to_empty(device="cpu")
-    model.init_weights(seed)
-    return model, dims
+    return parallel_model(model_config(config_dict), layout, seed)
 
 
 class _MallInfo2(ctypes.Structure):

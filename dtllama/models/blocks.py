@@ -155,6 +155,7 @@ class Decoder(nn.Module):
     def layer_inputs(self, x, position_ids, cu_seqlens, max_seqlen) -> tuple:
         """What every layer takes after `x` (RoPE angles, sequence bounds), built once per forward. Each family's
         decoder defines it (its RoPE form differs); reached only by a family that left it out."""
+        # The base's contract, not a stub: every family defines it; `test_protocol` checks this message.
         raise NotImplementedError(f"{type(self).__name__} must define layer_inputs (see blocks.Decoder)")
 
     def forward(self, x, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, list]:
@@ -260,6 +261,7 @@ class PretrainedModel(nn.Module):
     def _build_head(self, last: bool) -> None:
         """The head modules (`CausalLM`, `ValueModel` define them); reached only by a model class deriving from
         `PretrainedModel` directly instead of from one of those two."""
+        # The base's contract, not a stub: CausalLM and ValueModel define it; `test_protocol` checks this message.
         raise NotImplementedError(f"{type(self).__name__} must derive from CausalLM or ValueModel (or build a head)")
 
     def head_plan(self) -> dict[str, P.Style]:

@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from dtllama.models.config import ModelConfig
+from dtllama.models.blocks import hf_name
 from dtllama.models.moe import GroupedExperts, MoEBlock, balanced_blocks
 from dtllama.fsutil import on_rank0, rank, replace_dir
 
@@ -103,17 +104,28 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
     return model
 
 
-def checkpoint_state(model) -> dict[str, torch.Tensor]:
-    """The model's state dict as its HF checkpoint files name and shape it: the model's own names (HF's), except
-    stacked experts a family's files hold one per expert (views of this rank's experts: `Qwen3MoeExperts`) and
-    training state HF has no field for (the MoE balancing bias: `moe.MoEBlock`)."""
+def hf_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict less the training state HF has no field for (the MoE balancing bias: `moe.MoEBlock`):
+    the tensors an HF checkpoint holds, routed experts still stacked."""
     state = model.state_dict()
     for name, module in model.named_modules():
-        prefix = name + "." if name else ""
+        if isinstance(module, MoEBlock):
+            state.pop(_state_prefix(name) + "expert_bias", None)
+    return state
+
+
+def _state_prefix(module_name: str) -> str:
+    """The state-dict prefix of a module: its HF name (wrappers' prefixes dropped, as the state dict drops them)."""
+    return hf_name(module_name) + "." if module_name else ""
+
+
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict as its HF checkpoint files name and shape it (`hf_state`), with stacked experts a
+    family's files hold one per expert as views of this rank's experts (`Qwen3MoeExperts`)."""
+    state = hf_state(model)
+    for name, module in model.named_modules():
         if isinstance(module, GroupedExperts):
-            module.checkpoint_tensors(prefix, state)
-        elif isinstance(module, MoEBlock):
-            state.pop(prefix + "expert_bias", None)
+            module.checkpoint_tensors(_state_prefix(name), state)
     return state
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from dtllama.models import protocol as P
 from dtllama.models.blocks import Attention, Decoder, RMSNorm, RotaryEmbedding, SwiGLU
 from dtllama.models.llama4_config import Llama4Config
-from dtllama.models.moe import (  # noqa: F401 (expert_counts, router_stats, set_moe_backend: re-exported)
+from dtllama.models.moe import (  # expert_counts, router_stats, set_moe_backend: re-exported (__all__)
     GroupedExperts, MoEBlock, RouterStats, Routing, expert_counts, router_stats, run_experts, set_moe_backend,
 )
 from dtllama.models.moe_lm import MoECausalLM, MoECausalLMOutput
@@ -246,4 +246,5 @@ def _is_multimodal(path: str) -> bool:
         return json.load(f).get("model_type") == "llama4"
 
 
-__all__ = ["Llama4CausalLMOutput", "Llama4Config", "Llama4ForCausalLM", "RouterStats", "set_moe_backend"]
+__all__ = ["Llama4CausalLMOutput", "Llama4Config", "Llama4ForCausalLM", "RouterStats", "expert_counts", "router_stats",
+           "set_moe_backend"]

@@ -75,7 +75,6 @@ class PPO:
             raise ValueError("advantage='grpo' needs group_size >= 2 (a group of one has no baseline): raise "
                              "--group-size or use --advantage gae")
 
-
     def rollout_noise(self) -> float:
         """The std of the simulated engine's noise (0 for the trainer's own log-probs)."""
         spec = self.rollout_logprobs

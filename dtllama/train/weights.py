@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from dtllama.models.blocks import hf_name
-from dtllama.models.moe import GroupedExperts, MoEBlock
+from dtllama.models.hf_io import hf_state
+from dtllama.models.moe import GroupedExperts
 from dtllama.parallel import ParallelDims
 
 DESTINATIONS = ("all", "first")
@@ -44,15 +45,6 @@ class _Entry(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     owner: int
-
-
-def _local_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's state-dict tensors that an HF checkpoint holds (the MoE balancing bias is training state)."""
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, MoEBlock):
-            state.pop(hf_name(name) + (".expert_bias" if name else "expert_bias"), None)
-    return state
 
 
 def _global_order(local: dict[str, torch.Tensor], dims: ParallelDims | None, dtype) -> list[_Entry]:
@@ -131,7 +123,7 @@ def stream_weights(model: torch.nn.Module, dims: ParallelDims | None = None, *, 
         raise ValueError(f"to={to!r} is not a destination; choose one of {list(DESTINATIONS)}")
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
-    local = _local_entries(model)
+    local = hf_state(model)  # this rank's tensors of the HF checkpoint (shards, stacked experts)
     device = next(iter(local.values())).device
     experts = {hf_name(n): m for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
     here = to == "all" or dims is None or dims.mesh("dp").get_local_rank() == 0
