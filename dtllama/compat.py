@@ -36,7 +36,8 @@ VARLEN_ATTN_PARAMS = _varlen_attn_params()
 
 
 def causal_varlen_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       params: frozenset[str] | None = VARLEN_ATTN_PARAMS) -> torch.Tensor:
+                       params: frozenset[str] | None = VARLEN_ATTN_PARAMS, scale: float | None = None,
+                       window: int | None = None) -> torch.Tensor:
     """Causal `varlen_attn` of packed `q[T, Hq, D]` over grouped-query `k, v[T, Hkv, D]`, on any torch that has it.
 
     Torch 2.10 spells causal `is_causal=True`, 2.11 and later `window_size=(-1, 0)`; 2.13 takes grouped KV
@@ -47,9 +48,11 @@ def causal_varlen_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     cu, gqa = cu_seqlens.to(torch.int32), k.shape[1] != q.shape[1]
     kwargs = {}
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
+        kwargs["window_size"] = (-1, 0) if window is None else (window - 1, 0)
     else:
         kwargs["is_causal"] = True
+    if scale is not None:
+        kwargs["scale"] = scale
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = gqa
     elif gqa:

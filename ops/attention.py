@@ -120,13 +120,23 @@ def _requested(backend: str | None) -> tuple[str, str]:
     return backend, "pass backend='auto' (or None for the process default)"
 
 
+def _lacks(name: str, options: frozenset) -> str | None:
+    """Why backend `name` cannot honour `options` (`varlen_attention`'s keywords in use), or None."""
+    missing = sorted(o for o in options if o not in _SUPPORTS[name])
+    if not missing:
+        return None
+    named = ["a value head dim other than q/k's" if m == "_dv" else m for m in missing]
+    return f"it does not take {', '.join(named)}"
+
+
 def _choose(device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
-            equal_lengths: bool | None = None, backend: str | None = None) -> tuple[str, str]:
+            equal_lengths: bool | None = None, backend: str | None = None,
+            options: frozenset = frozenset()) -> tuple[str, str]:
     """`(backend, why)`: the requested one (`backend`, or the process default when None), or `auto`'s pick
     with the reasons it passed over better ones."""
     name, fix = _requested(backend)
     if name != "auto":
-        why = unavailable_reason(name, device, dtype, head_dim, equal_lengths)
+        why = unavailable_reason(name, device, dtype, head_dim, equal_lengths) or _lacks(name, options)
         if why is not None:
             raise ValueError(f"attention backend {name!r} cannot run here: {why}; {fix} to pick one that can")
         return name, "requested"
@@ -134,7 +144,7 @@ def _choose(device: torch.device, dtype: torch.dtype, head_dim: int | None = Non
         return "sdpa", f"auto on {device.type}"
     skipped = []
     for name in _AUTO_ORDER:
-        why = unavailable_reason(name, device, dtype, head_dim, equal_lengths)
+        why = unavailable_reason(name, device, dtype, head_dim, equal_lengths) or _lacks(name, options)
         if why is None:
             return name, "auto" + "".join(f"; not {n}: {w}" for n, w in skipped)
         skipped.append((name, why))
@@ -161,81 +171,155 @@ def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=cu_seqlens.device), right=True)
 
 
+# The options each backend honours beyond plain causal attention (`varlen_attention`'s keywords). `auto` passes over
+# a backend that lacks one the call uses; a requested backend that lacks it is an error naming the option.
+OPTIONS = ("scale", "window", "softcap", "sinks")
+_SUPPORTS = {"fa4": frozenset(), "flash": frozenset({"scale", "window", "softcap"}),
+             "cudnn": frozenset({"scale"}), "varlen": frozenset({"scale", "window"}),
+             "flex": frozenset({"scale", "window", "softcap", "_dv"}), "sdpa": frozenset({*OPTIONS, "_dv"})}
+if _VARLEN_PARAMS is None or "scale" not in _VARLEN_PARAMS:
+    _SUPPORTS["varlen"] = _SUPPORTS["varlen"] - {"scale"}
+if _VARLEN_PARAMS is None or "window_size" not in _VARLEN_PARAMS:
+    _SUPPORTS["varlen"] = _SUPPORTS["varlen"] - {"window"}
+
+
+def _used_options(q: torch.Tensor, scale, window, softcap, sinks) -> dict:
+    """The options a call sets that change the result (a scale of `head_dim ** -0.5` is the default)."""
+    used = {}
+    if scale is not None and float(scale) != q.shape[-1] ** -0.5:
+        used["scale"] = float(scale)
+    if window is not None:
+        if int(window) < 1:
+            raise ValueError(f"window={window} must be a positive number of tokens (each query sees itself and the "
+                             "window - 1 before it), or None for full causal attention")
+        used["window"] = int(window)
+    if softcap is not None and float(softcap) > 0:
+        used["softcap"] = float(softcap)
+    if sinks is not None:
+        if sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks of shape {tuple(sinks.shape)}: pass one logit per query head [{q.shape[1]}]")
+        used["sinks"] = sinks
+    return used
+
+
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-    backend: str | None = None,
+    backend: str | None = None, *, scale: float | None = None, window: int | None = None,
+    softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of packed `q[T, Hq, D]` over `k, v[T, Hkv, D]` within each sequence; returns `[T, Hq, D]`.
+    """Causal attention of packed `q[T, Hq, Dqk]` over `k[T, Hkv, Dqk], v[T, Hkv, Dv]` within each sequence;
+    returns `[T, Hq, Dv]`.
 
     `Hq` must be a multiple of `Hkv` (grouped-query attention). `backend`: one of `BACKENDS` for this call, or
     None for the process default (`set_attention_backend` / `DTLLAMA_ATTENTION`); under torch.compile it is a
-    constant of the traced graph.
+    constant of the traced graph. The options, as Hugging Face families use them: `scale` of the scores (default
+    `Dqk ** -0.5`); `window`: each query sees itself and the `window - 1` tokens before it (sliding-window layers);
+    `softcap`: scores pass through `softcap * tanh(s / softcap)` (Gemma 2); `sinks[Hq]`: one learned logit per
+    head joining every row's softmax without a value (GPT-OSS). `auto` picks the best backend that honours them.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    used = _used_options(q, scale, window, softcap, sinks)
     equal_lengths = q.shape[0] == (cu_seqlens.shape[0] - 1) * int(max_seqlen)  # shapes only: no device sync
-    name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths, backend)
+    if q.shape[-1] != v.shape[-1]:
+        used.setdefault("_dv", True)  # a value head dim of its own (MLA): the reference path only, for now
+    name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths, backend, frozenset(used))
     if not torch.compiler.is_compiling():
         _announce(name, why)
-    return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen))
+    used.pop("_dv", None)
+    return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen), **used)
 
 
-def _flash(q, k, v, cu_seqlens, max_seqlen):
+def _flash(q, k, v, cu_seqlens, max_seqlen, scale=None, window=None, softcap=None):
     from flash_attn import flash_attn_varlen_func
 
     cu = cu_seqlens.to(torch.int32)
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+    extra = {"softmax_scale": scale, "window_size": (-1, -1) if window is None else (window - 1, 0),
+             "softcap": 0.0 if softcap is None else softcap}
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True, **extra)
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen):
-    return causal_varlen_attn(q, k, v, cu_seqlens, max_seqlen, _VARLEN_PARAMS)
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale=None, window=None):
+    return causal_varlen_attn(q, k, v, cu_seqlens, max_seqlen, _VARLEN_PARAMS, scale=scale, window=window)
 
 
-def _cudnn(q, k, v, cu_seqlens, max_seqlen):
+def _cudnn(q, k, v, cu_seqlens, max_seqlen, scale=None):
     """Sequences of one length `max_seqlen`: the packed tokens are `[B, S]` as they are."""
     B, groups = cu_seqlens.shape[0] - 1, q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     q, k, v = (x.view(B, max_seqlen, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return out.transpose(1, 2).reshape(B * max_seqlen, *out.shape[1:2], out.shape[-1])
 
 
-def _sdpa(q, k, v, cu_seqlens, max_seqlen):
-    T = q.shape[0]
+def _sdpa_mask(cu_seqlens, T: int, device, window: int | None) -> torch.Tensor:
     doc = document_ids(cu_seqlens, T)
-    idx = torch.arange(T, device=q.device)
+    idx = torch.arange(T, device=device)
     mask = (doc[:, None] == doc[None, :]) & (idx[:, None] >= idx[None, :])
+    if window is not None:
+        mask &= idx[:, None] - idx[None, :] < window
+    return mask
+
+
+def _sdpa(q, k, v, cu_seqlens, max_seqlen, scale=None, window=None, softcap=None, sinks=None):
+    T = q.shape[0]
+    mask = _sdpa_mask(cu_seqlens, T, q.device, window)
+    if softcap is not None or sinks is not None:
+        return _eager(q, k, v, mask, scale, softcap, sinks)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1], scale=scale)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _eager(q, k, v, mask, scale, softcap, sinks):
+    """Scores in fp32, capped, masked, with a sink column per head in the softmax: the reference of those options."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float()[:, None, None].expand(-1, s.shape[1], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
 
 
 _block_mask_cache: list = [None, None]  # [(cu_seqlens tensor, T), BlockMask]
 
 
-def _document_block_mask(cu_seqlens, T: int, device):
-    """The BlockMask of a batch, built once and reused by every layer that gets the same `cu_seqlens`."""
+def _document_block_mask(cu_seqlens, T: int, device, window: int | None = None):
+    """The BlockMask of a batch, built once and reused by every layer that gets the same `cu_seqlens` (and window)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = _block_mask_cache[0]
-    if key is not None and key[0] is cu_seqlens and key[1] == T:
+    if key is not None and key[0] is cu_seqlens and key[1] == T and key[2] == window:
         return _block_mask_cache[1]
     doc = document_ids(cu_seqlens, T)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        causal = (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        return causal if window is None else causal & (q_idx - kv_idx < window)
 
     mask = create_block_mask(mask_mod, None, None, T, T, device=device)
-    _block_mask_cache[:] = [(cu_seqlens, T), mask]
+    _block_mask_cache[:] = [(cu_seqlens, T, window), mask]
     return mask
 
 
-def _flex(q, k, v, cu_seqlens, max_seqlen):
+def _flex(q, k, v, cu_seqlens, max_seqlen, scale=None, window=None, softcap=None):
     T = q.shape[0]
-    block_mask = _document_block_mask(cu_seqlens, T, q.device)
+    block_mask = _document_block_mask(cu_seqlens, T, q.device, window)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    out = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+    out = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                           enable_gqa=k.shape[1] != q.shape[1])
     return out.squeeze(0).transpose(0, 1)
 
 

@@ -13,7 +13,7 @@ import torch
 
 def apply_compile(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     for layer in model.model.layers.values():
-        parts = layer.plan().compile_parts
+        parts = model.layer_plan(layer).compile_parts
         for part in (layer,) if parts is None else (layer.get_submodule(p) for p in parts):
             part.compile(backend=backend, fullgraph=True)
     return model

@@ -54,13 +54,14 @@ def heads_to_tokens(x: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
 
 
 class UlyssesAttention(nn.Module):
-    """Wraps an attention core `(q, k, v, cu_seqlens, max_seqlen)` of `[T/cp, heads, D]` inputs: all-to-all to
-    `[T, heads/cp, D]`, the core over all T tokens with the global `cu_seqlens`, all-to-all back.
+    """Wraps an attention core `(q, k, v, cu_seqlens, max_seqlen, **options)` of `[T/cp, heads, D]` inputs:
+    all-to-all to `[T, heads/cp, D]`, the core over all T tokens with the global `cu_seqlens`, all-to-all back.
 
     Query heads of rank j are `[j*Hq/cp, (j+1)*Hq/cp)`. With `Hkv % cp == 0` rank j gets KV heads
     `[j*Hkv/cp, (j+1)*Hkv/cp)`, the ones those query heads read. With `cp % Hkv == 0` each KV head is
     repeated `cp // Hkv` times first (`repeat_interleave`), so rank j gets KV head `j // (cp // Hkv)`,
-    again the one its query heads read; autograd sums the repeats' gradients.
+    again the one its query heads read; autograd sums the repeats' gradients. The core's options pass through;
+    `sinks` (one logit per query head) is sliced to this rank's heads.
     """
 
     def __init__(self, core: nn.Module, cp_mesh: DeviceMesh):
@@ -68,12 +69,14 @@ class UlyssesAttention(nn.Module):
         self.core = core
         self.cp_mesh = cp_mesh
 
-    def forward(self, q, k, v, cu_seqlens, max_seqlen):
+    def forward(self, q, k, v, cu_seqlens, max_seqlen, **options):
         cp = self.cp_mesh.size()
         if k.shape[1] < cp:
             k, v = (x.repeat_interleave(cp // x.shape[1], dim=1) for x in (k, v))
+        if options.get("sinks") is not None:
+            options["sinks"] = _shard(options["sinks"], self.cp_mesh)
         q, k, v = (tokens_to_heads(x, self.cp_mesh) for x in (q, k, v))
-        return heads_to_tokens(self.core(q, k, v, cu_seqlens, max_seqlen), self.cp_mesh)
+        return heads_to_tokens(self.core(q, k, v, cu_seqlens, max_seqlen, **options), self.cp_mesh)
 
 
 def check_cp_batch(input_ids: torch.Tensor, cp: int, token_multiple: int) -> None:
@@ -142,13 +145,13 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
         x = x if x.is_floating_point() else _shard(x, cp_mesh)
         return x, _shard(position_ids, cp_mesh), cu_seqlens, max_seqlen
 
-    model.model.register_forward_pre_hook(shard_decoder_inputs)
+    plan = model.plan()
+    model.get_submodule(plan.inputs).register_forward_pre_hook(shard_decoder_inputs)
     for layer in model.model.layers.values():
-        for path in layer.plan().attn_cores:
+        for path in model.layer_plan(layer).attn_cores:
             parent, _, name = path.rpartition(".")
             owner = layer.get_submodule(parent)
             setattr(owner, name, UlyssesAttention(getattr(owner, name), cp_mesh))
-    plan = model.plan()
     sum_token_statistics(model, plan, cp_mesh.get_group())  # e.g. the load-balance loss is over all tokens
     if plan.output == "logprobs" and model.logprobs_head is not None:
         def shard_labels(module, args):

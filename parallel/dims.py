@@ -141,6 +141,10 @@ class ParallelDims:
         collective runs."""
         if self.dp_shard == -1:
             raise ValueError("call ParallelDims.resolve(world_size) first (dp_shard is still -1)")
+        for name, reason in getattr(config, "parallel_limits", {}).items():  # what a model declares it cannot take
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not available for this {config.model_type} model: "
+                                 f"{reason}")
         check_tp(config, self.tp)
         check_cp(config, self.cp, self.tp)
         check_ep(config, self.ep, self.dp_shard, self.cp, self.tp)

@@ -108,7 +108,7 @@ class ExpertParallel:
 
 def routed_experts(model: nn.Module) -> list[nn.Module]:
     """The routed experts modules of the model's layers (the model protocol's `LayerPlan.experts`), in layer order."""
-    return [layer.get_submodule(p) for layer in model.model.layers.values() if (p := layer.plan().experts)]
+    return [layer.get_submodule(p) for layer in model.model.layers.values() if (p := model.layer_plan(layer).experts)]
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:

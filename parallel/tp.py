@@ -179,7 +179,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     config, tp = model.config, tp_mesh.size()
     check_tp(config, tp)
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, {k: torch_style(v, config, tp) for k, v in layer.plan().tp.items()})
+        styles = model.layer_plan(layer).tp
+        parallelize_module(layer, tp_mesh, {k: torch_style(v, config, tp) for k, v in styles.items()})
     plan = model.plan()
     sum_token_statistics(model, plan, tp_mesh.get_group())
     parallelize_module(model, tp_mesh, {k: torch_style(v, config, tp) for k, v in plan.tp.items()})

@@ -37,7 +37,6 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
-import queue
 import re
 import signal
 import socket
@@ -92,8 +91,10 @@ PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Brok
 
 
 def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: list[str], log: str,
-            task_q, result_q) -> None:
-    """A worker's main loop. It sets the environment before importing torch, because OpenMP reads it at load time."""
+            task_q, reply) -> None:
+    """A worker's main loop. It sets the environment before importing torch, because OpenMP reads it at load time.
+    `reply` is this rank's own pipe to the parent: a worker that dies while writing (or holding a shared queue's
+    lock) would otherwise cut off the other ranks' replies too, and their errors would read as missing."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; no traceback per worker
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)  # C++ messages (an abort's `what()`) go to fd 2 too, not only Python's sys.stderr
@@ -116,9 +117,9 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: lis
         dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
                                 timeout=datetime.timedelta(seconds=pg_timeout))
     except BaseException:
-        result_q.put((rank, 0, False, traceback.format_exc()))
+        reply.send((0, False, traceback.format_exc()))
         return
-    result_q.put((rank, 0, True, None))  # task id 0 means "ready"
+    reply.send((0, True, None))  # task id 0 means "ready"
     while True:
         msg = task_q.get()
         if msg is None:
@@ -132,10 +133,10 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, paths: lis
             result = fn(*args, **kwargs)
             from torch.distributed.distributed_c10d import _world
 
-            reply = (True, pickle.dumps((result, len(_world.pg_map))))
+            answer = (True, pickle.dumps((result, len(_world.pg_map))))
         except BaseException:  # pytest.skip/fail outcomes are BaseExceptions too
-            reply = (False, traceback.format_exc())
-        result_q.put((rank, task_id, *reply))
+            answer = (False, traceback.format_exc())
+        reply.send((task_id, *answer))
     try:
         dist.destroy_process_group()
     except Exception:
@@ -151,6 +152,7 @@ class WorkerPool:
         self.closed = False
         self._procs: list = []
         self._queues: list = []
+        self._replies: list = []
         self._logs: list[str] = []
         self._task_id = 0
         self._logdir = tempfile.TemporaryDirectory(prefix=f"pool{world_size}-")
@@ -161,17 +163,20 @@ class WorkerPool:
         """Start fresh workers without waiting for them, so that a failing run() raises at once."""
         self.port = _free_port()  # a new port on every start: the old one may still be in TIME_WAIT
         self._task_qs = [_CTX.Queue() for _ in range(self.world_size)]
-        self._result_q = _CTX.Queue()
-        self._queues = [*self._task_qs, self._result_q]
+        pipes = [_CTX.Pipe(duplex=False) for _ in range(self.world_size)]  # (parent's reading end, worker's end)
+        self._replies = [r for r, _ in pipes]
+        self._queues = list(self._task_qs)
         # The gloo timeout only bounds rendezvous and collectives; a hung task is killed by run() after `timeout`.
         pg_timeout = max(self.timeout, self.start_timeout)
         self._logs = [os.path.join(self._logdir.name, f"rank{r}-{self.port}.log") for r in range(self.world_size)]
         self._procs = [_CTX.Process(target=_worker, name=f"pool{self.world_size}-rank{r}", daemon=True,
                                     args=(r, self.world_size, self.port, pg_timeout, list(sys.path), self._logs[r],
-                                          self._task_qs[r], self._result_q))
+                                          self._task_qs[r], pipes[r][1]))
                        for r in range(self.world_size)]
         for p in self._procs:
             p.start()
+        for _, w in pipes:
+            w.close()  # the worker holds its end now: its death reads as end-of-file here
         self._ready = False
 
     def _kill(self) -> None:
@@ -190,7 +195,9 @@ class WorkerPool:
         for q in self._queues:  # a worker killed while writing may leave a queue unusable: always use new ones
             q.cancel_join_thread()  # never block interpreter exit on data that no one will read
             q.close()
-        self._queues = []
+        for c in self._replies:
+            c.close()
+        self._queues, self._replies = [], []
 
     def _restart(self) -> None:
         self._kill()
@@ -206,19 +213,25 @@ class WorkerPool:
             if left <= 0:
                 break
             had_failed = bool(failed)
-            try:
-                msg = self._result_q.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                msg = None
+            waiting = {self._replies[r]: r for r in range(self.world_size)
+                       if r not in ok and r not in failed and not self._replies[r].closed}
+            msgs = []
+            for conn in mp.connection.wait(list(waiting), timeout=min(left, 0.5)):
+                try:
+                    msgs.append((waiting[conn], *conn.recv()))
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    conn.close()  # its worker is gone (mid-write, perhaps): reported as dead below
+            if not waiting:
+                time.sleep(min(left, 0.1))
             # Look for dead workers before recording a failure: when a rank dies, its peers' "connection closed"
             # errors arrive soon after, and the death is the error to report first.
             for r, p in enumerate(self._procs):
-                if r not in ok and r not in failed and not p.is_alive():
+                if r not in ok and r not in failed and not p.is_alive() and not any(m[0] == r for m in msgs):
                     failed[r] = (f"worker process of rank {r} died (exit code {p.exitcode}); the end of its "
                                  f"stderr:\n{_log_tail(self._logs[r])}\n")
-            if msg is not None and msg[1] == task_id:  # a reply to an earlier task is stale
-                rank, _, good, payload = msg
-                (ok if good else failed).setdefault(rank, payload)
+            for rank, tid, good, payload in msgs:
+                if tid == task_id:  # a reply to an earlier task is stale
+                    (ok if good else failed).setdefault(rank, payload)
             if failed and not had_failed:
                 deadline = min(deadline, time.monotonic() + GRACE)
         return ok, failed, [r for r in range(self.world_size) if r not in ok and r not in failed]

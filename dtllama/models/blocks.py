@@ -88,10 +88,11 @@ class RotaryEmbedding(nn.Module):
 
 
 class AttentionCore(nn.Module):
-    """Packed causal attention `[T, H, D]`; its own module so context parallelism can wrap it."""
+    """Packed causal attention `[T, H, D]`; its own module so context parallelism can wrap it. `options`: the
+    scale, window, softcap and sinks of `varlen_attention`, for a family that uses them."""
 
-    def forward(self, q, k, v, cu_seqlens, max_seqlen):
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+    def forward(self, q, k, v, cu_seqlens, max_seqlen, **options):
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, **options)
 
 
 class Attention(nn.Module):
@@ -280,6 +281,10 @@ class PretrainedModel(nn.Module):
                            tied=tied)
 
     token_sums: tuple[str, ...] = ()
+
+    def layer_plan(self, layer: nn.Module) -> P.LayerPlan:
+        """The model protocol's view of one of its decoder layers: the layer's own plan (`layer.plan()`)."""
+        return layer.plan()
 
     def cut(self, layers: Sequence[int], first: bool, last: bool, stage: StageIO | None = None) -> "PretrainedModel":
         """A model of the same class holding `layers` (and the embedding if `first`, the norm and head if `last`)

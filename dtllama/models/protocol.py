@@ -2,13 +2,13 @@
 
 `dtllama.parallel` never asks which family a model is. It reads:
 
-- the HF module tree every family shares: `model.model` is a `blocks.Decoder` (`embed_tokens` or None,
-  `layers` a ModuleDict keyed by layer index, `norm` or None, `rotary_emb`), whose forward takes
-  `(x, position_ids, cu_seqlens, max_seqlen)`;
+- the HF module tree every family shares: `model.model` holds `embed_tokens` (or None), `layers` (a ModuleDict
+  keyed by layer index), `norm` (or None); a native family's is a `blocks.Decoder`, whose forward takes
+  `(x, position_ids, cu_seqlens, max_seqlen)`, the Hugging Face adapter's is transformers' own decoder;
 - `model.plan()` -> `ModelPlan`: the TP styles of the embedding, final norm and head, what the model outputs,
   its token-statistic hook points, whether it casts parameters at use;
-- `layer.plan()` -> `LayerPlan` for each decoder layer: TP styles by submodule, the attention cores Ulysses
-  wraps, the routed experts EP shards, the parts compiled apart;
+- `model.layer_plan(layer)` -> `LayerPlan` for each decoder layer (a native layer's own `layer.plan()`): TP styles
+  by submodule, the attention cores Ulysses wraps, the routed experts EP shards, the parts compiled apart;
 - `model.cut(layers, first, last, stage)`: a model holding some layers (a pipeline stage or a rank's part),
   sharing the modules of `model`, whose forward is a pipeline stage's when `stage` is given;
 - `model.balanced_moe()`: the MoE blocks that balance by bias (`moe.MoEBlock`), whose counts `balance_experts`
@@ -109,13 +109,16 @@ class ModelPlan:
     causal LM, which under CP takes its labels' token shard at `logprobs_head`) or "values". token_sums: identity
     modules (`blocks.TokenSum`) where statistics of this rank's tokens are summed over the ranks holding the others.
     casts_at_use: every module casts its parameters to the activations' dtype, so one-rank mixed precision needs
-    no FSDP. tied: the head reads `model.embed_tokens.weight` (a pipeline's last stage keeps a copy)."""
+    no FSDP. tied: the head reads `model.embed_tokens.weight` (a pipeline's last stage keeps a copy). inputs: the
+    module whose forward takes the packed batch `(x, position_ids, cu_seqlens, max_seqlen)` positionally and hands
+    it to the layers (CP slices the token inputs at it): the decoder of a native family."""
 
     tp: dict[str, Style]
     output: str = "logprobs"
     token_sums: tuple[str, ...] = ()
     casts_at_use: bool = False
     tied: bool = False
+    inputs: str = "model"
 
 
 def attention_plan(n_args: int) -> dict[str, Style]:

@@ -1,0 +1,361 @@
+"""Any Hugging Face decoder on dtllama's stack: transformers' own modules, run on packed batches.
+
+verl patches each family's attention and forward per transformers version. This adapter instead uses the public
+extension points of transformers, once, for every family: the model is transformers' own (`AutoModelForCausalLM`
+built with `attn_implementation="dtllama"`, names and numerics its own), and
+
+- attention goes through a function registered in transformers' `AttentionInterface`, which hands the packed
+  q/k/v of each layer to an `AttentionCore` child of that layer's attention module (dtllama's varlen dispatch,
+  with the layer's `scaling`, `sliding_window`, logit `softcap` and attention sinks), so Ulysses CP wraps it as it
+  wraps a native family's;
+- the decoder runs on `input_ids[1, T]` with positions restarting per sequence and `cu_seq_lens_q/k`,
+  `max_length_q/k` in the attention kwargs: no padding, no mask (transformers makes none for an attention
+  implementation without a mask function), no position-id search for sequence starts;
+- the head is dtllama's (fused log-probs + entropy, temperature, top-k, the SFT loss), from the last hidden state
+  and the output embedding, tied or not; a value head reads the same hidden state.
+
+What the adapter cannot honour it refuses by name: layers that are not token-wise attention (linear attention,
+Mamba, convolutions), a final logit softcap or scale, attention dropout, chunked attention. Tensor and pipeline
+parallelism and EP are refused by the config (`parallel_limits`); FSDP2/HSDP, CP, activation checkpointing and
+per-block compile run as for native families, through the same `parallelize`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtllama.models import protocol as P
+from dtllama.models.blocks import (
+    AttentionCore, CausalLM, Linear, LogprobsHead, ValueModel, copy_full_into, hf_name,
+)
+from dtllama.models.config import read_config_json
+from dtllama.ops import prepare_batch
+
+ATTENTION = "dtllama"
+# Layer kinds of `config.layer_types` that are token-wise causal attention (the rest are refused by name).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Config fields of a final transform of the logits, which the fused head does not apply.
+LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1.0}
+# Submodule class names of token mixers that are not attention.
+_NOT_ATTENTION = re.compile(r"Mamba|GatedDeltaNet|LinearAttention|ShortConv|Conv1d|RWKV|Lightning", re.I)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               sliding_window: int | None = None, softcap: float | None = None, s_aux=None, **kwargs):
+    """transformers' attention-function contract (`[1, H, T, D]` in, `([1, T, H, D], None)` out) over a packed
+    batch: the layer's `attn_core` (an `AttentionCore`, or Ulysses around it) with the kwargs' sequence bounds."""
+    core = getattr(module, "attn_core", None)
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if core is None or cu is None:
+        raise RuntimeError(f"attn_implementation={ATTENTION!r} runs inside dtllama.models.hf only (the attention "
+                           f"module {type(module).__name__} has no attn_core, or the call no cu_seq_lens_q); build "
+                           "the model with dtllama.models.hf.HFCausalLM")
+    if query.shape[0] != 1:
+        raise ValueError(f"the dtllama attention takes one packed row, got a batch of {query.shape[0]}")
+    if dropout:
+        raise ValueError(f"attention dropout={dropout} is not supported; set the config's attention_dropout=0")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = core(q, k, v, cu, max_len, scale=scaling, window=sliding_window, softcap=softcap, sinks=s_aux)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    """Register the packed attention function with transformers (idempotent; done at import)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _attention)
+
+
+register_attention()
+
+
+class HFConfig:
+    """A transformers config as a dtllama config: the text model's fields (`num_attention_heads`, `vocab_size`,
+    ...) read through, plus what dtllama's layers ask of a config (`tp_widths`, `to_hf`, the value head's layout,
+    `parallel_limits`). `hf` is the transformers config itself."""
+
+    parallel_limits = {
+        "tp": "the Hugging Face adapter has no tensor-parallel plan (transformers' base_model_tp_plan shards [B, S] "
+              "activations, dtllama's TP packed tokens); use dp_shard / cp, or a native family",
+        "pp": "the Hugging Face adapter runs transformers' own decoder forward, which no pipeline stage can cut; "
+              "use a native family for pp",
+        "ep": "the Hugging Face adapter runs transformers' own MoE blocks, which EP does not shard; use a native "
+              "MoE family (Qwen3-MoE, Llama 4) for ep",
+    }
+    moe_layers = None
+
+    def __init__(self, hf):
+        self.__dict__["hf"] = hf
+        self.__dict__["text"] = hf.get_text_config()
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["text"], name)
+
+    def __setattr__(self, name: str, value) -> None:  # `--set field=value` edits the text model's config
+        setattr(self.text, name, value)
+
+    def __deepcopy__(self, memo):
+        return HFConfig(copy.deepcopy(self.hf, memo))
+
+    def __repr__(self) -> str:
+        return f"HFConfig({type(self.hf).__name__}, model_type={self.hf.model_type!r})"
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "HFConfig":
+        """Read a folder's `config.json` (or its dict) with transformers' `AutoConfig`."""
+        from transformers import AutoConfig
+
+        d = read_config_json(path_or_dict)
+        model_type = d.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("config.json has no model_type; the Hugging Face adapter needs one to pick the family")
+        return cls(AutoConfig.for_model(model_type, **d))
+
+    @property
+    def model_type(self) -> str:
+        return self.hf.model_type
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text, "head_dim", None) or self.text.hidden_size // self.text.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return getattr(self.text, "num_key_value_heads", None) or self.text.num_attention_heads
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.hf, "tie_word_embeddings", False))
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.hf.architectures or [])
+
+    @property
+    def hf_prefix(self) -> str:
+        """The family's class-name prefix (`Qwen3` of `Qwen3ForCausalLM`)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.hf.model_type) or (self.architectures or ["Model"])[0]
+        return re.sub(r"For\w+$", "", name)
+
+    @property
+    def value_head(self) -> str:
+        token = any(a.endswith("ForTokenClassification") for a in self.architectures)
+        return "ForTokenClassification" if token else "ForSequenceClassification"
+
+    @property
+    def score_bias(self) -> bool:
+        return self.value_head == "ForTokenClassification"
+
+    def tp_widths(self) -> dict[str, int]:
+        return {}
+
+    def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
+        """The `config.json` dict transformers writes, naming `architecture` of this family."""
+        d = self.hf.to_dict()
+        d["architectures"] = [self.hf_prefix + architecture]
+        return d
+
+    def build(self, value: bool = False) -> nn.Module:
+        """transformers' model of this config (on the current default device), attention through dtllama."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, \
+            AutoModelForTokenClassification
+
+        hf = copy.deepcopy(self.hf)
+        if value:
+            hf.num_labels = 1
+            auto = AutoModelForTokenClassification if self.value_head == "ForTokenClassification" \
+                else AutoModelForSequenceClassification
+        else:
+            auto = AutoModelForCausalLM
+        return auto.from_config(hf, attn_implementation=ATTENTION)
+
+
+class LayerDict(nn.ModuleDict):
+    """transformers' `layers` ModuleList as the model protocol's ModuleDict, under the same names (`layers.0`):
+    transformers' decoder indexes, slices and iterates it as a list; dtllama's parallel layer reads and replaces its
+    entries by key (`items`, `values`, `layers[key] = wrapped`)."""
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, slice)):
+            return list(self.values())[idx]
+        return super().__getitem__(idx)
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+class DecoderInputs(nn.Module):
+    """The identity on the packed batch `(input_ids, position_ids, cu_seqlens, max_seqlen)`: the model protocol's
+    `inputs` hook point, where context parallelism takes this rank's token shard (`ModelPlan.inputs`)."""
+
+    def forward(self, x, position_ids, cu_seqlens, max_seqlen):
+        return x, position_ids, cu_seqlens, max_seqlen
+
+
+def _attention_path(layer: nn.Module, index: str, config: HFConfig) -> str:
+    """The path of the layer's attention module, or a ValueError naming what else mixes its tokens."""
+    kinds = getattr(config.text, "layer_types", None)
+    if kinds is not None and kinds[int(index)] not in ATTENTION_LAYER_TYPES:
+        raise ValueError(f"{config.model_type} layer {index} is {kinds[int(index)]!r}, not token-wise attention; the "
+                         f"Hugging Face adapter runs {list(ATTENTION_LAYER_TYPES)} layers only")
+    for name, module in layer.named_modules():
+        if _NOT_ATTENTION.search(type(module).__name__):
+            raise ValueError(f"{config.model_type} layer {index} mixes tokens with {name} ({type(module).__name__}), "
+                             "not attention; the Hugging Face adapter runs attention layers only")
+    paths = [n for n, m in layer.named_children() if type(m).__name__.endswith("Attention")]
+    if len(paths) != 1:
+        raise ValueError(f"{config.model_type} layer {index} ({type(layer).__name__}) has attention modules {paths}; "
+                         "the Hugging Face adapter needs exactly one per decoder layer")
+    return paths[0]
+
+
+def _check_config(config: HFConfig) -> None:
+    """Refuse by name what the fused head or the packed attention would not honour."""
+    for field, neutral in LOGIT_FIELDS.items():
+        v = getattr(config.text, field, neutral)
+        if v is not None and v != neutral:
+            raise ValueError(f"config field {field}={v} transforms the logits, which dtllama's fused head does not; "
+                             f"set it to {neutral} (the log-probs then differ from the checkpoint's) or use another "
+                             "trainer for this family")
+    if getattr(config.text, "attention_dropout", 0.0):
+        raise ValueError(f"config field attention_dropout={config.text.attention_dropout} is not supported by the "
+                         "packed attention; set it to 0.0")
+    if getattr(config.text, "attention_chunk_size", None):
+        raise ValueError(f"config field attention_chunk_size={config.text.attention_chunk_size} (chunked attention) "
+                         "is not supported by the Hugging Face adapter")
+
+
+def adapt_decoder(decoder: nn.Module, config: HFConfig) -> dict[str, str]:
+    """Make transformers' decoder (`model.model`) fit the protocol, in place: its layers a `LayerDict`, an
+    `AttentionCore` child (`attn_core`) in each attention module. Returns each layer's attention path."""
+    for part in ("embed_tokens", "layers", "norm"):
+        if not isinstance(getattr(decoder, part, None), nn.Module):
+            raise ValueError(f"{type(decoder).__name__} has no {part}; the Hugging Face adapter needs a decoder with "
+                             "embed_tokens, layers and norm")
+    layers = LayerDict({str(i): layer for i, layer in enumerate(decoder.layers)})
+    decoder.layers = layers
+    paths = {}
+    for i, layer in layers.items():
+        paths[i] = _attention_path(layer, i, config)
+        layer.get_submodule(paths[i]).attn_core = AttentionCore()
+    return paths
+
+
+class _Adapter:
+    """What the causal LM and the value model share: transformers' decoder as `model`, the protocol."""
+
+    def _adopt(self, config: HFConfig, hf: nn.Module, layers, first: bool, last: bool, stage) -> None:
+        if layers is not None or not first or not last or stage is not None:
+            raise ValueError(f"pipeline stages of {config.model_type}: {HFConfig.parallel_limits['pp']}")
+        nn.Module.__init__(self)
+        _check_config(config)
+        self.config, self.stage = config, None
+        self.model = hf.base_model if hf.base_model is not hf else hf.model
+        self._attn = adapt_decoder(self.model, config)
+        self.decoder_inputs = DecoderInputs()
+        self._value = False
+
+    def layer_plan(self, layer: nn.Module) -> P.LayerPlan:
+        inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+        index = next(k for k, v in self.model.layers.items() if v is layer or v is inner)
+        return P.LayerPlan({}, attn_cores=(f"{self._attn[index]}.attn_core",))
+
+    def plan(self) -> P.ModelPlan:
+        return P.ModelPlan({}, output=self.output, casts_at_use=False, tied=getattr(self, "lm_head", 0) is None,
+                           inputs="decoder_inputs")
+
+    def cut(self, *args, **kwargs):
+        raise ValueError(f"pipeline stages of {self.config.model_type}: {HFConfig.parallel_limits['pp']}")
+
+    def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
+        batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
+                              attention_mask)
+        x, pos, cu, m = self.decoder_inputs(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        m = int(m)
+        out = self.model(input_ids=x[None], position_ids=pos[None], use_cache=False, cu_seq_lens_q=cu,
+                         cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+        return out.last_hidden_state[0], [], batch
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, names: set[str] | None = None) -> None:
+        """transformers' own init of the whole model, built once on the host from `seed`, each rank keeping its
+        slice of every parameter: the values do not depend on the layout (a large model loads a checkpoint)."""
+        with torch.device("cpu"):
+            state = _seeded(lambda: self.config.build(value=self._value), seed).state_dict()
+        for name, p in self.named_parameters():
+            name = hf_name(name)
+            if names is None or name in names:
+                copy_full_into(p, state[name].to(p.dtype))
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the buffers no checkpoint holds (RoPE frequencies) with transformers' own init, which skips the
+        parameters marked `_is_hf_initialized`."""
+        init = self.model._init_weights
+        for module in self.modules():
+            if not module._non_persistent_buffers_set:
+                continue
+            params = list(module.parameters(recurse=False))
+            for p in params:
+                p._is_hf_initialized = True
+            try:
+                init(module)
+            finally:
+                for p in params:
+                    del p._is_hf_initialized
+
+    def balanced_moe(self) -> list:
+        return []
+
+
+def _seeded(build, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+class HFCausalLM(_Adapter, CausalLM):
+    """A transformers causal LM (any family of `AutoModelForCausalLM` whose layers are attention) with dtllama's
+    packed batches, heads and parallel layer; names, config and checkpoints are the family's own."""
+
+    config_class = HFConfig
+
+    def __init__(self, config: HFConfig, *, layers=None, first: bool = True, last: bool = True, stage=None):
+        hf = config.build()
+        self._adopt(config, hf, layers, first, last, stage)
+        out, inp = hf.get_output_embeddings(), hf.get_input_embeddings()
+        self.lm_head = None if out.weight is inp.weight else out
+        self.logprobs_head = LogprobsHead()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight if self.lm_head is None else self.lm_head.weight
+
+
+class HFValue(_Adapter, ValueModel):
+    """A critic on a transformers decoder: `score` (HF's sequence- or token-classification head, `num_labels=1`)
+    over every token's last hidden state."""
+
+    config_class = HFConfig
+
+    def __init__(self, config: HFConfig, *, layers=None, first: bool = True, last: bool = True, stage=None):
+        hf = config.build(value=True)
+        self._adopt(config, hf, layers, first, last, stage)
+        self._value = True
+        bias = hf.score.bias is not None
+        self.score = Linear(config.hidden_size, 1, bias=bias)
+
+
+__all__ = ["ATTENTION", "DecoderInputs", "HFCausalLM", "HFConfig", "HFValue", "LayerDict", "adapt_decoder",
+           "register_attention"]
