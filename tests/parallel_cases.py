@@ -40,6 +40,10 @@ def random_sequences(lengths, vocab_size: int, g: torch.Generator):
 def model_config(config_dict: dict):
     """A dense `ModelConfig`, a `Llama4Config` (MoE) for `model_type="llama4_text"`, or the test family of
     `third_family.py` for `family="parallel_block"`."""
+    if config_dict.get("family") == "hf":  # transformers' own modules (dtllama.models.hf)
+        from dtllama.models.hf import HFConfig
+
+        return HFConfig.from_hf({k: v for k, v in config_dict.items() if k != "family"})
     if config_dict.get("family") == third_family.FAMILY:
         return third_family.ParallelBlockConfig(**{k: v for k, v in config_dict.items() if k != "family"})
     if config_dict.get("family") == "qwen3":
@@ -52,7 +56,7 @@ def model_config(config_dict: dict):
 
 
 def build(config, value: bool):
-    if isinstance(config, Qwen3MoeConfig):
+    if type(config).__name__ == "HFConfig" or isinstance(config, Qwen3MoeConfig):
         return dtllama.model_class(config, value)(config)
     if isinstance(config, Qwen3Config):
         return (Qwen3ForValue if value else Qwen3ForCausalLM)(config)

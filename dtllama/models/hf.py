@@ -66,13 +66,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
 
 def register_attention() -> None:
-    """Register the packed attention function with transformers (idempotent; done at import)."""
+    """Register the packed attention function with transformers (idempotent; every `HFConfig.build` does it, so
+    importing dtllama does not import transformers)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, _attention)
-
-
-register_attention()
 
 
 class HFConfig:
@@ -159,6 +157,27 @@ class HFConfig:
     def tp_widths(self) -> dict[str, int]:
         return {}
 
+    def replace(self, assignments: list[str]) -> "HFConfig":
+        """A copy with `FIELD=VALUE` overrides of the text model's fields (VALUE read as JSON, else a string)."""
+        import json
+
+        out = copy.deepcopy(self)
+        fields = set(self.text.to_dict())
+        for item in assignments:
+            name, sep, value = item.partition("=")
+            if not sep or name not in fields:
+                raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config's fields "
+                                 f"({', '.join(sorted(fields))})")
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+            setattr(out.text, name, value)
+        if any(a.startswith("num_hidden_layers=") for a in assignments) and getattr(out.text, "layer_types", None):
+            kinds = out.text.layer_types  # transformers derives them from the depth: re-derive by repeating
+            out.text.layer_types = [kinds[i % len(kinds)] for i in range(out.text.num_hidden_layers)]
+        return out
+
     def to_hf(self, architecture: str = "ForCausalLM") -> dict[str, Any]:
         """The `config.json` dict transformers writes, naming `architecture` of this family."""
         d = self.hf.to_dict()
@@ -170,6 +189,7 @@ class HFConfig:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, \
             AutoModelForTokenClassification
 
+        register_attention()
         hf = copy.deepcopy(self.hf)
         if value:
             hf.num_labels = 1
@@ -292,11 +312,27 @@ class _Adapter:
         slice of every parameter: the values do not depend on the layout (a large model loads a checkpoint)."""
         with torch.device("cpu"):
             state = _seeded(lambda: self.config.build(value=self._value), seed).state_dict()
-        for name, p in self.named_parameters():
+        # Parameters and persistent buffers (DeepSeek-V3's router bias): `to_empty` left both uninitialized.
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
             name = hf_name(name)
-            if names is None or name in names:
-                copy_full_into(p, state[name].to(p.dtype))
+            if name in state and (names is None or name in names):
+                copy_full_into(t, state[name].to(t.dtype))
         self.reset_buffers()
+
+    def converted_state(self, path: str) -> dict[str, torch.Tensor]:
+        """The full state of an HF folder whose files transformers converts at load (per-expert files into stacked
+        experts, ...): read by transformers itself on the host (`hf_io.load_state_into` copies each rank's slice)."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, \
+            AutoModelForTokenClassification
+
+        auto = AutoModelForCausalLM
+        if self._value:
+            auto = AutoModelForTokenClassification if self.config.value_head == "ForTokenClassification" \
+                else AutoModelForSequenceClassification
+        with torch.device("cpu"):
+            model = auto.from_pretrained(path, dtype=torch.float32, num_labels=1) if self._value else \
+                auto.from_pretrained(path, dtype=torch.float32)
+        return model.state_dict()
 
     @torch.no_grad()
     def reset_buffers(self) -> None:

@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from dtllama.models.config import ModelConfig
-from dtllama.models.blocks import hf_name
+from dtllama.models.blocks import copy_full_into, hf_name
 from dtllama.models.moe import GroupedExperts, MoEBlock, balanced_blocks
 from dtllama.fsutil import on_rank0, rank, replace_dir
 
@@ -152,6 +152,14 @@ def load_state_into(model, path: str) -> None:
                 "the checkpoint and its config.json disagree"
             )
     heads = {n for n in missing if n.startswith("score.")}
+    if set(missing) - heads and hasattr(model, "converted_state"):
+        # Files in another layout than the modules' (transformers 5 converts some families' checkpoints at load,
+        # e.g. one tensor per expert into stacked experts): the model's own library reads them.
+        full = model.converted_state(path)
+        for name, t in state.items():
+            copy_full_into(t, full[name].to(t.dtype))
+        model.reset_buffers()
+        return
     if set(missing) - heads:
         raise ValueError(f"checkpoint {path!r} lacks {sorted(set(missing) - heads)}")
     _check_value_head(model, state, ckpt, heads, path)

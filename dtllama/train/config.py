@@ -44,6 +44,8 @@ class ModelSource:
                              exclusive="source")
     set: list[str] = opt([], "override a config field of the model, e.g. --set num_hidden_layers=8 (repeatable)",
                          metavar="FIELD=VALUE")
+    hf_adapter: bool = opt(False, "run the --model folder's family through transformers' own modules "
+                                  "(dtllama.models.hf) even where dtllama has it natively")
 
 
 @dataclass

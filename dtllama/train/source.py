@@ -35,6 +35,8 @@ class ByteTokenizer:
 
 def override(config, assignments: list[str]):
     """The config with `FIELD=VALUE` overrides (VALUE read as JSON: numbers, true/false, null, else a string)."""
+    if not dataclasses.is_dataclass(config):  # a transformers config (the Hugging Face adapter)
+        return config.replace(assignments)
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
     if any(a.startswith("num_hidden_layers=") for a in assignments):
@@ -73,7 +75,8 @@ def load_source(source: ModelSource):
             smollm2_135m_instruct()  # converts once; the other ranks wait for the cache
         dist.barrier()
         path = smollm2_135m_instruct()
-    return override(dtllama.config_from_hf(path), source.set), AutoTokenizer.from_pretrained(path), path
+    config = dtllama.config_from_hf(path, adapter=source.hf_adapter)
+    return override(config, source.set), AutoTokenizer.from_pretrained(path), path
 
 
 __all__ = ["ByteTokenizer", "load_source", "override"]

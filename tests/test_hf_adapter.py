@@ -1,0 +1,218 @@
+"""The Hugging Face adapter (`dtllama.models.hf`): transformers' own decoders of every text family on packed batches,
+dtllama's heads and parallel layer, against transformers' own forward (eager attention, padded batches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import logprobs_entropy_reference, rel_err
+from test_hf_parity import random_batch
+from test_protocol import check_layout
+
+import dtllama
+from dtllama.models.hf import HFCausalLM, HFConfig, HFValue
+from dtllama.ops import pack, shift_labels
+from dtllama.parallel import ParallelDims
+
+transformers = pytest.importorskip("transformers", reason="the adapter tests need transformers ([test] extra)")
+
+TOL = 1e-5  # fp32, packed vs padded and another association order: as for the native families
+COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0, tie_word_embeddings=False)
+# One tiny config per family, from transformers' own config classes: what each exercises is in its comment.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v bias
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),  # q/k head norms
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         norm_topk_prob=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=5)),  # a window shorter than the sequences
+    # softcapped attention logits, query scaling other than head_dim**-0.5, alternating sliding / full layers
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=10,
+                                    attn_logit_softcapping=3.0, final_logit_softcapping=None)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=10,
+                                             layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),  # fused qkv and gate_up projections
+    # multi-head latent attention: low-rank q/kv, a value head dim (12) other than q/k's (24), MoE after layer 0
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=16, v_head_dim=12, n_routed_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                                             n_group=1, topk_group=1)),
+    # attention sinks, sliding windows, MoE
+    "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
+}
+
+
+def hf_config(family: str, **overrides):
+    cls, extra = FAMILIES[family]
+    return getattr(transformers, cls)(**{**COMMON, **extra, **overrides})
+
+
+def hf_model(family: str, seed: int, head: str = "ForCausalLM"):
+    """transformers' model of `family` (eager attention), norms and sinks away from their init so they matter."""
+    torch.manual_seed(seed)
+    config = hf_config(family)
+    if head != "ForCausalLM":
+        config.num_labels = 1
+        auto = getattr(transformers, "AutoModel" + head)
+    else:
+        auto = transformers.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("sinks"):
+                p.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_transformers_packed_and_padded(family, tmp_path):
+    """Saved by transformers, loaded through the adapter: logits of a padded batch, log-probs and entropy of it
+    packed, and every parameter's gradient of a loss of them equal transformers' own within TOL."""
+    seed = int(torch.randint(0, 2**16, ()))
+    hf = hf_model(family, seed)
+    hf.save_pretrained(tmp_path)
+    ours = dtllama.from_pretrained(tmp_path, adapter=True)
+    assert type(ours) is HFCausalLM and type(ours.model) is type(hf.model)  # transformers' own decoder
+    ids, mask = random_batch(hf.config.vocab_size, seed)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    with torch.no_grad():
+        padded = ours(ids, attention_mask=mask).logits
+    assert rel_err(padded[mask], ref[mask].detach()) <= TOL
+    p = pack(ids, mask)
+    labels = shift_labels(p.input_ids, p.cu_seqlens)
+    out = ours(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=labels)
+    ref_lp, ref_ent = logprobs_entropy_reference(ref[mask], labels)
+    assert rel_err(out.logprobs, ref_lp.detach()) <= TOL and rel_err(out.entropy, ref_ent.detach()) <= TOL
+    (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
+    (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
+    theirs = dict(hf.named_parameters())
+    assert {n for n, _ in ours.named_parameters()} == set(theirs)  # HF's names, nothing mapped
+    for name, param in ours.named_parameters():
+        if theirs[name].grad is None:  # an expert no token of the batch chose: no gradient on either side
+            assert param.grad is None or not param.grad.any(), name
+            continue
+        assert rel_err(param.grad, theirs[name].grad, floor=1e-3) <= TOL, name
+
+
+def test_padded_rows_never_see_each_other():
+    """A padded batch is unpacked: each row's outputs are those of the row alone (transformers PR #46634 let a
+    2-D mask over packed rows leak across them)."""
+    torch.manual_seed(0)
+    ours = HFCausalLM(HFConfig(hf_config("gemma3_text")))
+    ours.init_weights(1)
+    ids, mask = random_batch(COMMON["vocab_size"], 3)
+    with torch.no_grad():
+        batch = ours(ids, attention_mask=mask).logits
+        for b in range(ids.shape[0]):
+            alone = ours(ids[b][mask[b]][None]).logits[0]
+            assert rel_err(batch[b][mask[b]], alone) <= TOL
+
+
+def test_value_head_matches_transformers(tmp_path):
+    hf = hf_model("qwen3", 5, head="ForSequenceClassification")
+    hf.save_pretrained(tmp_path)
+    ours = dtllama.from_pretrained(tmp_path, value=True, adapter=True)
+    assert type(ours) is HFValue
+    ids, mask = random_batch(hf.config.vocab_size, 5)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = hf.score(hf.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state)
+        values = ours(ids, attention_mask=mask).values
+    assert rel_err(values[mask], ref.squeeze(-1)[mask]) <= TOL
+
+
+def test_export_loads_in_transformers_with_equal_logits(tmp_path):
+    ours = HFCausalLM(HFConfig(hf_config("gemma3_text", tie_word_embeddings=True)))
+    ours.init_weights(int(torch.randint(0, 2**16, ())))
+    assert ours.lm_head is None  # tied: the head reads the embedding, the files hold it once
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(0, COMMON["vocab_size"], (1, 20))
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf(ids).logits) <= TOL
+
+
+def test_init_is_transformers_and_layout_independent():
+    """`init_weights` is transformers' init from the seed (Gemma's norms start at 0: `1 + w`), one full tensor at
+    a time, so any layout starts from the same numbers."""
+    ours = HFCausalLM(HFConfig(hf_config("gemma3_text")))
+    ours.init_weights(7)
+    norms = [p for n, p in ours.named_parameters() if n.endswith("norm.weight")]
+    assert norms and all(not p.any() for p in norms)
+    again = HFCausalLM(HFConfig(hf_config("gemma3_text")))
+    again.init_weights(7)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
+
+
+def test_native_families_win_unless_the_adapter_is_asked_for():
+    qwen3 = hf_config("qwen3").to_dict()
+    assert type(dtllama.config_from_hf(qwen3)).__name__ == "Qwen3Config"
+    assert type(dtllama.config_from_hf(qwen3, adapter=True)) is HFConfig
+    assert type(dtllama.config_from_hf(hf_config("gemma3_text").to_dict())) is HFConfig
+
+
+def test_what_the_adapter_cannot_honour_is_refused_by_name():
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        HFCausalLM(HFConfig(hf_config("gemma2", final_logit_softcapping=30.0)))
+    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+        HFCausalLM(HFConfig(hf_config("llama", attention_dropout=0.1)))
+    next_cfg = transformers.Qwen3NextConfig(**{**COMMON, "num_hidden_layers": 2, "head_dim": 16,
+                                               "layer_types": ["linear_attention", "full_attention"]})
+    with pytest.raises(ValueError, match="layer 0 is 'linear_attention', not token-wise attention"):
+        HFCausalLM(HFConfig(next_cfg))
+    config = HFConfig(hf_config("qwen3"))
+    for degree, message in [(dict(tp=2), "tp=2 is not available.*tensor-parallel"),
+                            (dict(pp=2), "pp=2 is not available.*pipeline")]:
+        with pytest.raises(ValueError, match=message):
+            ParallelDims(**degree, dp_shard=1).resolve(2, config)
+
+
+def test_compiled_layers_equal_eager():
+    """Per-block compile (`fullgraph=True`) of transformers' decoder layers: the same log-probs and gradients."""
+    from dtllama.parallel.compile import apply_compile
+
+    torch._dynamo.reset()
+    config = HFConfig(hf_config("qwen3"))
+    eager, compiled = HFCausalLM(config), HFCausalLM(config)
+    eager.init_weights(3)
+    compiled.init_weights(3)
+    apply_compile(compiled)
+    ids, mask = random_batch(COMMON["vocab_size"], 4)
+    p = pack(ids, mask)
+    labels = shift_labels(p.input_ids, p.cu_seqlens)
+    outs = [m(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=labels) for m in (eager, compiled)]
+    for o, m in zip(outs, (eager, compiled)):
+        (o.logprobs.sum() + 0.3 * o.entropy.sum()).backward()
+    assert rel_err(outs[1].logprobs, outs[0].logprobs.detach()) <= TOL
+    grads = {n: p.grad for n, p in eager.named_parameters()}
+    for n, p in compiled.named_parameters():
+        assert rel_err(p.grad, grads[n.replace("._orig_mod", "")], floor=1e-3) <= TOL, n
+
+
+LAYOUT = dict(family="hf", **{**COMMON, "vocab_size": 61, "hidden_size": 32, "intermediate_size": 16,
+                              "initializer_range": 0.2})
+
+
+@pytest.mark.parametrize("world, layout, family", [
+    (2, dict(cp=2), "qwen3"), (4, dict(cp=4), "qwen3"), (2, dict(dp_shard=2), "qwen3"),
+    (2, dict(cp=2), "gemma3_text"), (2, dict(cp=2), "gpt_oss"), (2, dict(cp=2), "deepseek_v3"),
+    (4, dict(cp=2, dp_shard=2), "mistral"),
+], ids=["qwen3-cp2", "qwen3-cp4-kv2", "qwen3-fsdp2", "gemma3-cp2", "gpt_oss-cp2-sinks", "deepseek-cp2-mla",
+        "mistral-cp2xfsdp2"])
+def test_layouts_match_single_device(world, layout, family):
+    """Ulysses around the registered attention (KV heads repeated when fewer than cp, a rank's slice of the sinks)
+    and FSDP over transformers' layers equal one device: outputs, gradients, parameters after AdamW."""
+    _, extra = FAMILIES[family]
+    extra = {k: v for k, v in extra.items() if k not in ("head_dim",)}
+    config = dict(LAYOUT, model_type=family, **extra, head_dim=8)
+    check_layout(world, layout, config, False, lengths=[9, 1, 12, 8, 5, 3])
+
+
+def test_value_model_layouts_match_single_device():
+    config = dict(LAYOUT, model_type="qwen3", head_dim=8, architectures=["Qwen3ForSequenceClassification"])
+    check_layout(2, dict(cp=2), config, True, lengths=[9, 1, 12, 8, 5, 3])
