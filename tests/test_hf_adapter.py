@@ -216,3 +216,56 @@ def test_layouts_match_single_device(world, layout, family):
 def test_value_model_layouts_match_single_device():
     config = dict(LAYOUT, model_type="qwen3", head_dim=8, architectures=["Qwen3ForSequenceClassification"])
     check_layout(2, dict(cp=2), config, True, lengths=[9, 1, 12, 8, 5, 3])
+
+
+# ------------------------------------------------------------------------------------------ the recipes
+
+
+def hf_folder(path, family: str, **overrides) -> str:
+    """A random-init transformers checkpoint of `family` with SmolLM2's tokenizer, as a user's folder would be."""
+    from transformers import AutoTokenizer
+
+    from dtllama.models.pretrained import smollm2_135m_instruct
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m_instruct())
+    torch.manual_seed(0)
+    config = hf_config(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, **overrides)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_train_recipe_trains_a_folder_of_another_family_and_exports_it(tmp_path):
+    """`recipes/train.py --model FOLDER` on a family dtllama has no native module for (Gemma 3: sliding and full
+    layers, query scaling, tied embeddings): the loss falls on 2 FSDP processes, and the export loads in
+    transformers with the logits dtllama computes from it."""
+    from helpers import train
+
+    folder = hf_folder(tmp_path / "gemma3", "gemma3_text", tie_word_embeddings=True)
+    rows = train(tmp_path, 2, "--model", folder, "--steps", "4", "--lr", "3e-3", "--export-hf",
+                 str(tmp_path / "out"), flavor="debug")
+    losses = [r["loss"] for r in rows]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ours = dtllama.from_pretrained(tmp_path / "out")
+    assert type(ours) is HFCausalLM and type(hf).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf(ids).logits) <= TOL
+
+
+def test_ppo_recipe_on_the_adapter_gives_world_1_losses_at_cp2(tmp_path):
+    """PPO with actor, reference and critic all transformers' Qwen3 modules (`--hf-adapter`): Ulysses cp=2 gives
+    world 1's per-epoch losses."""
+    from test_rl import _check_rows, ppo
+
+    folder = hf_folder(tmp_path / "qwen3", "qwen3")
+    one = ppo(tmp_path, 1, "--iterations", "1", "--model", folder, "--hf-adapter")
+    two = ppo(tmp_path, 2, "--iterations", "1", "--model", folder, "--hf-adapter", "--cp", "2")
+    for rows in (one, two):
+        _check_rows(rows, 1)
+    assert one[0]["samples"] == two[0]["samples"]
+    for key in ("pg_loss", "vf_loss", "kl"):
+        for a, b in zip(one[0][key], two[0][key]):
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (key, one[0][key], two[0][key])  # as test_rl's layouts

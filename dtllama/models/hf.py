@@ -157,6 +157,16 @@ class HFConfig:
     def tp_widths(self) -> dict[str, int]:
         return {}
 
+    def num_params(self, value_head: bool = False, active: bool = False) -> int:
+        """Parameters of the causal LM (or value model), counted on a meta-device build; `active`: routed experts
+        counted at `num_experts_per_tok` of their number (what one token runs)."""
+        with torch.device("meta"):
+            model = self.build(value=value_head)
+        experts = next((getattr(self.text, f) for f in ("num_experts", "num_local_experts", "n_routed_experts")
+                        if getattr(self.text, f, None)), None)
+        share = self.text.num_experts_per_tok / experts if active and experts else 1.0
+        return int(sum(p.numel() * (share if ".experts." in n else 1.0) for n, p in model.named_parameters()))
+
     def replace(self, assignments: list[str]) -> "HFConfig":
         """A copy with `FIELD=VALUE` overrides of the text model's fields (VALUE read as JSON, else a string)."""
         import json
