@@ -3,7 +3,7 @@ batches), dtllama's adapter on the same transformers modules (packed, its attent
 native family of the same shape.
 
     python bench/hf.py [--shape qwen3-1.7b] [--batch 8] [--seq 2048] [--fill 0.5] [--steps 8] [--warmup 3]
-        [--impls hf,adapter,native] [--json out.json]
+        [--impls hf,adapter,native] [--compile] [--json out.json]
 
 One GPU, one process: each implementation in turn is built on meta, sharded by FSDP2 (bf16 parameters, fp32
 reduce; dtllama's through `parallelize`), materialized, and loaded with the native model's init (one HF-named state
@@ -70,7 +70,7 @@ def _dtllama_model(cls, config, a, device, state):
     dims.build_mesh(device.type)
     with torch.device("meta"):
         model = cls(config)
-    parallelize(model, dims, fsdp=FSDPOptions(param_dtype=torch.bfloat16))
+    parallelize(model, dims, fsdp=FSDPOptions(param_dtype=torch.bfloat16), compile=a.compile)
     model.to_empty(device=device)
     if state is None:
         model.init_weights(0)
@@ -111,6 +111,8 @@ def build_hf(a, device, state):
     mesh = init_device_mesh(device.type, (1,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
+        if a.compile:
+            layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     model.to_empty(device=device)
@@ -201,6 +203,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--impls", default="native,adapter,hf")
+    p.add_argument("--compile", action="store_true", help="compile each decoder layer (all three)")
     p.add_argument("--json")
     a = p.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -227,7 +230,7 @@ def main() -> None:
         rows.append(row)
     base = {r["impl"]: r for r in rows}
     print(f"\n{a.shape}: {a.batch} sequences, {real} real tokens in [{a.batch}, {a.seq}] "
-          f"({100 * real / (a.batch * a.seq):.0f}% filled), bf16, one GPU")
+          f"({100 * real / (a.batch * a.seq):.0f}% filled), bf16, one GPU{', layers compiled' if a.compile else ''}")
     print(f"{'implementation':38} {'ms/step':>8} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} "
           f"{'loss 1':>8} {'vs hf':>6} {'vs native':>9}  attention")
     for r in rows:
