@@ -240,12 +240,16 @@ def test_train_recipe_trains_a_folder_of_another_family_and_exports_it(tmp_path)
     """`recipes/train.py --model FOLDER` on a family dtllama has no native module for (Gemma 3: sliding and full
     layers, query scaling, tied embeddings): the loss falls on 2 FSDP processes, and the export loads in
     transformers with the logits dtllama computes from it."""
-    from helpers import train
+    import json
+    import os
+
+    from helpers import ROOT, torchrun
 
     folder = hf_folder(tmp_path / "gemma3", "gemma3_text", tie_word_embeddings=True)
-    rows = train(tmp_path, 2, "--model", folder, "--steps", "4", "--lr", "3e-3", "--export-hf",
-                 str(tmp_path / "out"), flavor="debug")
-    losses = [r["loss"] for r in rows]
+    metrics = tmp_path / "metrics.jsonl"
+    torchrun(2, os.path.join(ROOT, "recipes", "train.py"), "--model", folder, "--steps", "4", "--lr", "3e-3",
+             "--metrics", str(metrics), "--export-hf", str(tmp_path / "out"), cwd=tmp_path)
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ours = dtllama.from_pretrained(tmp_path / "out")
@@ -261,8 +265,10 @@ def test_ppo_recipe_on_the_adapter_gives_world_1_losses_at_cp2(tmp_path):
     from test_rl import _check_rows, ppo
 
     folder = hf_folder(tmp_path / "qwen3", "qwen3")
-    one = ppo(tmp_path, 1, "--iterations", "1", "--model", folder, "--hf-adapter")
-    two = ppo(tmp_path, 2, "--iterations", "1", "--model", folder, "--hf-adapter", "--cp", "2")
+    # A smaller step than test_rl's debug flavor takes: this model's vocabulary is SmolLM2's 49152 tokens.
+    args = ("--iterations", "1", "--model", folder, "--hf-adapter", "--lr", "2e-4")
+    one = ppo(tmp_path, 1, *args)
+    two = ppo(tmp_path, 2, *args, "--cp", "2")
     for rows in (one, two):
         _check_rows(rows, 1)
     assert one[0]["samples"] == two[0]["samples"]
