@@ -172,12 +172,13 @@ def test_what_the_adapter_cannot_honour_is_refused_by_name():
             ParallelDims(**degree, dp_shard=1).resolve(2, config)
 
 
-def test_compiled_layers_equal_eager():
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "deepseek_v3"])  # plain; windows + scaling; MLA + MoE
+def test_compiled_layers_equal_eager(family):
     """Per-block compile (`fullgraph=True`) of transformers' decoder layers: the same log-probs and gradients."""
     from dtllama.parallel.compile import apply_compile
 
     torch._dynamo.reset()
-    config = HFConfig(hf_config("qwen3"))
+    config = HFConfig(hf_config(family))
     eager, compiled = HFCausalLM(config), HFCausalLM(config)
     eager.init_weights(3)
     compiled.init_weights(3)
@@ -201,9 +202,10 @@ LAYOUT = dict(family="hf", **{**COMMON, "vocab_size": 61, "hidden_size": 32, "in
 @pytest.mark.parametrize("world, layout, family", [
     (2, dict(cp=2), "qwen3"), (4, dict(cp=4), "qwen3"), (2, dict(dp_shard=2), "qwen3"),
     (2, dict(cp=2), "gemma3_text"), (2, dict(cp=2), "gpt_oss"), (2, dict(cp=2), "deepseek_v3"),
-    (4, dict(cp=2, dp_shard=2), "mistral"),
+    (4, dict(cp=2, dp_shard=2), "mistral"), (2, dict(cp=2), "llama"), (2, dict(cp=2), "qwen2"),
+    (2, dict(cp=2), "qwen3_moe"), (2, dict(cp=2), "gemma2"), (2, dict(dp_shard=2), "phi3"),
 ], ids=["qwen3-cp2", "qwen3-cp4-kv2", "qwen3-fsdp2", "gemma3-cp2", "gpt_oss-cp2-sinks", "deepseek-cp2-mla",
-        "mistral-cp2xfsdp2"])
+        "mistral-cp2xfsdp2", "llama-cp2", "qwen2-cp2", "qwen3_moe-cp2", "gemma2-cp2-softcap", "phi3-fsdp2"])
 def test_layouts_match_single_device(world, layout, family):
     """Ulysses around the registered attention (KV heads repeated when fewer than cp, a rank's slice of the sinks)
     and FSDP over transformers' layers equal one device: outputs, gradients, parameters after AdamW."""
