@@ -301,8 +301,8 @@ class _Adapter:
         return P.LayerPlan({}, attn_cores=(f"{self._attn[index]}.attn_core",))
 
     def plan(self) -> P.ModelPlan:
-        return P.ModelPlan({}, output=self.output, casts_at_use=False, tied=getattr(self, "lm_head", 0) is None,
-                           inputs="decoder_inputs")
+        tied = self.output == "logprobs" and self.lm_head is None
+        return P.ModelPlan({}, output=self.output, casts_at_use=False, tied=tied, inputs="decoder_inputs")
 
     def cut(self, *args, **kwargs):
         raise ValueError(f"pipeline stages of {self.config.model_type}: {HFConfig.parallel_limits['pp']}")
