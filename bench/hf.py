@@ -22,10 +22,13 @@ import os
 import statistics
 import time
 
+import sys
+
 import torch
 import torch.distributed as dist
 
-PEAK_TFLOPS = 989.0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train import PEAK_TFLOPS, full_state, load_full  # noqa: E402  (bench/train.py: HF-named state in and out)
 
 
 def lengths_for(a) -> list[int]:
@@ -75,7 +78,7 @@ def _dtllama_model(cls, config, a, device, state):
     if state is None:
         model.init_weights(0)
     else:
-        _load(model, state)
+        load_full(model, state)
         model.reset_buffers()
 
     def step(seqs):
@@ -118,7 +121,7 @@ def build_hf(a, device, state):
     model.to_empty(device=device)
     with torch.device(device):  # its inv_freq buffer was built on meta
         model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
-    _load(model, state)
+    load_full(model, state)
 
     def step(seqs):
         B, S = len(seqs), max(len(s) for s in seqs)
@@ -136,23 +139,6 @@ def build_hf(a, device, state):
         return loss
 
     return model, step
-
-
-def _load(model, state) -> None:
-    from dtllama.models.blocks import copy_full_into, hf_name
-
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            copy_full_into(p, state[hf_name(n)].to(p.dtype))
-
-
-def full_state(model) -> dict[str, torch.Tensor]:
-    from torch.distributed.tensor import DTensor
-
-    from dtllama.models.blocks import hf_name
-
-    return {hf_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu()
-            for n, p in model.named_parameters()}
 
 
 BUILDERS = {"hf": build_hf, "adapter": build_adapter, "native": build_native}

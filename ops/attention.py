@@ -221,12 +221,10 @@ def varlen_attention(
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     used = _used_options(q, scale, window, softcap, sinks)
     equal_lengths = q.shape[0] == (cu_seqlens.shape[0] - 1) * int(max_seqlen)  # shapes only: no device sync
-    if q.shape[-1] != v.shape[-1]:
-        used.setdefault("_dv", True)  # a value head dim of its own (MLA): the reference path only, for now
-    name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths, backend, frozenset(used))
+    needs = frozenset(used) | ({"_dv"} if q.shape[-1] != v.shape[-1] else set())  # "_dv": MLA's own value dim
+    name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths, backend, needs)
     if not torch.compiler.is_compiling():
         _announce(name, why)
-    used.pop("_dv", None)
     return _IMPLS[name](q, k, v, cu_seqlens, int(max_seqlen), **used)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logprobs_entropy_reference, rel_err
+from helpers import rel_err
 from test_hf_parity import random_batch
 from test_protocol import check_layout
+from test_qwen3 import check_causal_lm_parity, check_value_head
 
 import dtllama
 from dtllama.models.hf import HFCausalLM, HFConfig, HFValue
@@ -73,29 +74,8 @@ def test_family_matches_transformers_packed_and_padded(family, tmp_path):
     packed, and every parameter's gradient of a loss of them equal transformers' own within TOL."""
     seed = int(torch.randint(0, 2**16, ()))
     hf = hf_model(family, seed)
-    hf.save_pretrained(tmp_path)
-    ours = dtllama.from_pretrained(tmp_path, adapter=True)
+    ours = check_causal_lm_parity(hf, tmp_path, seed, adapter=True)
     assert type(ours) is HFCausalLM and type(ours.model) is type(hf.model)  # transformers' own decoder
-    ids, mask = random_batch(hf.config.vocab_size, seed)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    with torch.no_grad():
-        padded = ours(ids, attention_mask=mask).logits
-    assert rel_err(padded[mask], ref[mask].detach()) <= TOL
-    p = pack(ids, mask)
-    labels = shift_labels(p.input_ids, p.cu_seqlens)
-    out = ours(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=labels)
-    ref_lp, ref_ent = logprobs_entropy_reference(ref[mask], labels)
-    assert rel_err(out.logprobs, ref_lp.detach()) <= TOL and rel_err(out.entropy, ref_ent.detach()) <= TOL
-    (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
-    (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
-    theirs = dict(hf.named_parameters())
-    assert {n for n, _ in ours.named_parameters()} == set(theirs)  # HF's names, nothing mapped
-    for name, param in ours.named_parameters():
-        if theirs[name].grad is None:  # an expert no token of the batch chose: no gradient on either side
-            assert param.grad is None or not param.grad.any(), name
-            continue
-        assert rel_err(param.grad, theirs[name].grad, floor=1e-3) <= TOL, name
 
 
 def test_padded_rows_never_see_each_other():
@@ -113,16 +93,7 @@ def test_padded_rows_never_see_each_other():
 
 
 def test_value_head_matches_transformers(tmp_path):
-    hf = hf_model("qwen3", 5, head="ForSequenceClassification")
-    hf.save_pretrained(tmp_path)
-    ours = dtllama.from_pretrained(tmp_path, value=True, adapter=True)
-    assert type(ours) is HFValue
-    ids, mask = random_batch(hf.config.vocab_size, 5)
-    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        ref = hf.score(hf.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state)
-        values = ours(ids, attention_mask=mask).values
-    assert rel_err(values[mask], ref.squeeze(-1)[mask]) <= TOL
+    check_value_head(hf_model("qwen3", 5, head="ForSequenceClassification"), tmp_path, HFValue, adapter=True)
 
 
 def test_export_loads_in_transformers_with_equal_logits(tmp_path):
@@ -277,3 +248,16 @@ def test_ppo_recipe_on_the_adapter_gives_world_1_losses_at_cp2(tmp_path):
     for key in ("pg_loss", "vf_loss", "kl"):
         for a, b in zip(one[0][key], two[0][key]):
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-3), (key, one[0][key], two[0][key])  # as test_rl's layouts
+
+
+def test_set_overrides_a_transformers_config():
+    """`--set FIELD=VALUE` on an adapter config: the text model's fields, a new depth re-deriving `layer_types`,
+    an unknown field refused by name; the original untouched."""
+    from dtllama.train.source import override
+
+    config = HFConfig(hf_config("gemma3_text"))
+    deeper = override(config, ["num_hidden_layers=4", "sliding_window=7"])
+    assert (deeper.num_hidden_layers, deeper.sliding_window, config.num_hidden_layers) == (4, 7, 2)
+    assert deeper.layer_types == ["sliding_attention", "full_attention"] * 2
+    with pytest.raises(ValueError, match="--set 'no_such_field=1'"):
+        override(config, ["no_such_field=1"])

@@ -38,11 +38,12 @@ def hf_qwen3(seed: int, tie: bool = False, head: str = "ForCausalLM"):
     return model
 
 
-def check_causal_lm_parity(hf, folder, seed: int):
-    """`hf` saved to `folder` and loaded by dtllama: logits of a padded batch, log-probs and entropy of it packed,
-    and the gradients of every parameter against transformers' within TOL. Returns dtllama's model."""
+def check_causal_lm_parity(hf, folder, seed: int, adapter: bool = False):
+    """`hf` saved to `folder` and loaded by dtllama (`adapter`: through transformers' own modules): logits of a padded
+    batch, log-probs and entropy of it packed, and the gradients of every parameter against transformers' within
+    TOL. Returns dtllama's model."""
     hf.save_pretrained(folder)
-    ours = dtllama.from_pretrained(folder)
+    ours = dtllama.from_pretrained(folder, adapter=adapter)
     ids, mask = random_batch(hf.config.vocab_size, seed)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
     ref = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
@@ -59,16 +60,19 @@ def check_causal_lm_parity(hf, folder, seed: int):
     theirs = dict(hf.named_parameters())
     assert set(theirs) == {n for n, _ in ours.named_parameters()}  # HF's names, nothing mapped
     for name, param in ours.named_parameters():
-        if name == "model.embed_tokens.weight":  # HF's padding_idx row gets no gradient there (a documented choice)
+        if name == "model.embed_tokens.weight" and not adapter:  # HF's padding_idx row gets no gradient there (a
+            continue  # documented choice); the adapter keeps transformers' embedding
+        if theirs[name].grad is None:  # an expert no token of the batch chose: no gradient on either side
+            assert param.grad is None or not param.grad.any(), name
             continue
         assert rel_err(param.grad, theirs[name].grad, floor=1e-3) <= TOL, name
     return ours
 
 
-def check_value_head(hf, folder, value_class) -> None:
+def check_value_head(hf, folder, value_class, adapter: bool = False) -> None:
     """`hf` (a `*ForSequenceClassification`) saved to `folder`, loaded by dtllama as `value_class`: equal values."""
     hf.save_pretrained(folder)
-    ours = dtllama.from_pretrained(folder, value=True)
+    ours = dtllama.from_pretrained(folder, value=True, adapter=adapter)
     assert type(ours) is value_class
     ids, mask = random_batch(hf.config.vocab_size, 5)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)

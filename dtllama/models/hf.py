@@ -167,24 +167,17 @@ class HFConfig:
         share = self.text.num_experts_per_tok / experts if active and experts else 1.0
         return int(sum(p.numel() * (share if ".experts." in n else 1.0) for n, p in model.named_parameters()))
 
-    def replace(self, assignments: list[str]) -> "HFConfig":
-        """A copy with `FIELD=VALUE` overrides of the text model's fields (VALUE read as JSON, else a string)."""
-        import json
+    def field_names(self) -> set[str]:
+        """The text model's config fields (what `--set` may change)."""
+        return set(self.text.to_dict())
 
+    def replace(self, changes: dict) -> "HFConfig":
+        """A copy with the text model's fields changed; a new depth re-derives `layer_types` by repeating them."""
         out = copy.deepcopy(self)
-        fields = set(self.text.to_dict())
-        for item in assignments:
-            name, sep, value = item.partition("=")
-            if not sep or name not in fields:
-                raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the config's fields "
-                                 f"({', '.join(sorted(fields))})")
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
+        for name, value in changes.items():
             setattr(out.text, name, value)
-        if any(a.startswith("num_hidden_layers=") for a in assignments) and getattr(out.text, "layer_types", None):
-            kinds = out.text.layer_types  # transformers derives them from the depth: re-derive by repeating
+        if "num_hidden_layers" in changes and getattr(out.text, "layer_types", None):
+            kinds = out.text.layer_types
             out.text.layer_types = [kinds[i % len(kinds)] for i in range(out.text.num_hidden_layers)]
         return out
 
@@ -194,20 +187,20 @@ class HFConfig:
         d["architectures"] = [self.hf_prefix + architecture]
         return d
 
+    def auto_class(self, value: bool = False):
+        """transformers' auto class of the causal LM, or of the value model's HF layout."""
+        import transformers
+
+        head = self.value_head if value else "ForCausalLM"
+        return getattr(transformers, "AutoModel" + head)
+
     def build(self, value: bool = False) -> nn.Module:
         """transformers' model of this config (on the current default device), attention through dtllama."""
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, \
-            AutoModelForTokenClassification
-
         register_attention()
         hf = copy.deepcopy(self.hf)
         if value:
             hf.num_labels = 1
-            auto = AutoModelForTokenClassification if self.value_head == "ForTokenClassification" \
-                else AutoModelForSequenceClassification
-        else:
-            auto = AutoModelForCausalLM
-        return auto.from_config(hf, attn_implementation=ATTENTION)
+        return self.auto_class(value).from_config(hf, attn_implementation=ATTENTION)
 
 
 class LayerDict(nn.ModuleDict):
@@ -332,16 +325,9 @@ class _Adapter:
     def converted_state(self, path: str) -> dict[str, torch.Tensor]:
         """The full state of an HF folder whose files transformers converts at load (per-expert files into stacked
         experts, ...): read by transformers itself on the host (`hf_io.load_state_into` copies each rank's slice)."""
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, \
-            AutoModelForTokenClassification
-
-        auto = AutoModelForCausalLM
-        if self._value:
-            auto = AutoModelForTokenClassification if self.config.value_head == "ForTokenClassification" \
-                else AutoModelForSequenceClassification
+        extra = {"num_labels": 1} if self._value else {}
         with torch.device("cpu"):
-            model = auto.from_pretrained(path, dtype=torch.float32, num_labels=1) if self._value else \
-                auto.from_pretrained(path, dtype=torch.float32)
+            model = self.config.auto_class(self._value).from_pretrained(path, dtype=torch.float32, **extra)
         return model.state_dict()
 
     @torch.no_grad()

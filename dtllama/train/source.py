@@ -33,14 +33,10 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 < i < 256).decode(errors="replace")
 
 
-def override(config, assignments: list[str]):
-    """The config with `FIELD=VALUE` overrides (VALUE read as JSON: numbers, true/false, null, else a string)."""
-    if not dataclasses.is_dataclass(config):  # a transformers config (the Hugging Face adapter)
-        return config.replace(assignments)
-    fields = {f.name for f in dataclasses.fields(config)}
+def parse_assignments(assignments: list[str], fields) -> dict:
+    """`{FIELD: VALUE}` of `--set FIELD=VALUE` items (VALUE read as JSON: numbers, true/false, null, else a string),
+    each FIELD one of `fields`, or a ValueError naming them."""
     changes = {}
-    if any(a.startswith("num_hidden_layers=") for a in assignments):
-        changes.update({k: v for k, v in DEPTH_DERIVED.items() if k in fields})
     for item in assignments:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
@@ -50,6 +46,18 @@ def override(config, assignments: list[str]):
             changes[name] = json.loads(value)
         except json.JSONDecodeError:
             changes[name] = value
+    return changes
+
+
+def override(config, assignments: list[str]):
+    """The config with `FIELD=VALUE` overrides; a new depth re-derives the per-layer lists a family derives."""
+    if not dataclasses.is_dataclass(config):  # a transformers config (the Hugging Face adapter)
+        return config.replace(parse_assignments(assignments, config.field_names()))
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    if any(a.startswith("num_hidden_layers=") for a in assignments):
+        changes.update({k: v for k, v in DEPTH_DERIVED.items() if k in fields})
+    changes.update(parse_assignments(assignments, fields))
     return dataclasses.replace(config, **changes)
 
 
@@ -79,4 +87,4 @@ def load_source(source: ModelSource):
     return override(config, source.set), AutoTokenizer.from_pretrained(path), path
 
 
-__all__ = ["ByteTokenizer", "load_source", "override"]
+__all__ = ["ByteTokenizer", "load_source", "override", "parse_assignments"]
