@@ -1,6 +1,6 @@
 """Benchmark of dtllama's GPU ops against their peers, in one run on one GPU.
 
-    python bench/ops.py [--only rms_norm,attention,logprobs,step] [--json ops.json]
+    python bench/ops.py [--only rms_norm,attention,logprobs,loss,step] [--json ops.json]
 
 First the ceilings of this device (device-to-device copy bandwidth, bf16 matmul TFLOP/s), then:
 - RMSNorm forward+backward, bf16 [32768, 4096]: dtllama's Triton op vs eager HF formula, its
@@ -10,7 +10,12 @@ First the ceilings of this device (device-to-device copy bandwidth, bf16 matmul 
   each attention backend vs transformers' padded `[B, S]` SDPA model; real tokens/s and MFU.
 - fused log-probs + entropy, bf16 T=16384, hidden 4096, vocab 128256, forward+backward of
   logprob sum + 0.01 * entropy sum: time and peak extra memory (with its default 2 GiB of kept
-  logit rows, and with none) vs naive log_softmax + gather, eager and compiled.
+  logit rows, and with none; `entropy=False`) vs naive log_softmax + gather, eager and compiled.
+- the fused SFT loss, bf16 T=16384, vocab 128256, hidden 4096 and 2048, forward + backward of the mean
+  cross-entropy: dtllama's `linear_cross_entropy` vs Liger-Kernel's `LigerFusedLinearCrossEntropyLoss`,
+  Cut Cross-Entropy and the compiled naive formula (peers that are not installed are listed as such): time,
+  peak memory above the inputs (the two gradients included), gradients against fp32 autograd; and the three
+  matmuls of one token chunk alone, where the time goes.
 Prints a table per section and the whole result as JSON (also written to `--json`).
 MFU is against 989 TFLOP/s (H100/H200 dense bf16).
 """
@@ -266,6 +271,11 @@ def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> l
 
     peers = {"dtllama fused (default: 2 GiB of rows kept)": lambda h, w, y: linear_logprobs_entropy(h, w, y),
              "dtllama fused, every row recomputed": lambda h, w, y: linear_logprobs_entropy(h, w, y, save_bytes=0),
+             "dtllama fused, 0.5 GiB of rows kept": lambda h, w, y: linear_logprobs_entropy(h, w, y,
+                                                                                            save_bytes=GiB // 2),
+             "dtllama fused, entropy=False": lambda h, w, y: linear_logprobs_entropy(h, w, y, entropy=False),
+             "dtllama fused, entropy=False, every row recomputed": lambda h, w, y: linear_logprobs_entropy(
+                 h, w, y, save_bytes=0, entropy=False),
              "naive log_softmax": naive,
              "torch.compile(naive)": torch.compile(naive)}
     flops = 3 * 2 * T * hidden * vocab  # forward, d_hidden, d_weight (recompute is not useful work)
@@ -275,7 +285,7 @@ def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> l
         def step():
             h.grad = w.grad = None
             lp, ent = f(h, w, y)
-            (lp.sum() + 0.01 * ent.sum()).backward()
+            (lp.sum() if ent is None else lp.sum() + 0.01 * ent.sum()).backward()
 
         try:
             ms = bench(step, iters=5, warmup=2)
@@ -295,9 +305,113 @@ def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> l
     return out
 
 
+def _loss_peers(hidden: int) -> dict:
+    """The SFT loss heads to compare: `f(h, w, y) -> mean cross-entropy`, or the reason a peer is missing."""
+    from dtllama.ops import linear_cross_entropy
+
+    def naive(h, w, y):
+        return F.cross_entropy((h @ w.t()).float(), y)
+
+    peers = {"dtllama linear_cross_entropy (default chunk)": lambda h, w, y: linear_cross_entropy(h, w, y),
+             "dtllama, chunk 1024": lambda h, w, y: linear_cross_entropy(h, w, y, chunk_size=1024),
+             "dtllama, chunk 2048": lambda h, w, y: linear_cross_entropy(h, w, y, chunk_size=2048)}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        peers["Liger-Kernel LigerFusedLinearCrossEntropyLoss"] = lambda h, w, y: liger(w, h, y)
+    except ImportError as e:
+        peers["Liger-Kernel LigerFusedLinearCrossEntropyLoss"] = f"not installed ({e})"
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        peers["Cut Cross-Entropy"] = lambda h, w, y: cce(h, w, y)
+    except ImportError as e:
+        peers["Cut Cross-Entropy"] = f"not installed ({e})"
+    peers["naive F.cross_entropy"] = naive
+    peers["torch.compile(naive)"] = torch.compile(naive)
+    return peers
+
+
+def loss_bench(T: int = 16384, vocab: int = 128256) -> list[dict]:
+    """Forward + backward of the mean next-token cross-entropy from bf16 hidden states, each peer in turn."""
+    out = []
+    for hidden in (4096, 2048):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        h = (torch.randn(T, hidden, device="cuda", generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
+        w = (torch.randn(vocab, hidden, device="cuda", generator=g) / math.sqrt(hidden)).to(torch.bfloat16)
+        w.requires_grad_()
+        y = torch.randint(0, vocab, (T,), device="cuda", generator=g)
+        y[torch.rand(T, device="cuda", generator=g) < 0.1] = -100
+        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        F.cross_entropy(h32 @ w32.t(), y).backward()
+        ref = (h32.grad, w32.grad)
+        del h32, w32
+        torch.cuda.empty_cache()
+        flops = 3 * 2 * T * hidden * vocab
+        key = f"SFT loss bf16 T={T} V={vocab} H={hidden}"
+        for name, f in _loss_peers(hidden).items():
+            if isinstance(f, str):
+                out.append({key: name, "ms": None, "matmul TFLOP/s": None, "peak extra GiB": None, "note": f})
+                continue
+
+            def step():
+                h.grad = w.grad = None
+                f(h, w, y).backward()
+
+            try:
+                ms = bench(step, iters=5, warmup=2)
+                h.grad = w.grad = None
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                loss = f(h, w, y)
+                torch.cuda.synchronize()
+                held, fwd_peak = (torch.cuda.memory_allocated() - before) / GiB, torch.cuda.max_memory_allocated()
+                loss.backward()
+                del loss
+                torch.cuda.synchronize()
+                extra = (torch.cuda.max_memory_allocated() - before) / GiB
+                err = max(float((a.grad.float() - b).norm() / b.norm()) for a, b in ((h, ref[0]), (w, ref[1])))
+                note = (f"grad rel. err (L2) vs fp32 {err:.2e}; forward peak {(fwd_peak - before) / GiB:.2f} GiB, "
+                        f"{held:.2f} GiB held for backward")
+            except torch.OutOfMemoryError:
+                ms, extra, note = float("nan"), float("nan"), "out of memory"
+            out.append({key: name, "ms": ms, "matmul TFLOP/s": flops / ms / 1e9, "peak extra GiB": extra,
+                        "note": note})
+            h.grad = w.grad = None
+            torch.cuda.empty_cache()
+        out.extend(_chunk_gemms(h.detach(), w.detach(), key))
+    table("Fused SFT loss (forward + backward; peak extra = above the inputs, gradients included)", out)
+    return out
+
+
+def _chunk_gemms(h: torch.Tensor, w: torch.Tensor, key: str) -> list[dict]:
+    """The three matmuls of one token chunk of the fused loss, each alone, times the chunks of T: the floor of the
+    fused loss at that chunk size (logits; d_hidden; d_weight accumulated in place)."""
+    from dtllama.ops.cross_entropy import default_chunk
+
+    T, H = h.shape
+    V = w.shape[0]
+    rows = []
+    for C in sorted({default_chunk(T, V, H), 1024, 2048}):
+        z = torch.empty(C, V, device="cuda", dtype=h.dtype)
+        dw = torch.zeros_like(w)
+        dh = torch.empty(C, H, device="cuda", dtype=h.dtype)
+        hc = h[:C]
+        parts = {"logits": lambda: torch.mm(hc, w.t(), out=z), "d_hidden": lambda: torch.mm(z, w, out=dh),
+                 "d_weight += ": lambda: dw.addmm_(z.t(), hc)}
+        for part, fn in parts.items():
+            ms = bench(fn, iters=10) * (T // C)
+            rows.append({key: f"chunk {C}: {part} matmul x {T // C}", "ms": ms,
+                         "matmul TFLOP/s": 2 * T * H * V / ms / 1e9, "peak extra GiB": None, "note": "floor"})
+        del z, dw, dh
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="rms_norm,attention,logprobs,step",
+    parser.add_argument("--only", default="rms_norm,attention,logprobs,loss,step",
                         help="sections to run (the ceilings always run: the others are reported against them)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
@@ -309,7 +423,7 @@ def main() -> None:
     res["ceilings"] = ceilings()
     copy = res["ceilings"]["copy_GBps"]
     sections = {"rms_norm": lambda: rms_norm_bench(copy), "attention": attention_bench,
-                "logprobs": logprobs_bench, "step": step_bench}
+                "logprobs": logprobs_bench, "loss": loss_bench, "step": step_bench}
     for name, fn in sections.items():
         if name in only:
             res[name] = fn()

@@ -69,16 +69,18 @@ def load_full(model, state: dict[str, torch.Tensor]) -> None:
             copy_full_into(p, state[hf_name(n)].to(p.dtype))
 
 
-# `--impls dtllama-<variant>`: dtllama with one of its speed-ups taken out, to measure what each is worth.
+# `--impls dtllama-<variant>`: dtllama with one of its speed-ups taken out (or a head swapped in), to measure what
+# each is worth.
 ABLATIONS = {
     "fsdp1": "FSDP2 on a one-rank mesh for mixed precision, in place of casts at use",
     "recompute": "every logit row recomputed in the head's backward (no kept rows)",
+    "loss": "the fused SFT loss head (`loss=CrossEntropy`, gradients made in forward) for the log-prob head",
 }
 
 
 def build_dtllama(a, world, device):
     import dtllama
-    from dtllama.ops import cu_seqlens_from_lengths, shift_labels
+    from dtllama.ops import CrossEntropy, cu_seqlens_from_lengths, shift_labels
     from dtllama.parallel import FSDPOptions, ParallelDims, apply_fsdp, parallelize
 
     variant = a.impl.partition("-")[2]
@@ -106,8 +108,12 @@ def build_dtllama(a, world, device):
         flat = ids.reshape(-1)
         cu = cu_seqlens_from_lengths([S] * B, device=device)
         save_bytes = 0 if variant == "recompute" else None  # the ablation recomputes every logit row
-        out = model(flat, cu_seqlens=cu, max_seqlen=S, labels=shift_labels(flat, cu), save_bytes=save_bytes)
-        loss = -out.logprobs.sum() / (B * (S - 1))
+        if variant == "loss":
+            loss = model(flat, cu_seqlens=cu, max_seqlen=S, labels=shift_labels(flat, cu),
+                         loss=CrossEntropy(normalizer=B * (S - 1))).loss
+        else:
+            out = model(flat, cu_seqlens=cu, max_seqlen=S, labels=shift_labels(flat, cu), save_bytes=save_bytes)
+            loss = -out.logprobs.sum() / (B * (S - 1))
         loss.backward()
         return loss
 

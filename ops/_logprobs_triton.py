@@ -1,7 +1,7 @@
 """Triton kernels of the fused log-probs/entropy (see `logprobs.py` for the math and the torch spec).
 
 `row_stats`: one program per row streams its fp32 logits once, keeping per-lane online max, sum of
-exp and sum of exp * (z - max), merged across lanes at the end. `dlogits`: an elementwise pass over a
+exp and (for the entropy) sum of exp * (z - max), merged across lanes at the end. `dlogits`: an elementwise pass over a
 `[T, tile]` logits tile (or kept rows) writing the logits gradient in the matmul dtype.
 `keep`: a chunk's logits relative to their row max, in the dtype they are kept in.
 """
@@ -16,7 +16,7 @@ _BLOCK = 2048
 
 
 @triton.jit
-def _row_stats_kernel(Z, Y, M, S, TT, P, V, stride, inv_t, BLOCK: tl.constexpr):
+def _row_stats_kernel(Z, Y, M, S, TT, P, V, stride, inv_t, BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = Z + row * stride
     lane = tl.arange(0, BLOCK)
@@ -31,13 +31,17 @@ def _row_stats_kernel(Z, Y, M, S, TT, P, V, stride, inv_t, BLOCK: tl.constexpr):
         ref = tl.where(new == float("-inf"), 0.0, new)  # lanes that have seen nothing yet
         a = tl.exp(m - ref)
         e = tl.exp(z - ref)
-        t = a * (t + tl.where(s > 0, (m - ref) * s, 0.0)) + tl.where(mask, e * (z - ref), 0.0)
+        if ENTROPY:
+            t = a * (t + tl.where(s > 0, (m - ref) * s, 0.0)) + tl.where(mask, e * (z - ref), 0.0)
         s = a * s + e
         m = new
     top = tl.max(m, axis=0)
     a = tl.where(s > 0, tl.exp(m - top), 0.0)
     s_row = tl.sum(a * s, axis=0)
-    t_row = tl.sum(a * (t + tl.where(s > 0, (m - top) * s, 0.0)), axis=0)
+    if ENTROPY:
+        t_row = tl.sum(a * (t + tl.where(s > 0, (m - top) * s, 0.0)), axis=0)
+    else:
+        t_row = 0.0
     y = tl.load(Y + row)
     mine = (y >= 0) & (y < V)
     picked = tl.load(base + tl.where(mine, y, 0), mask=mine, other=0.0) * inv_t
@@ -48,7 +52,8 @@ def _row_stats_kernel(Z, Y, M, S, TT, P, V, stride, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dlogits_kernel(Z, DZ, Y, SHIFT, ENT, GLP, GENT, V, stride_z, stride_dz, inv_t, scale, BLOCK: tl.constexpr):
+def _dlogits_kernel(Z, DZ, Y, SHIFT, ENT, GLP, GENT, V, stride_z, stride_dz, inv_t, scale, BLOCK: tl.constexpr,
+                    ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
@@ -56,7 +61,10 @@ def _dlogits_kernel(Z, DZ, Y, SHIFT, ENT, GLP, GENT, V, stride_z, stride_dz, inv
     logp = z * scale - tl.load(SHIFT + row)
     g_lp = tl.load(GLP + row)
     p = tl.exp(logp)
-    dz = -p * (g_lp + tl.load(GENT + row) * (logp + tl.load(ENT + row)))
+    if ENTROPY:
+        dz = -p * (g_lp + tl.load(GENT + row) * (logp + tl.load(ENT + row)))
+    else:
+        dz = -p * g_lp
     dz = tl.where(cols == tl.load(Y + row), dz + g_lp, dz) * inv_t
     tl.store(DZ + row * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=mask)
 
@@ -71,21 +79,25 @@ def _keep_kernel(Z, M, OUT, V, stride_z, stride_out, inv_t, lowest, BLOCK: tl.co
     tl.store(OUT + row * stride_out + cols, u.to(OUT.dtype.element_ty), mask=mask)
 
 
-def row_stats(z: torch.Tensor, y: torch.Tensor, inv_t: float):
+def row_stats(z: torch.Tensor, y: torch.Tensor, inv_t: float, entropy: bool = True):
     rows, V = z.shape
     out = [torch.empty(rows, dtype=torch.float32, device=z.device) for _ in range(4)]
     if rows:
-        _row_stats_kernel[(rows,)](z, y.contiguous(), *out, V, z.stride(0), inv_t, BLOCK=_BLOCK, num_warps=8)
+        _row_stats_kernel[(rows,)](z, y.contiguous(), *out, V, z.stride(0), inv_t, BLOCK=_BLOCK, ENTROPY=entropy,
+                                   num_warps=8)
     return tuple(out)
 
 
 def dlogits(z, y, shift, entropy, g_lp, g_ent, inv_t: float, scale: float, out: torch.Tensor) -> None:
-    """Into `out` (rows of unit column stride), from `logprob = z * scale - shift`."""
+    """Into `out` (rows of unit column stride), from `logprob = z * scale - shift`; `g_ent` None: log-probs only
+    (`entropy` is not read)."""
     rows, V = z.shape
     if rows and V:
         grid = (rows, triton.cdiv(V, _BLOCK))
-        _dlogits_kernel[grid](z, out, y.contiguous(), shift.contiguous(), entropy.contiguous(), g_lp.contiguous(),
-                              g_ent.contiguous(), V, z.stride(0), out.stride(0), inv_t, scale, BLOCK=_BLOCK,
+        with_entropy = g_ent is not None
+        ent, g_ent = (entropy.contiguous(), g_ent.contiguous()) if with_entropy else (shift, shift)
+        _dlogits_kernel[grid](z, out, y.contiguous(), shift.contiguous(), ent, g_lp.contiguous(), g_ent, V,
+                              z.stride(0), out.stride(0), inv_t, scale, BLOCK=_BLOCK, ENTROPY=with_entropy,
                               num_warps=8)
 
 

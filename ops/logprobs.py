@@ -58,13 +58,13 @@ def _add_mm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc += (a @ b).float()
 
 
-def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _row_stats(z: Tensor, y: Tensor, inv_t: float, entropy: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`(m, s, t, z_y)` of each row of the fp32 logits `z * inv_t`; `z_y` is 0 where the local label
-    `y` is outside `[0, V)`."""
+    `y` is outside `[0, V)`; `t` is 0 without `entropy` (not computed)."""
     if use_triton(z):
         from ._logprobs_triton import row_stats
 
-        return row_stats(z, y, inv_t)
+        return row_stats(z, y, inv_t, entropy)
     z = z * inv_t
     V = z.shape[1]
     if V == 0:
@@ -75,21 +75,22 @@ def _row_stats(z: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tens
     e = d.exp()
     mine = (y >= 0) & (y < V)
     picked = z.gather(1, y.clamp(0, V - 1)[:, None].long()).squeeze(1)
-    return m, e.sum(-1), (e * d).sum(-1), torch.where(mine, picked, 0.0)
+    t = (e * d).sum(-1) if entropy else torch.zeros_like(m)
+    return m, e.sum(-1), t, torch.where(mine, picked, 0.0)
 
 
-def _dlogits(z: Tensor, y: Tensor, shift: Tensor, entropy: Tensor, g_lp: Tensor, g_ent: Tensor, inv_t: float,
+def _dlogits(z: Tensor, y: Tensor, shift: Tensor, entropy: Tensor, g_lp: Tensor, g_ent: Tensor | None, inv_t: float,
              scale: float, out: Tensor) -> None:
     """Gradient of `sum(g_lp * logprob + g_ent * entropy)` w.r.t. the raw logits of one vocab tile, into `out`,
     from `logprob = z * scale - shift`: the fp32 raw logits (`scale = inv_t`, `shift = lse`) or kept rows
-    (`z / temperature - m`, `scale = 1`, `shift = lse - m`)."""
+    (`z / temperature - m`, `scale = 1`, `shift = lse - m`). `g_ent` None: no entropy term (`entropy` unread)."""
     if use_triton(z):
         from ._logprobs_triton import dlogits
 
         return dlogits(z, y, shift, entropy, g_lp, g_ent, inv_t, scale, out)
     logp = z.float() * scale - shift[:, None]
     p = logp.exp()
-    dz = -p * (g_lp[:, None] + g_ent[:, None] * (logp + entropy[:, None]))
+    dz = -p * (g_lp[:, None] if g_ent is None else g_lp[:, None] + g_ent[:, None] * (logp + entropy[:, None]))
     V = z.shape[1]
     mine = (y >= 0) & (y < V)
     if V:
@@ -132,12 +133,13 @@ def _merge(m, s, t, picked, group):
     return top, both[0], both[1], both[2]
 
 
-def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group=None, start=0, inv_temp=None):
+def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group=None, start=0, inv_temp=None,
+                     with_entropy=True):
     """`(logprobs, entropy, shift, kept logits)` over token chunks: the first `kept` rows' logits are kept
     relative to their row max (`shift` is `lse - m` there, `lse` elsewhere). With a `group`, `weight` holds the
     vocab rows `[start, start + V)` of a vocab-sharded head and the row statistics are merged over the group.
     `inv_temp [T]` (fp32, per token; then `temperature` is 1): each chunk's logits are scaled by it first, so the
-    kernels see a temperature of 1."""
+    kernels see a temperature of 1. Without `with_entropy` the entropy is not computed (left 0)."""
     T = hidden.shape[0]
     inv_t = 1.0 / temperature
     shift = hidden.new_zeros(T, dtype=torch.float32)
@@ -148,11 +150,12 @@ def _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, grou
         z = _mm_f32(hidden[s:e], weight.t())
         if inv_temp is not None:
             z.mul_(inv_temp[s:e, None])
-        m, se, t, picked = _merge(*_row_stats(z, labels[s:e] - start, inv_t), group)
+        m, se, t, picked = _merge(*_row_stats(z, labels[s:e] - start, inv_t, with_entropy), group)
         log_se = se.log()
         valid = labels[s:e] != IGNORE_INDEX
         logprobs[s:e] = torch.where(valid, (picked - m) - log_se, 0.0)
-        entropy[s:e] = torch.where(valid, log_se - t / se, 0.0)
+        if with_entropy:
+            entropy[s:e] = torch.where(valid, log_se - t / se, 0.0)
         n = max(0, min(e, kept) - s)
         if n:
             _keep(z[:n], m[:n], inv_t, rows[s:s + n])
@@ -171,12 +174,13 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift
                       chunk_size, group=None, start=0, inv_temp=None):
     """`(d_hidden, d_weight)` over vocab tiles: kept `rows` read, the other rows' logits recomputed; d_hidden is
     summed over the vocab shards of `group`. With `inv_temp`, the gradient w.r.t. the scaled logits (recomputed
-    ones scaled as forward scaled them) times `inv_temp` is the raw logits'."""
+    ones scaled as forward scaled them) times `inv_temp` is the raw logits'. `grad_entropy` None: the log-probs'
+    gradient alone (no entropy was computed, or none is wanted)."""
     T, V, R = hidden.shape[0], weight.shape[0], rows.shape[0]
     inv_t = 1.0 / temperature
     valid = labels != IGNORE_INDEX
     g_lp = torch.where(valid, grad_logprobs.float(), 0.0)
-    g_ent = torch.where(valid, grad_entropy.float(), 0.0)
+    g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), 0.0)
     d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     d_weight = torch.empty_like(weight)
     tile = _vocab_tile(T, V, chunk_size)  # bounds the dz tile as well as the recomputed logits
@@ -185,13 +189,13 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift
         w = weight[v0:v0 + tile]
         dz = hidden.new_empty((T, w.shape[0]))
         if R:
-            _dlogits(rows[:, v0:v0 + tile], y[:R] - v0, shift[:R], entropy[:R], g_lp[:R], g_ent[:R], inv_t, 1.0,
-                     dz[:R])
+            _dlogits(rows[:, v0:v0 + tile], y[:R] - v0, shift[:R], entropy[:R], g_lp[:R], _rows(g_ent, 0, R), inv_t,
+                     1.0, dz[:R])
         if R < T:
             z = _mm_f32(hidden[R:], w.t())
             if inv_temp is not None:
                 z.mul_(inv_temp[R:, None])
-            _dlogits(z, y[R:] - v0, shift[R:], entropy[R:], g_lp[R:], g_ent[R:], inv_t, inv_t, dz[R:])
+            _dlogits(z, y[R:] - v0, shift[R:], entropy[R:], g_lp[R:], _rows(g_ent, R, T), inv_t, inv_t, dz[R:])
         if inv_temp is not None:
             dz.mul_(inv_temp[:, None].to(dz.dtype))
         if d_weight.dtype == dz.dtype:
@@ -203,14 +207,19 @@ def _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift
     return d_hidden.to(hidden.dtype), d_weight
 
 
+def _rows(x: Tensor | None, start: int, end: int) -> Tensor | None:
+    return None if x is None else x[start:end]
+
+
 @torch.library.custom_op("dtllama::linear_logprobs_entropy", mutates_args=())
 def _forward(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float, chunk_size: int, kept: int,
-             inv_temp: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, inv_temp=inv_temp)
+             inv_temp: Tensor | None, with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, inv_temp=inv_temp,
+                            with_entropy=with_entropy)
 
 
 @_forward.register_fake
-def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp):
+def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp, with_entropy=True):
     T = hidden.shape[0]
     return (*(hidden.new_empty(T, dtype=torch.float32) for _ in range(3)),
             hidden.new_empty((kept, weight.shape[0]), dtype=kept_dtype(hidden.dtype)))
@@ -218,8 +227,8 @@ def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp):
 
 @torch.library.custom_op("dtllama::linear_logprobs_entropy_backward", mutates_args=())
 def _backward(
-    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, shift: Tensor,
-    entropy: Tensor, rows: Tensor, temperature: float, chunk_size: int, inv_temp: Tensor | None,
+    grad_logprobs: Tensor, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor, labels: Tensor,
+    shift: Tensor, entropy: Tensor, rows: Tensor, temperature: float, chunk_size: int, inv_temp: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     return _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature,
                              chunk_size, inv_temp=inv_temp)
@@ -231,20 +240,23 @@ def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows,
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, temperature, chunk_size, _, inv_temp = inputs
+    hidden, weight, labels, temperature, chunk_size, _, inv_temp, *with_entropy = inputs
     ctx.save_for_backward(hidden, weight, labels, output[2], output[1], output[3], inv_temp)
     ctx.temperature, ctx.chunk_size = temperature, chunk_size
+    ctx.with_entropy = with_entropy[0] if with_entropy else True
 
 
 def _autograd_backward(ctx, grad_logprobs, grad_entropy, _grad_shift, _grad_rows):
     hidden, weight, labels, shift, entropy, rows, inv_temp = ctx.saved_tensors
     zeros = torch.zeros_like(shift)  # a DTensor when the inputs are
+    if not ctx.with_entropy:
+        grad_entropy = None  # no entropy was computed: its gradient is not read (None: no entropy term either)
     d_hidden, d_weight = _backward(
         (zeros if grad_logprobs is None else grad_logprobs).contiguous(),
-        (zeros if grad_entropy is None else grad_entropy).contiguous(),
+        None if grad_entropy is None else grad_entropy.contiguous(),
         hidden, weight, labels, shift, entropy, rows, ctx.temperature, ctx.chunk_size, inv_temp,
     )
-    return d_hidden, d_weight, None, None, None, None, None
+    return d_hidden, d_weight, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -255,9 +267,11 @@ SAVE_BYTES = 2 * 2**30  # logit rows kept from forward to backward by default (s
 
 def linear_logprobs_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float | Tensor = 1.0, chunk_size: int = 1024,
-    check: bool = True, save_bytes: int = SAVE_BYTES,
-) -> tuple[Tensor, Tensor]:
-    """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`.
+    check: bool = True, save_bytes: int = SAVE_BYTES, entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """fp32 `(logprobs[T], entropy[T])` of `labels` under `softmax(hidden @ weight.T / temperature)`;
+    `entropy=False` gives `(logprobs, None)` and skips the entropy's work in forward and backward (a loss without
+    an entropy term), the log-probs and their gradients bitwise those of the default.
 
     `temperature`: one for all tokens, or a positive `[T]` tensor, one per token (a rollout's per-request
     temperatures broadcast over each sequence's tokens: see the causal LM's `temperature`).
@@ -284,15 +298,17 @@ def linear_logprobs_entropy(
     if check and not torch.compiler.is_compiling():
         check_labels(labels, weight.shape[0])
     if isinstance(weight, DTensor) and any(p == Shard(0) for p in weight.placements):
-        return _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes, inv_temp)
+        logprobs, ent = _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes, inv_temp,
+                                                 bool(entropy))
+        return logprobs, ent if entropy else None
     kept = 0 if isinstance(hidden, DTensor) else kept_rows(hidden.shape[0], weight.shape[0], hidden.dtype, save_bytes)
     if isinstance(hidden, DTensor):
         # Labels (and temperatures) come whole; their slices follow the tokens of `hidden` (a local split).
         labels = _like_tokens(labels, hidden)
         inv_temp = None if inv_temp is None else _like_tokens(inv_temp, hidden)
-    logprobs, entropy, _, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size), kept,
-                                       inv_temp)
-    return logprobs, entropy
+    logprobs, ent, _, _ = _forward(hidden.contiguous(), weight, labels, float(temperature), int(chunk_size), kept,
+                                   inv_temp, bool(entropy))
+    return logprobs, ent if entropy else None
 
 
 def _like_tokens(x: Tensor, hidden: DTensor) -> Tensor:
@@ -313,30 +329,23 @@ def _inverse_temperatures(temperature: Tensor, T: int, check: bool) -> Tensor:
     return 1.0 / temperature.float()
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Mean next-token cross-entropy over the labels that are not -100 (SFT / pretraining loss), on the
-    same chunked machinery: no `[T, vocab]` logits. Sum it yourself from `linear_logprobs_entropy`
-    when the normalizer spans several ranks or micro-batches."""
-    logprobs, _ = linear_logprobs_entropy(hidden, weight, labels, 1.0, chunk_size)
-    return -logprobs.sum() / (labels != IGNORE_INDEX).sum().clamp_min(1)
-
-
 # Sequence / data parallel: tokens are independent rows, so `Shard(0)` of hidden, labels and the
 # per-token outputs is exact with a replicated weight, whose gradient is then a partial sum.
 # (Token-sharded inputs keep no log-softmax rows: the kept tensor is empty, its placement follows the tokens.)
 @register_sharding(torch.ops.dtllama.linear_logprobs_entropy.default)
-def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp):
+def _(hidden, weight, labels, temperature, chunk_size, kept, inv_temp, with_entropy=True):
     t = inv_temp is not None
-    return [([Shard(0)] * 4, [Shard(0), Replicate(), Shard(0), None, None, None, Shard(0) if t else None]),
-            ([Replicate()] * 4, [Replicate()] * 3 + [None, None, None, Replicate() if t else None])]
+    return [([Shard(0)] * 4, [Shard(0), Replicate(), Shard(0), None, None, None, Shard(0) if t else None, None]),
+            ([Replicate()] * 4, [Replicate()] * 3 + [None, None, None, Replicate() if t else None, None])]
 
 
 @register_sharding(torch.ops.dtllama.linear_logprobs_entropy_backward.default)
 def _(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy, rows, temperature, chunk_size, inv_temp):
-    t = inv_temp is not None
-    return [([Shard(0), Partial()], [Shard(0), Shard(0), Shard(0), Replicate(), Shard(0), Shard(0), Shard(0), Shard(0),
-                                     None, None, Shard(0) if t else None]),
-            ([Replicate(), Replicate()], [Replicate()] * 8 + [None, None, Replicate() if t else None])]
+    t, e = inv_temp is not None, grad_entropy is not None
+    return [([Shard(0), Partial()], [Shard(0), Shard(0) if e else None, Shard(0), Replicate(), Shard(0), Shard(0),
+                                     Shard(0), Shard(0), None, None, Shard(0) if t else None]),
+            ([Replicate(), Replicate()], [Replicate(), Replicate() if e else None] + [Replicate()] * 6
+             + [None, None, Replicate() if t else None])]
 
 
 # Vocab-parallel dispatch: the output weight is a DTensor sharded on the vocab dim (tensor parallel);
@@ -361,30 +370,33 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     cannot be a custom-op argument, hence an autograd.Function)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, kept, group, start, inv_temp):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, kept, group, start, inv_temp, with_entropy):
         logprobs, entropy, shift, rows = _chunked_forward(hidden, weight, labels, temperature, chunk_size, kept, group,
-                                                          start, inv_temp)
+                                                          start, inv_temp, with_entropy)
         ctx.save_for_backward(hidden, weight, labels, shift, entropy, rows, inv_temp)
-        ctx.args = (temperature, chunk_size, group, start)
+        ctx.args = (temperature, chunk_size, group, start, with_entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, labels, shift, entropy, rows, inv_temp = ctx.saved_tensors
-        temperature, chunk_size, group, start = ctx.args
-        d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy, hidden, weight, labels, shift, entropy,
-                                               rows, temperature, chunk_size, group, start, inv_temp)
-        return d_hidden, d_weight, None, None, None, None, None, None, None
+        temperature, chunk_size, group, start, with_entropy = ctx.args
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(shift)
+        d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy if with_entropy else None, hidden, weight,
+                                               labels, shift, entropy, rows, temperature, chunk_size, group, start,
+                                               inv_temp)
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None
 
 
-def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes, inv_temp=None):
+def _dispatch_vocab_parallel(hidden, weight, labels, temperature, chunk_size, save_bytes, inv_temp, with_entropy):
     local_w, group, start = _vocab_shard(weight)
     h = _all_tokens(hidden, weight.device_mesh)
     kept = kept_rows(h.shape[0], local_w.shape[0], h.dtype, save_bytes)
     if isinstance(inv_temp, DTensor):
         inv_temp = inv_temp.full_tensor()
     return _VocabParallelLogprobsEntropy.apply(h, local_w, labels, float(temperature), int(chunk_size), kept, group,
-                                               start, inv_temp)
+                                               start, inv_temp, with_entropy)
 
 
 def linear_logits(hidden: Tensor, weight: Tensor, temperature: float | Tensor = 1.0) -> Tensor:

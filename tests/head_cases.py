@@ -51,3 +51,37 @@ def topk_rank(config_dict: dict, layout: dict | None, seqs, k: int, seed: int):
     T = len(ids)
     grads = full_grads(model)
     return cp_gather(out.topk_logprobs.detach(), cp)[:T], cp_gather(out.topk_indices, cp)[:T], grads
+
+
+def loss_rank(config_dict: dict, layout: dict | None, seqs, options: dict, seed: int):
+    """The fused loss (`loss=CrossEntropy(normalizer=the global label count, **options)`) and its full gradients,
+    beside the log-prob head's `-sum(logprobs) / n` and its gradients on the same layout, and whether `entropy=False`
+    gives that layout's default log-probs and gradients bitwise; `layout=None`: one process, the reference."""
+    from dtllama.ops import CrossEntropy
+
+    model, dims = _whole_batch_model(model_config(config_dict), layout, seed)
+    multiple = 1 if dims is None else dims.token_multiple
+    ids = torch.cat(seqs)
+    cu = cu_seqlens_from_lengths([len(s) for s in seqs])
+    labels = shift_labels(ids, cu)
+    p = pad_to_multiple(ids, cu, multiple, labels)
+    n = int((labels != -100).sum())
+    dp = 1 if dims is None else dims.mesh("dp").size()  # the CP ranks, over which FSDP averages (each has its shard)
+    batch = (p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen)
+    out = model(*batch, labels=p.labels, loss=CrossEntropy(normalizer=n / dp, **options))
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    if dims is not None:  # each rank's share (CP: its tokens' loss; TP: the whole loss on every rank)
+        import torch.distributed as dist
+
+        dist.all_reduce(loss, group=dims.mesh("dp").get_group())
+        loss /= dp
+    grads = full_grads(model)
+    runs = []
+    for entropy in (True, False):
+        model.zero_grad()
+        o = model(*batch, labels=p.labels, entropy=entropy)
+        (-o.logprobs.sum() / n * dp).backward()
+        runs.append((o.logprobs.detach().clone(), full_grads(model)))
+    same = torch.equal(runs[0][0], runs[1][0]) and all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    return float(loss), grads, runs[0][1], same, o.entropy is None

@@ -6,7 +6,7 @@ from helpers import rel_err
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from dtllama.ops import linear_logprobs_entropy, rms_norm
+from dtllama.ops import CrossEntropy, linear_cross_entropy, linear_logprobs_entropy, rms_norm
 
 
 def run_rank(seed: int, T: int, H: int, V: int):
@@ -39,4 +39,15 @@ def run_rank(seed: int, T: int, H: int, V: int):
     (dlp.sum() + 0.5 * dent.sum()).backward()
     out["logprobs"] = [rel_err(a.full_tensor(), b)
                        for a, b in ((dlp, lp), (dent, ent), (dh.grad, ref_h.grad), (dhead.grad, ref_head.grad))]
+
+    opt = CrossEntropy(z_loss=1e-2, label_smoothing=0.1)
+    ref_h, ref_head = x.clone().requires_grad_(), head.clone().requires_grad_()
+    linear_cross_entropy(ref_h, ref_head, labels, opt, 3).backward()
+    dh = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+    dhead = distribute_tensor(head, mesh, [Replicate()]).requires_grad_()
+    loss = linear_cross_entropy(dh, dhead, labels, opt, 3)
+    out["loss placements"] = (loss.placements, dh.grad is None)
+    loss.backward()
+    out["loss"] = [rel_err(a.full_tensor(), b) for a, b in ((loss, linear_cross_entropy(x, head, labels, opt, 3)),
+                                                            (dh.grad, ref_h.grad), (dhead.grad, ref_head.grad))]
     return out

@@ -152,7 +152,7 @@ def test_custom_ops_take_sequence_sharded_dtensors():
     rounding of sums taken in a different order (1e-6 relative); the head's gradient sums signed
     per-token terms over differently sized vocab tiles and cancels more (1e-5)."""
     from pool import get_pool
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Partial, Shard
 
     from ops_dtensor_job import run_rank
 
@@ -161,6 +161,8 @@ def test_custom_ops_take_sequence_sharded_dtensors():
         assert rank_out["logprobs placements"] == (Shard(0),)
         assert max(rank_out["rms_norm"]) <= 1e-6, rank_out["rms_norm"]
         assert max(rank_out["logprobs"][:3]) <= 1e-6 and rank_out["logprobs"][3] <= 1e-5, rank_out["logprobs"]
+        assert rank_out["loss placements"][0] == (Partial(),)  # each rank's share of the sum
+        assert max(rank_out["loss"][:2]) <= 1e-6 and rank_out["loss"][2] <= 1e-5, rank_out["loss"]
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,9 +1,10 @@
 """Property tests: any layout of the mesh gives the single-device fp32 numbers.
 
 Hypothesis draws a world size (1, 2 or 4), a layout that factorizes it (`dp_replicate x dp_shard x
-cp x tp`), model dims consistent with it (query/KV heads incl. `tp > kv`, explicit head_dim, vocab not
-divisible by tp, tied or not, Qwen2 biases), activation checkpointing, and a random packed batch; and,
-for the Llama 4 MoE model, layouts with expert parallel (`ep`, with tp and HSDP).
+cp x tp`), a dense family (Llama, Qwen2 with its biases, Qwen3 with its q/k head norms), model dims consistent
+with the layout (query/KV heads incl. `tp > kv`, explicit head_dim, vocab not divisible by tp, tied or not),
+activation checkpointing, and a random packed batch; and, for the MoE families (Llama 4, Qwen3-MoE), layouts
+with expert parallel (`ep`, with tp, cp and HSDP).
 A persistent pool of gloo workers (`pool.py`) runs the sharded computation; the reference runs here.
 
 Settings: `max_examples` below (200 in all per CI run), `deadline=None` (an example's time is
@@ -43,8 +44,9 @@ def cases(draw, tp_min: int = 1, ac_modes=("none", "full", "selective")):
     # Whole query heads on each of the tp*cp ranks; KV heads per TP rank (1, 2 or 4) and cp (1, 2 or 4)
     # always divide one another, so Ulysses splits or repeats them.
     group = draw(st.sampled_from([g for g in (1, 2, 3, 4) if (kv * g) % (tp * cp) == 0]))
+    family = draw(st.sampled_from(["llama", "qwen2", "qwen3"]))
     config = dict(
-        model_type=draw(st.sampled_from(["llama", "qwen2"])),
+        **(dict(family="qwen3") if family == "qwen3" else dict(model_type=family)),
         vocab_size=draw(st.integers(40, 130)),
         hidden_size=draw(st.sampled_from([16, 24, 32])),
         intermediate_size=tp * draw(st.integers(4, 12)),
@@ -89,8 +91,8 @@ def test_compiled_tensor_parallel_blocks_match_single_device(case):
 
 @st.composite
 def moe_cases(draw):
-    """A Llama 4 MoE case: world 2 or 4, `tp`, Ulysses `cp` and HSDP as above, `ep` any valid degree (1 included),
-    2-8 experts with top-1 or top-2 routing, every layer MoE or a dense layer first."""
+    """A Llama 4 or Qwen3-MoE case: world 2 or 4, `tp`, Ulysses `cp` and HSDP as above, `ep` any valid degree
+    (1 included), 2-8 experts with top-1 or top-2 routing, every layer MoE or a dense layer first."""
     world = draw(st.sampled_from([2, 4]))
     tp = draw(st.sampled_from([t for t in (1, 2) if world % t == 0]))
     cp = draw(st.sampled_from([c for c in (1, 2) if (world // tp) % c == 0]))
@@ -99,15 +101,21 @@ def moe_cases(draw):
     experts = draw(st.sampled_from([2, 4, 8]))
     ep = draw(st.sampled_from([e for e in (1, 2, 4) if experts % e == 0 and (dp_shard * cp * tp) % e == 0]))
     config = dict(
-        model_type="llama4_text", vocab_size=draw(st.integers(40, 130)), hidden_size=draw(st.sampled_from([16, 32])),
-        intermediate_size=tp * draw(st.integers(2, 8)), intermediate_size_mlp=tp * draw(st.integers(2, 8)),
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=draw(st.sampled_from([2, 4])), head_dim=8,
-        rms_norm_eps=1e-5, rope_theta=1e4, attention_chunk_size=draw(st.sampled_from([None, 3, 8])),
-        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1, no_rope_layer_interval=2,
-        use_qk_norm=draw(st.booleans()), num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, 2)),
-        moe_layers=draw(st.sampled_from([None, [1]])), tie_word_embeddings=draw(st.booleans()),
-        initializer_range=0.2, torch_dtype="float32",
+        vocab_size=draw(st.integers(40, 130)), hidden_size=draw(st.sampled_from([16, 32])),
+        intermediate_size=tp * draw(st.integers(2, 8)), num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=draw(st.sampled_from([2, 4])), head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
+        num_local_experts=experts, num_experts_per_tok=draw(st.integers(1, 2)),
+        tie_word_embeddings=draw(st.booleans()), initializer_range=0.2, torch_dtype="float32",
     )
+    dense_first = draw(st.booleans())
+    if draw(st.sampled_from(["llama4_text", "qwen3_moe"])) == "llama4_text":
+        config.update(model_type="llama4_text", intermediate_size_mlp=tp * draw(st.integers(2, 8)),
+                      attention_chunk_size=draw(st.sampled_from([None, 3, 8])), attn_temperature_tuning=True,
+                      floor_scale=4, attn_scale=0.1, no_rope_layer_interval=2, use_qk_norm=draw(st.booleans()),
+                      moe_layers=[1] if dense_first else None)
+    else:  # softmax top-k over small experts, renormalized or not, no shared expert
+        config.update(model_type="qwen3_moe", moe_intermediate_size=tp * draw(st.integers(2, 8)),
+                      norm_topk_prob=draw(st.booleans()), mlp_only_layers=[0] if dense_first else [])
     n_batch = world // tp // cp  # the CP ranks of a group share its sequences
     lengths = draw(st.lists(st.integers(1, 12), min_size=n_batch, max_size=n_batch + 3))
     seed = draw(st.integers(0, 2**16))

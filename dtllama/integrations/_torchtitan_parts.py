@@ -24,7 +24,7 @@ from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 from dtllama.models.config import ModelConfig
 from dtllama.models.flavors import flavors
 from dtllama.models.llama import LlamaForCausalLM
-from dtllama.ops import linear_logprobs_entropy
+from dtllama.ops import CrossEntropy, linear_cross_entropy
 from dtllama.parallel import CompileOptions, FSDPOptions, ParallelDims, parallelize
 
 
@@ -149,13 +149,14 @@ def _ac_mode(ac_config) -> str:
 
 
 class DtllamaLoss(BaseLoss):
-    """Summed token cross-entropy of `HiddenStates` by `dtllama.ops.linear_logprobs_entropy` (token chunks,
-    never `[T, vocab]` logits; vocab-parallel under TP), over torchtitan's global count of valid tokens."""
+    """Summed token cross-entropy of `HiddenStates` by `dtllama.ops.linear_cross_entropy` (token chunks, gradients
+    made in forward, never `[T, vocab]` logits; vocab-parallel under TP), over torchtitan's global count of valid
+    tokens."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(BaseLoss.Config):
-        chunk_size: int = 1024
-        """Tokens per chunk of logits."""
+        chunk_size: int | None = None
+        """Tokens per chunk of logits (None: a buffer the size of the hidden states)."""
 
     def __init__(self, config: Config, *, compile_config=None):
         self.chunk_size = config.chunk_size
@@ -163,10 +164,10 @@ class DtllamaLoss(BaseLoss):
     def __call__(self, pred: HiddenStates, labels: torch.Tensor, global_valid_tokens: torch.Tensor | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The labels are the inputs' token stream shifted by one, so the model's batch check has validated them.
-        logprobs, _ = linear_logprobs_entropy(pred.hidden, pred.weight, labels.flatten(), 1.0, self.chunk_size,
-                                              check=False)
-        loss = -logprobs.sum()
-        return (loss if global_valid_tokens is None else loss / global_valid_tokens), {}
+        normalizer = 1.0 if global_valid_tokens is None else global_valid_tokens
+        loss = linear_cross_entropy(pred.hidden, pred.weight, labels.flatten(), CrossEntropy(normalizer=normalizer),
+                                    self.chunk_size, check=False)
+        return loss, {}
 
 
 class DtllamaStateDictAdapter(StateDictAdapter):

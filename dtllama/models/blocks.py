@@ -20,7 +20,7 @@ from torch import nn
 from dtllama.models import protocol as P
 from dtllama.models.moe import balanced_blocks
 from dtllama.ops import (
-    linear_logits, linear_logprobs_entropy, linear_topk_logprobs, prepare_batch, rms_norm, varlen_attention,
+    CrossEntropy, linear_cross_entropy, linear_logits, linear_logprobs_entropy, linear_topk_logprobs, prepare_batch, rms_norm, varlen_attention,
 )
 from dtllama.compat import local_shape_and_offset
 from dtllama.ops.logprobs import SAVE_BYTES
@@ -175,19 +175,24 @@ class Decoder(nn.Module):
 
 
 class LogprobsHead(nn.Module):
-    """Per-token log-probs and entropy of `labels` from hidden states; no parameters of its own (the weight is
-    passed in). Its own module so that context parallelism can hand it the labels of its token shard.
-    `save_bytes`: memory for logit rows kept from forward to backward instead of recomputed (see
+    """Per-token log-probs and entropy of `labels` from hidden states, or with `loss` the fused scalar loss (SFT /
+    pretraining cross-entropy, gradients made in forward: `dtllama.ops.linear_cross_entropy`); no parameters of its
+    own (the weight is passed in). Its own module so that context parallelism can hand it the labels of its token
+    shard. `save_bytes`: memory for logit rows kept from forward to backward instead of recomputed (see
     `dtllama.ops.linear_logprobs_entropy`); lower it to trade speed for memory."""
 
     def __init__(self, save_bytes: int = SAVE_BYTES):
         super().__init__()
         self.save_bytes = save_bytes
 
-    def forward(self, hidden, weight, labels, temperature, chunk_size: int, save_bytes: int | None = None):
+    def forward(self, hidden, weight, labels, temperature, chunk_size: int, save_bytes: int | None = None,
+                entropy: bool = True, loss: CrossEntropy | None = None):
         # prepare_batch already validated the labels
+        if loss is not None:
+            return linear_cross_entropy(hidden, weight, labels, loss, check=False)
         return linear_logprobs_entropy(hidden, weight, labels, temperature, chunk_size, check=False,
-                                       save_bytes=self.save_bytes if save_bytes is None else save_bytes)
+                                       save_bytes=self.save_bytes if save_bytes is None else save_bytes,
+                                       entropy=entropy)
 
 
 class TokenSum(nn.Module):
@@ -203,6 +208,7 @@ class CausalLMOutput:
     """Packed `[T, ...]` or, for padded input, `[B, S, ...]` (zeros at padding)."""
 
     logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # with `loss=`: the fused cross-entropy, a 0-d fp32 tensor
     logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None  # `[..., k]` with `top_k`: the k most likely tokens' log-probs
@@ -238,6 +244,8 @@ class StageIO:
     chunk_size: int = 1024
     save_bytes: int | None = None
     aux_loss_scale: float = 1.0
+    entropy: bool = True
+    loss: CrossEntropy | None = None  # the last stage returns the fused loss (its gradients made in forward)
 
 
 class PretrainedModel(nn.Module):
@@ -401,23 +409,31 @@ class CausalLM(PretrainedModel):
         """Fields the family adds to its output from the layers' aux outputs (none for a dense model)."""
         return {}
 
-    def head(self, h, labels, temperature, chunk_size: int, save_bytes: int | None = None):
-        """Full-vocabulary logits (no labels), or `(log-probs, entropy)` of `labels`; never `[T, vocab]` for those.
-        The weight is cast to the activations' dtype at use (fp32 parameters under one-rank mixed precision)."""
+    def head(self, h, labels, temperature, chunk_size: int, save_bytes: int | None = None, entropy: bool = True,
+             loss: CrossEntropy | None = None):
+        """Full-vocabulary logits (no labels), `(log-probs, entropy)` of `labels`, or with `loss` the fused loss of
+        `labels`; never `[T, vocab]` for those. The weight is cast to the activations' dtype at use (fp32 parameters
+        under one-rank mixed precision)."""
         weight = self.output_weight.to(h.dtype)
         if labels is None:
             return linear_logits(h, weight, temperature)
-        return self.logprobs_head(h, weight, labels, temperature, chunk_size, save_bytes)
+        if loss is not None and (isinstance(temperature, torch.Tensor) or temperature != 1.0):
+            raise ValueError(f"loss= is the cross-entropy at temperature 1; got temperature={temperature!r}: drop one")
+        return self.logprobs_head(h, weight, labels, temperature, chunk_size, save_bytes, entropy, loss)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
                 attention_mask=None, temperature: float | torch.Tensor = 1.0, chunk_size: int = 1024,
-                save_bytes: int | None = None, num_seqs=None, top_k: int | None = None):
+                save_bytes: int | None = None, num_seqs=None, top_k: int | None = None, entropy: bool = True,
+                loss: CrossEntropy | None = None):
         """Logits, or, given `labels`, per-token log-probs and entropy without full-vocab logits.
 
         `temperature`: one for the batch, or a tensor of one per sequence `[B]` (of `cu_seqlens`, or the rows of a
         padded batch), as a rollout samples each request at its own; each sequence's tokens then read theirs.
         `top_k`: also the log-probs and vocab ids of every position's k most likely tokens (`topk_logprobs`,
-        `topk_indices`: distillation, a KL on the top-k), without `[T, vocab]` logits.
+        `topk_indices`: distillation, a KL on the top-k), without `[T, vocab]` logits. `entropy=False`: no entropy
+        (`entropy` is None), its work skipped; the log-probs and their gradients are the same bits. `loss`
+        (`dtllama.ops.CrossEntropy`, with `labels`): the SFT / pretraining loss instead of per-token outputs
+        (`loss`, a 0-d tensor; its gradients are made in forward, so backward is cheap and logits are never kept).
 
         `labels[t]` is the token whose log-prob is read at position t (already shifted: see
         `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). `save_bytes`: memory
@@ -428,7 +444,9 @@ class CausalLM(PretrainedModel):
         if self.stage is not None:
             h, _ = self._stage_decode(input_ids, position_ids, cu_seqlens, num_seqs, max_seqlen)
             io = self.stage
-            return h if self.model.norm is None else self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes)
+            if self.model.norm is None:
+                return h
+            return self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes, io.entropy, io.loss)
         h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         extra = self.aux_outputs(aux)
         temperature = token_temperatures(temperature, batch.cu_seqlens)
@@ -437,8 +455,12 @@ class CausalLM(PretrainedModel):
             extra.update(topk_logprobs=batch.repad(values), topk_indices=batch.repad(ids))
         if batch.labels is None:
             return self.output_class(logits=batch.repad(self.head(h, None, temperature, chunk_size)), **extra)
-        lp, ent = self.head(h, batch.labels, temperature, chunk_size, save_bytes)
-        return self.output_class(logprobs=batch.repad(lp), entropy=batch.repad(ent), **extra)
+        if loss is not None:
+            if batch.labels is None:
+                raise ValueError("loss= needs labels (the next tokens, -100 where no loss is taken)")
+            return self.output_class(loss=self.head(h, batch.labels, temperature, chunk_size, loss=loss), **extra)
+        lp, ent = self.head(h, batch.labels, temperature, chunk_size, save_bytes, entropy)
+        return self.output_class(logprobs=batch.repad(lp), entropy=None if ent is None else batch.repad(ent), **extra)
 
 
 def token_temperatures(temperature, cu_seqlens: torch.Tensor):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dtllama.ops import Packed, cu_seqlens_from_lengths, pad_to_multiple
+from dtllama.ops import CrossEntropy, Packed, cu_seqlens_from_lengths, pad_to_multiple
 from dtllama.parallel import ParallelDims, balance_experts, clip_grad_norm_
 from dtllama.parallel.pp import Pipeline
 from dtllama.train.checkpoint import Checkpointer, TrainState, check_compatible
@@ -90,8 +90,11 @@ def train_step(model, opt, sched, batch: list[Example], dims: ParallelDims, fill
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last one
                 model.set_requires_gradient_sync(i == len(mbs) - 1)
             p = pack(mb, dims.token_multiple, device)
-            out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels)
-            loss = -out.logprobs.sum() * scale
+            # The fused loss head: the summed cross-entropy of this rank's tokens times `scale`, its gradients made
+            # in forward (three head matmuls, no logits kept for backward).
+            out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels,
+                        loss=CrossEntropy(normalizer=1.0 / scale))
+            loss = out.loss
             (loss + router.add(getattr(out, "router_stats", None), len(mbs))).backward()
             reported += loss.detach()
     else:  # the pipeline cuts its own micro-batches by its token budget; gradients add up over them

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import logprobs_entropy_reference, rms_norm_reference
 from helpers import rel_err as rel
 
 from dtllama.ops.attention import unavailable_reason
 from dtllama.ops import (
-    IGNORE_INDEX, cu_seqlens_from_lengths, linear_cross_entropy, linear_logprobs_entropy, rms_norm,
+    IGNORE_INDEX, CrossEntropy, cu_seqlens_from_lengths, linear_cross_entropy, linear_logprobs_entropy, rms_norm,
     set_attention_backend, varlen_attention,
 )
 
@@ -142,6 +143,59 @@ def test_fused_logprobs_match_naive_fp32(monkeypatch, dtype, T, V, chunk, kept):
             floor = fro(want.to(dtype), want)
             assert fro(got, want) <= floor + tol, (fro(got, want), floor, rel(got, want))
     assert bool((lp[~valid] == 0).all() and (ent[~valid] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,V,chunk,opt", [
+    (300, 5000, 64, CrossEntropy()), (1000, 32000, None, CrossEntropy(z_loss=1e-3, label_smoothing=0.1)),
+    (7, 128256, 3, CrossEntropy(normalizer=5.0)), (4096, 128256, None, CrossEntropy()),
+], ids=["small", "z-loss-smoothing", "short-wide", "llama-vocab"])
+def test_fused_loss_matches_naive_fp32(monkeypatch, dtype, T, V, chunk, opt):
+    """The fused loss's Triton path against autograd of fp32 `F.cross_entropy` on the same (rounded) inputs. The
+    chunk logits are kept in the inputs' dtype (bf16, as a bf16 `lm_head` writes them) and the weight gradient is
+    accumulated over chunks in it (Liger's choice; the memory of one fp32 copy saved): in bf16 the loss is held to
+    2e-3 and the gradients to 4e-3 in the Frobenius norm above what rounding the exact ones to bf16 costs."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    h = (torch.randn(T, 256, device="cuda", generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+    y[torch.rand(T, device="cuda", generator=g) < 0.2] = IGNORE_INDEX
+    loss = linear_cross_entropy(h, w, y, opt, chunk)
+    (loss * 1.3).backward()
+    hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    z = hr @ wr.t()
+    valid = y != IGNORE_INDEX
+    ref = F.cross_entropy(z, y, reduction="sum", label_smoothing=opt.label_smoothing)
+    ref = (ref + opt.z_loss * (z.logsumexp(-1)[valid] ** 2).sum()) / (opt.normalizer or valid.sum())
+    (ref * 1.3).backward()
+    tol = 2e-3 if dtype == torch.bfloat16 else 1e-5
+    assert abs(float(loss - ref)) <= tol * abs(float(ref)), (float(loss), float(ref))
+    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        if dtype == torch.float32:
+            assert rel(got, want) <= tol, rel(got, want)
+        else:
+            floor = fro(want.to(dtype), want)
+            assert fro(got, want) <= floor + 4e-3, (fro(got, want), floor, rel(got, want))
+
+
+@pytest.mark.parametrize("kept", ["none", "half", "all"])
+def test_fused_logprobs_without_entropy_are_the_defaults_bitwise_on_cuda(kept):
+    """The Triton kernels' `entropy=False` variants: the default's log-probs and gradients, bit for bit."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    T, V = 1000, 32000
+    h = torch.randn(T, 256, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+    y[::5] = IGNORE_INDEX
+    up = torch.randn(T, device="cuda", generator=g)
+    save_bytes = {"none": 0, "half": (T // 2) * V * 2, "all": 2**40}[kept]
+    runs = []
+    for entropy in (True, False):
+        lp, ent = linear_logprobs_entropy(h, w, y, 0.7, 256, save_bytes=save_bytes, entropy=entropy)
+        runs.append((lp.detach(), *torch.autograd.grad((lp * up).sum(), (h, w)), ent))
+    assert runs[1][3] is None
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][:3], runs[1][:3]))
 
 
 def test_ops_compile_fullgraph_on_cuda():
