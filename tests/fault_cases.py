@@ -192,3 +192,99 @@ def hang_on_rank1(seconds: float) -> int:
     if dist.get_rank() == 1:
         time.sleep(seconds)
     return dist.get_rank()
+
+
+# ------------------------------------------------------------------------------------ broken and failed checkpoints
+
+
+def _full_params(model) -> dict:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _saved_steps(folder: str, steps: int, **checkpointer):
+    """An FSDP model over every rank whose parameters move by `step` before each of `steps` checkpoints; returns
+    `(model, optimizer, checkpointer, full parameters at each step)`."""
+    from dtllama.train.checkpoint import Checkpointer, TrainState
+
+    model, _ = _model({"dp_shard": -1}, 0)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(folder, **{"keep_last": steps, **checkpointer})
+    snapshots = {}
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * step)
+        snapshots[step] = _full_params(model)
+        ckpt.save(step, TrainState(model, opt, extra={"step": step}))
+    return model, opt, ckpt, snapshots
+
+
+def _break(path: str, how: str) -> str:
+    """Damage the checkpoint folder `path` as `how` says; the file it damaged."""
+    data = sorted(n for n in os.listdir(path) if n.endswith(".distcp"))
+    name = ".metadata" if how == "metadata" else data[-1]
+    file = os.path.join(path, name)
+    if how == "delete":
+        os.remove(file)
+    elif how == "truncate":
+        os.truncate(file, os.path.getsize(file) // 2)
+    elif how == "flip":  # the same size, one byte changed: only the manifest's CRC32 can tell
+        with open(file, "r+b") as f:
+            f.seek(os.path.getsize(file) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif how == "metadata":
+        with open(file, "wb") as f:
+            f.write(b"not a pickle")
+    return name
+
+
+def broken_checkpoint_rank(folder: str, how: str):
+    """Three checkpoints, the newest damaged by `how` on rank 0: `load_latest` names the damage, loads the second
+    (parameters equal to step 2's) and reports what it skipped."""
+    from dtllama.train.checkpoint import TrainState
+
+    folder = os.path.join(folder, how)
+    model, opt, ckpt, snapshots = _saved_steps(folder, 3)
+    damaged = _break(ckpt.path(3), how) if dist.get_rank() == 0 else None
+    dist.barrier()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    state = TrainState(model, opt, extra={"step": 0})  # DCP loads into the keys it is given
+    found = ckpt.load_latest(state)
+    same = all(torch.equal(_full_params(model)[n], snapshots[2][n]) for n in snapshots[2])
+    return found, state.extra.get("step"), same, ckpt.skipped, damaged
+
+
+def full_disk_rank(folder: str, on_save_error: str):
+    """Step 1 saved; the save of step 2 fails on rank 1 (its files may grow no larger than 1 KiB: RLIMIT_FSIZE, the
+    kernel's own "file too large"); then step 3 saves normally. Returns what save(2) returned or raised, the folder's
+    entries after it, and whether step 1 still verifies and the step 3 checkpoint is whole."""
+    import resource
+    import signal
+    import warnings
+
+    from dtllama.train.checkpoint import CheckpointSaveError, TrainState
+
+    folder = os.path.join(folder, on_save_error)
+    model, opt, ckpt, _ = _saved_steps(folder, 1, on_save_error=on_save_error, keep_last=3)
+    state = TrainState(model, opt, extra={"step": 2})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    result, error = None, None
+    try:
+        if dist.get_rank() == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = ckpt.save(2, state)
+    except CheckpointSaveError as e:
+        error = str(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    after_failure = sorted(os.listdir(folder))
+    step1_whole = ckpt.verify(1) == []
+    saved3 = ckpt.save(3, TrainState(model, opt, extra={"step": 3})) if error is None else None
+    return result, error, after_failure, step1_whole, saved3, ckpt.steps()

@@ -4,18 +4,26 @@ Each rank writes only its shards; loading reshards onto whatever mesh the new ru
 placements are in the checkpoint metadata). A checkpoint is written into `step-N.partial` and
 renamed to `step-N` by rank 0 only once every rank's data and the metadata are on disk, so a crash
 mid-save leaves the previous checkpoints as they were and the partial folder is never loaded.
+
+Before the rename, the ranks digest the data files (size and CRC32, each rank a share) into `.manifest.json`.
+Loading verifies the newest checkpoint against it (and against the byte ranges DCP's metadata points into) and, if a
+file is missing, cut short or corrupted, says which and falls back to the previous complete checkpoint. A save that
+fails part-way (a full disk) removes its partial folder; `on_save_error` says whether the run stops or goes on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import zlib
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -23,6 +31,72 @@ from dtllama.fsutil import on_rank0, rank, replace_dir
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step-(\d+)$")
+MANIFEST = ".manifest.json"
+SAVE_ERRORS = ("stop", "continue")
+
+
+def _digest(path: str) -> tuple[int, int]:
+    """`(size, crc32)` of a file, read in 16 MiB blocks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return size, crc
+
+
+def _my_share(items: list) -> list:
+    """This rank's share of work every rank can do (rank r takes items r, r + world, ...)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return items[rank()::world]
+
+
+def _gather(values: list) -> list:
+    """Every rank's list, concatenated, on every rank."""
+    if not dist.is_initialized():
+        return values
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def _data_files(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n not in (MANIFEST, ".metadata") and
+                  os.path.isfile(os.path.join(folder, n)))
+
+
+def _problems(path: str) -> list[str]:
+    """What is wrong with the checkpoint folder `path` (collective: each rank checks a share of the files; every
+    rank gets every finding): the metadata unreadable, a file the manifest or the metadata names missing, shorter
+    than the bytes the metadata reads from it, or not the bytes the manifest recorded."""
+    try:
+        meta = dcp.FileSystemReader(path).read_metadata()
+        manifest = {}
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            with open(os.path.join(path, MANIFEST)) as f:
+                manifest = json.load(f)["files"]
+        needed: dict[str, int] = {}
+        for item in (meta.storage_data or {}).values():
+            name = os.fspath(item.relative_path)
+            needed[name] = max(needed.get(name, 0), item.offset + item.length)
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata or manifest is the finding
+        return _gather([f".metadata or {MANIFEST} unreadable ({type(e).__name__}: {e})"] if rank() == 0 else [])
+    found = []
+    for name in _my_share(sorted(set(needed) | set(manifest))):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            found.append(f"{name} is missing")
+            continue
+        size, crc = _digest(file) if name in manifest else (os.path.getsize(file), None)
+        if size < needed.get(name, 0):
+            found.append(f"{name} has {size} bytes; the metadata reads up to byte {needed[name]}")
+        elif name in manifest and (size, crc) != (manifest[name]["size"], manifest[name]["crc32"]):
+            found.append(f"{name} has {size} bytes of CRC32 {crc:08x}; it was written as {manifest[name]['size']} "
+                         f"bytes of CRC32 {manifest[name]['crc32']:08x}")
+    return _gather(found)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank (every rank raises it); the previous checkpoints are untouched."""
 
 
 class TrainState(Stateful):
@@ -80,12 +154,18 @@ def check_compatible(path: str, model) -> None:
 
 
 class Checkpointer:
-    """`save(step, state)` and `load_latest(state)` in `folder`, keeping the last `keep_last` checkpoints."""
+    """`save(step, state)` and `load_latest(state)` in `folder`, keeping the last `keep_last` checkpoints.
+    `on_save_error`: "stop" raises `CheckpointSaveError` when a save fails (on every rank), "continue" logs it and
+    trains on without that checkpoint; either way its partial folder is removed."""
 
-    def __init__(self, folder: str, keep_last: int = 2, async_save: bool = False):
+    def __init__(self, folder: str, keep_last: int = 2, async_save: bool = False, on_save_error: str = "stop"):
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last} must be at least 1")
+        if on_save_error not in SAVE_ERRORS:
+            raise ValueError(f"on_save_error={on_save_error!r}: choose one of {', '.join(SAVE_ERRORS)}")
         self.folder, self.keep_last, self.async_save = os.fspath(folder), keep_last, async_save
+        self.on_save_error = on_save_error
+        self.skipped: list[tuple[str, list[str]]] = []  # broken checkpoints load_latest passed over, and why
         self._pending = None  # (future, step) of an async save not yet committed
         # An async save runs its collectives in a background thread: on a process group of its own, so that they
         # never interleave with training's on the same group (on a gloo-only CPU run that hung the next step).
@@ -105,8 +185,10 @@ class Checkpointer:
     def path(self, step: int) -> str:
         return os.path.join(self.folder, f"step-{step}")
 
-    def save(self, step: int, state: TrainState) -> None:
-        self.wait()
+    def save(self, step: int, state: TrainState) -> bool:
+        """Write the checkpoint of `step` (in the background with `async_save`); False if it failed and
+        `on_save_error` is "continue"."""
+        ok = self.wait()
         partial = self.path(step) + ".partial"
 
         def fresh():
@@ -116,35 +198,89 @@ class Checkpointer:
         on_rank0(fresh)
         if self.async_save:
             self._pending = (dcp.async_save({"train": state}, checkpoint_id=partial, process_group=self._group), step)
-        else:
+            return ok
+        try:
             dcp.save({"train": state}, checkpoint_id=partial)
-            self._commit(step)
+        except (Exception, CheckpointException) as e:  # DCP raises any rank's failure on every rank (a BaseException)
+            return self._failed(step, e)
+        return self._commit(step) and ok
 
-    def wait(self) -> None:
-        """Block until an async save in flight is written and committed (call before exiting)."""
-        if self._pending is not None:
-            fut, step = self._pending
-            self._pending = None
+    def wait(self) -> bool:
+        """Block until an async save in flight is written and committed (call before exiting); False if it failed
+        and `on_save_error` is "continue"."""
+        if self._pending is None:
+            return True
+        fut, step = self._pending
+        self._pending = None
+        try:
             fut.result()
-            self._commit(step)
+        except (Exception, CheckpointException) as e:
+            return self._failed(step, e)
+        return self._commit(step)
 
-    def _commit(self, step: int) -> None:
-        # dcp.save returns on rank 0 after every rank's data and the metadata are written.
+    def _failed(self, step: int, error: Exception) -> bool:
+        """Remove the partial folder of a failed save; raise or (`on_save_error="continue"`) log and go on."""
+        on_rank0(shutil.rmtree, self.path(step) + ".partial", True)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = (f"saving checkpoint {self.path(step)} failed ({type(error).__name__}: {first}); its partial folder "
+                   f"was removed and the previous checkpoints {self.steps()} are intact")
+        if self.on_save_error == "stop":
+            raise CheckpointSaveError(message + "; free space or pass --on-save-error continue") from error
+        log.warning("%s; training goes on without it", message)
+        return False
+
+    def _commit(self, step: int) -> bool:
+        # dcp.save returns on every rank after every rank's data and the metadata are written; each rank digests
+        # a share of the files, rank 0 writes the manifest and renames the folder.
+        partial = self.path(step) + ".partial"
+        try:
+            mine = [(n, *_digest(os.path.join(partial, n))) for n in _my_share(_data_files(partial))]
+        except OSError as e:  # gathered first: every rank must reach the collective
+            mine = [(None, f"{type(e).__name__}: {e}", 0)]
+        digests = _gather(mine)
+        errors = [size for name, size, _ in digests if name is None]
+        if errors:
+            return self._failed(step, OSError(f"reading back the written files: {errors[0]}"))
+
         def commit():
-            replace_dir(self.path(step) + ".partial", self.path(step))
+            with open(os.path.join(partial, MANIFEST), "w") as f:
+                json.dump({"step": step, "files": {n: {"size": size, "crc32": crc} for n, size, crc in digests}}, f)
+            replace_dir(partial, self.path(step))
             older = [s for s in self.steps() if s < step]  # never a newer one, e.g. of an earlier run
             for old in older[: max(len(older) - (self.keep_last - 1), 0)]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
             log.info("checkpoint %s complete", self.path(step))
 
-        on_rank0(commit)
+        try:
+            on_rank0(commit)
+        except RuntimeError as e:  # e.g. no space left for the manifest: every rank sees it
+            return self._failed(step, e)
+        return True
 
-    def load_latest(self, state: TrainState) -> int | None:
-        """Load the newest complete checkpoint into `state` (resharding as needed); its step, or None."""
+    def verify(self, step: int) -> list[str]:
+        """What is wrong with the checkpoint of `step` (empty: it is whole); collective."""
+        return _problems(self.path(step))
+
+    def load_latest(self, state: TrainState, check=None) -> int | None:
+        """Load the newest complete checkpoint that verifies into `state` (resharding as needed); its step, or None.
+        A broken one is named with what is wrong and the previous one is tried. `check(path)` runs before loading
+        (e.g. `check_compatible`: a checkpoint of another model is an error, not a fallback)."""
         steps = self.steps()
-        if not steps:
-            return None
-        path = self.path(steps[-1])
+        for step in reversed(steps):
+            path = self.path(step)
+            problems = self.verify(step)
+            if not problems:
+                if check is not None:
+                    check(path)
+                self._load(path, state)
+                return step
+            self.skipped.append((path, problems))
+            older = [s for s in steps if s < step]
+            then = f"falling back to {self.path(older[-1])}" if older else "no older checkpoint: starting at step 1"
+            log.warning("checkpoint %s is broken: %s; %s", path, "; ".join(problems[:3]), then)
+        return None
+
+    def _load(self, path: str, state: TrainState) -> None:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         state.with_rng = any(k.startswith(f"train.{state._rng_key()}.") for k in saved)
         if not state.with_rng:
@@ -153,4 +289,3 @@ class Checkpointer:
             dcp.load({"train": state}, checkpoint_id=path)
         finally:
             state.with_rng = True
-        return steps[-1]

@@ -111,7 +111,10 @@ class Checkpointing:
     checkpoint_every: int = opt(0, "save every N steps (0: only at the end)")
     keep_last: int = opt(2, "complete checkpoints to keep")
     async_checkpoint: bool = opt(False, "save in the background (dcp.async_save)")
-    resume: bool = opt(False, "continue from the newest checkpoint in --checkpoint-dir")
+    resume: bool = opt(False, "continue from the newest checkpoint in --checkpoint-dir (a broken one is named and the "
+                               "previous one taken)")
+    on_save_error: str = opt("stop", "when a save fails (e.g. a full disk): 'stop' the run, or 'continue' without that "
+                                     "checkpoint; its partial folder is removed either way", choices=["stop", "continue"])
 
 
 @dataclass

@@ -122,16 +122,17 @@ def optimizer(model: torch.nn.Module, optim: Optim, steps: int):
 
 def open_checkpointer(cfg: Checkpointing, state: TrainState, log) -> Checkpointer | None:
     """The checkpointer (or None), after restoring the newest checkpoint if `resume`."""
-    ckpt = Checkpointer(cfg.checkpoint_dir, cfg.keep_last, cfg.async_checkpoint) if cfg.checkpoint_dir else None
+    ckpt = (Checkpointer(cfg.checkpoint_dir, cfg.keep_last, cfg.async_checkpoint, cfg.on_save_error)
+            if cfg.checkpoint_dir else None)
     if ckpt is not None and not cfg.resume and ckpt.steps():
         raise ValueError(f"--checkpoint-dir {cfg.checkpoint_dir!r} already holds checkpoints {ckpt.steps()}; "
                          "pass --resume to continue from them, or choose an empty folder")
     if cfg.resume:
         if ckpt is None:
             raise ValueError("--resume needs --checkpoint-dir")
-        if ckpt.steps():
-            check_compatible(ckpt.path(ckpt.steps()[-1]), state.model)
-        found = ckpt.load_latest(state)
+        found = ckpt.load_latest(state, check=lambda path: check_compatible(path, state.model))
+        for path, problems in ckpt.skipped:
+            log(f"checkpoint {path} is broken, not loaded: {'; '.join(problems[:3])}")
         log(f"resumed from {ckpt.path(found)}" if found is not None
             else "no checkpoint to resume from: starting at step 1")
     return ckpt
