@@ -27,14 +27,16 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean")
 KL_KINDS = ("k1", "k3")
 
 
-def _check_mask(response_mask: torch.Tensor, name: str = "response_mask") -> torch.Tensor:
-    """The mask as float; an all-zero mask would make every mean 0/0."""
+def _check_mask(response_mask: torch.Tensor, name: str = "response_mask", allow_empty: bool = False) -> torch.Tensor:
+    """The mask as float. All zero is an error (every mean would be 0/0) unless `allow_empty`: a loss over a
+    global `normalizer`, where a micro-batch of prompts alone contributes 0 to the step (and nothing else)."""
     if response_mask.dim() != 1:
         raise ValueError(f"{name} must be packed [T], got shape {tuple(response_mask.shape)}")
-    if not bool(response_mask.any()):
+    if not allow_empty and not bool(response_mask.any()):
         raise ValueError(f"{name} is all zero ({response_mask.numel()} tokens): there is no response token to "
                          "train on; mark the generated tokens' label positions with 1 (a rank must hold at "
-                         "least one response)")
+                         "least one response), or pass the step's global normalizer (a micro-batch without a "
+                         "response then adds 0)")
     return response_mask.to(torch.float32)
 
 
@@ -59,11 +61,12 @@ def _check_finite(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
 def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, agg: str = "token-mean",
               cu_seqlens: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Reduce per-token `loss [T]` over the response tokens (see the module docstring for the modes)."""
-    mask = _check_mask(response_mask)
+    mask = _check_mask(response_mask, allow_empty=normalizer is not None)
     _check_same_shape("response_mask", response_mask, loss=loss)
     if agg == "token-mean":
         total = torch.where(mask > 0, loss, 0.0).sum()  # where, not *: a NaN off the response stays out
-        return total / (mask.sum() if normalizer is None else normalizer)
+        # An all-masked micro-batch sums to 0 and stays 0 (not 0 / 0): it contributes nothing, breaks nothing.
+        return total / (mask.sum().clamp_min(1) if normalizer is None else normalizer)
     if agg == "seq-mean-token-mean":
         if cu_seqlens is None:
             raise ValueError("agg='seq-mean-token-mean' needs cu_seqlens to find each sequence's tokens")
@@ -71,7 +74,7 @@ def aggregate(loss: torch.Tensor, response_mask: torch.Tensor, agg: str = "token
         n = loss.new_zeros(cu_seqlens.numel() - 1).index_add_(0, seq, mask)
         s = loss.new_zeros(cu_seqlens.numel() - 1).index_add_(0, seq, torch.where(mask > 0, loss, 0.0))
         per_seq = torch.where(n > 0, s / n.clamp_min(1), 0.0)
-        return per_seq.sum() / ((n > 0).sum() if normalizer is None else normalizer)
+        return per_seq.sum() / ((n > 0).sum().clamp_min(1) if normalizer is None else normalizer)
     raise ValueError(f"agg={agg!r} is not one of {AGG_MODES}")
 
 
@@ -161,7 +164,7 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low: flo
     `clip_frac` (their sum), `approx_kl` (k3 of old vs new, >= 0) and `ratio_max_dev` (max |r - 1|,
     exactly 0 when recomputed on the rollout weights).
     """
-    mask = _check_mask(response_mask)
+    mask = _check_mask(response_mask, allow_empty=normalizer is not None)
     _check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages,
                       response_mask=response_mask)
     _check_finite(mask, advantages=advantages, old_logprobs=old_logprobs)
@@ -180,7 +183,7 @@ def policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low: flo
     loss = aggregate(per_token, response_mask, agg, cu_seqlens, normalizer)
     with torch.no_grad():
         cut = (clipped > unclipped) & (mask > 0)
-        n = mask.sum()
+        n = mask.sum().clamp_min(1)
         high = float((cut & (advantages > 0)).sum() / n)
         low = float((cut & (advantages < 0)).sum() / n)
         metrics = dict(clip_frac_high=high, clip_frac_low=low, clip_frac=high + low,
@@ -241,7 +244,7 @@ def value_loss(values, old_values, returns, response_mask, clip: float = 0.2, ag
     The clip keeps the critic near the values the advantages were computed with (PPO2's value clip).
     Metrics: `vf_clip_frac` (tokens where the clipped term won) and `value_error` (mean |v - R|).
     """
-    mask = _check_mask(response_mask)
+    mask = _check_mask(response_mask, allow_empty=normalizer is not None)
     _check_same_shape("values", values, old_values=old_values, returns=returns, response_mask=response_mask)
     _check_finite(mask, returns=returns, old_values=old_values)
     old_values, returns = torch.where(mask > 0, old_values, 0.0), torch.where(mask > 0, returns, 0.0)
@@ -277,8 +280,8 @@ def entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, agg: str =
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over the positions where `mask` is 1 (this rank's tokens only)."""
-    return torch.where(mask > 0, x, 0.0).sum() / (mask > 0).sum()
+    """Mean of `x` over the positions where `mask` is 1 (this rank's tokens only); 0 where there are none."""
+    return torch.where(mask > 0, x, 0.0).sum() / (mask > 0).sum().clamp_min(1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> float:
