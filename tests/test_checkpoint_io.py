@@ -101,6 +101,35 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "cut")
+    # A shard the index lists is missing.
+    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=2**16)
+    shards = sorted(f.name for f in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1
+    (tmp_path / "sharded" / shards[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index.json maps '.+' to '{shards[-1]}', which is missing from"):
+        dtllama.LlamaForCausalLM.from_pretrained(tmp_path / "sharded")
+    # A tensor of another kind (integers) under a weight's name; a tensor missing.
+    from safetensors.torch import load_file, save_file
+
+    for case, edit, message in [
+        ("dtype", lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].to(torch.int32)}),
+         r"tensor 'model.norm.weight' is stored as torch.int32, not floating point"),
+        ("missing", lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight"),
+         r"lacks \['model.layers.1.mlp.down_proj.weight'\]"),
+    ]:
+        shutil.copytree(tmp_path / "ok", tmp_path / case)
+        f = tmp_path / case / "model-00001-of-00001.safetensors"
+        sd = load_file(f)
+        edit(sd)
+        save_file(sd, f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=message):
+            dtllama.LlamaForCausalLM.from_pretrained(tmp_path / case)
+    # A recipe's --model folder without a tokenizer.
+    from dtllama.train.config import ModelSource
+    from dtllama.train.source import load_source
+
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer \(tokenizer.json, tokenizer.model or vocab.json\)"):
+        load_source(ModelSource(model=str(tmp_path / "ok")))
     # Unsupported architecture.
     shutil.copytree(tmp_path / "ok", tmp_path / "arch")
     (tmp_path / "arch" / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))

@@ -151,6 +151,10 @@ def load_state_into(model, path: str) -> None:
                 f"{fname}: tensor {name!r} has shape {list(shape)} but the config gives {list(t.shape)}; "
                 "the checkpoint and its config.json disagree"
             )
+        dtype = ckpt[name].dtype
+        if t.is_floating_point() and (dtype is None or not dtype.is_floating_point):
+            raise ValueError(f"{fname}: tensor {name!r} is stored as {dtype or 'a dtype safetensors calls otherwise'}"
+                             f", not floating point: it is not this model's weight (re-export the checkpoint)")
     heads = {n for n in missing if n.startswith("score.")}
     if set(missing) - heads and hasattr(model, "converted_state"):
         # Files in another layout than the modules' (transformers 5 converts some families' checkpoints at load,

@@ -84,6 +84,9 @@ def load_source(source: ModelSource):
         dist.barrier()
         path = smollm2_135m_instruct()
     config = dtllama.config_from_hf(path, adapter=source.hf_adapter)
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"--model {path!r} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
+                                "copy the tokenizer files of the model it was trained from into it")
     return override(config, source.set), AutoTokenizer.from_pretrained(path), path
 
 
