@@ -32,6 +32,7 @@ from dtllama.train.launch import run_recipe
 from dtllama.train.metrics import MetricsWriter, max_over, mean_over
 from dtllama.train.ppo import PPO, actor_critic, after_update, ppo_update, rollout, rollout_microbatch_tokens
 from dtllama.train.source import load_source
+from dtllama.train.watchdog import Watchdog
 
 
 @dataclass
@@ -73,7 +74,7 @@ def reward(a: int, b: int, response: str) -> float:
 
 def main(argv=None):
     cfg = parse_config(Config, argv, description=__doc__, prog="recipes/ppo.py")
-    device, log = setup_distributed(cfg.seed)
+    device, log = setup_distributed(cfg.seed, cfg.timeout)
     config, tokenizer, source = load_source(cfg.source)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     dims = resolve_layout(cfg.layout, config)
@@ -93,15 +94,17 @@ def main(argv=None):
         f"advantage {cfg.advantage}, agg {cfg.agg}, KL {cfg.kl_kind}")
     metrics = MetricsWriter(cfg.metrics, cfg.tensorboard)
     rank, n = dims.mesh("batch").get_local_rank(), dims.mesh("batch").size()
+    watchdog = Watchdog(cfg.timeout)
     for it in range(1, cfg.iterations + 1):
         t0 = time.perf_counter()
         prompts = make_prompts(it, cfg.prompts, cfg.seed)[rank::n]  # non-empty: checked above
         # Same seed on the TP ranks of a group (they must sample the same tokens), another per batch rank.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * 1009 + rank)
-        roll = rollout(models, [encode(f"{a}+{b}=") for a, b in prompts],
-                       lambda i, r: reward(*prompts[i], tokenizer.decode(r, skip_special_tokens=True)),
-                       cfg.ppo, gen, tokenizer.eos_token_id, dims)
-        row = iteration_row(it, t0, roll, models, cfg, dims, tokenizer)
+        with watchdog.step(it):  # a collective that times out names the rank it waited for
+            roll = rollout(models, [encode(f"{a}+{b}=") for a, b in prompts],
+                           lambda i, r: reward(*prompts[i], tokenizer.decode(r, skip_special_tokens=True)),
+                           cfg.ppo, gen, tokenizer.eos_token_id, dims)
+            row = iteration_row(it, t0, roll, models, cfg, dims, tokenizer)
         log(f"iter {it:3d}  reward {row['reward_mean']:.3f}  pg {row['pg_loss'][0]:+.5f} -> {row['pg_loss'][-1]:+.5f}  "
             f"first-minibatch |ratio-1| {row['first_ratio_max_dev']:.1e} KL {row['first_approx_kl']:.1e}  "
             f"approx-KL {row['approx_kl']:.2e}  KL(ref) {row['kl'][-1]:+.2e}  clip {row['clip_frac']:.3f}  "

@@ -36,13 +36,14 @@ from dtllama.train.launch import run_recipe
 from dtllama.train.loop import open_checkpointer, optimizer, save_due, train_step
 from dtllama.train.metrics import MetricsWriter, mfu, peak_memory_gib, step_flops
 from dtllama.train.source import load_source
+from dtllama.train.watchdog import Watchdog
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instructions.txt")
 
 
 def main(argv=None):
     cfg = parse_args(argv, description=__doc__, prog="recipes/train.py", defaults=dict(data=DATA))
-    device, log = setup_distributed(cfg.seed)
+    device, log = setup_distributed(cfg.seed, cfg.timeout)
     config, tokenizer, source = load_source(cfg.source)
     dims = resolve_layout(cfg.layout, config)  # before any collective can hang on a bad degree
     pipeline = pipeline_options(cfg.layout, dims, config, cfg.training.pipeline_tokens(cfg.layout.microbatches))
@@ -64,19 +65,21 @@ def main(argv=None):
     metrics = MetricsWriter(cfg.metrics, cfg.tensorboard, append=start > 0)
     progress = tqdm(total=t.steps, initial=start, disable=dist.get_rank() != 0, unit="step", dynamic_ncols=True)
     t_start, tokens_seen = time.perf_counter(), 0
+    watchdog = Watchdog(cfg.timeout)
     for step in range(start + 1, t.steps + 1):
-        t0 = time.perf_counter()
-        batch = global_batch(examples, t.batch_tokens)
-        lr = sched.get_last_lr()[0]
-        row = train_step(model, opt, sched, batch, dims, filler, t, cfg.optim, built.pipe)
-        row = report(step, row, batch, time.perf_counter() - t0, lr, config, dims, device, log)
-        tokens_seen += row["tokens"]
-        progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        progress.update()
-        metrics.write(row)
-        state.extra.update(step=step, data_position=examples.position)
-        if ckpt is not None and save_due(cfg.checkpoint, step, t.steps):
-            ckpt.save(step, state)
+        with watchdog.step(step):  # a collective that times out names the rank it waited for
+            t0 = time.perf_counter()
+            batch = global_batch(examples, t.batch_tokens)
+            lr = sched.get_last_lr()[0]
+            row = train_step(model, opt, sched, batch, dims, filler, t, cfg.optim, built.pipe)
+            row = report(step, row, batch, time.perf_counter() - t0, lr, config, dims, device, log)
+            tokens_seen += row["tokens"]
+            progress.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            progress.update()
+            metrics.write(row)
+            state.extra.update(step=step, data_position=examples.position)
+            if ckpt is not None and save_due(cfg.checkpoint, step, t.steps):
+                ckpt.save(step, state)
     progress.close()
     metrics.close()
     if ckpt is not None:

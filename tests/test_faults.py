@@ -134,3 +134,48 @@ def test_torchrun_runs_a_job_again_after_a_rank_crashed_and_quotes_its_stack(tmp
             torchrun(2, job, "-", "rank1-raises")
         with pytest.raises(AssertionError, match="SIGABRT"):
             torchrun(2, job, "-", repeatable=False)
+
+
+def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
+    """The main job at `--timeout 5` on 2 processes; rank 1 is SIGSTOPped mid-run. Rank 0's next collective times
+    out and the run ends with rank 0 naming rank 1 (its heartbeat stopped) within the timeout and a few heartbeats,
+    instead of hanging for torch's default 30 minutes."""
+    import json
+    import signal
+    import time
+
+    from test_checkpoint_resume import descendants
+
+    metrics, out = tmp_path / "metrics.jsonl", tmp_path / "out.txt"
+    cmd = [sys.executable, "-m", "dtllama.train.launch", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", "--steps", "1000", "--batch-tokens", "600",
+           "--timeout", "5", "--metrics", str(metrics), "--export-hf", ""]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, out.read_text()[-3000:]
+            time.sleep(0.05)
+        rank1 = [p for p in descendants(proc.pid) if b"RANK=1\0" in open(f"/proc/{p}/environ", "rb").read()
+                 and b"LOCAL_RANK=1\0" in open(f"/proc/{p}/environ", "rb").read()]
+        assert rank1, "no worker of rank 1 found"
+        os.kill(rank1[0], signal.SIGSTOP)
+        stopped = time.time()
+        while "did not finish within --timeout" not in out.read_text():
+            assert time.time() < stopped + 60, out.read_text()[-3000:]
+            time.sleep(0.1)
+        waited = time.time() - stopped
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    text = out.read_text()
+    line = next(x for x in text.splitlines() if "did not finish within --timeout" in x)
+    line = line[line.index("error: "):]  # after rank 0's progress bar
+    assert line.startswith("error: rank 0: a collective of step") and "waiting for rank 1 (no heartbeat for" in line
+    assert waited <= 5 + 15, (waited, line)
+    assert len(json.loads(metrics.read_text().splitlines()[-1])) > 0

@@ -8,6 +8,7 @@ before any collective, so a bad degree is an error rather than a hang.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -22,17 +23,32 @@ from dtllama.train.config import Layout
 from dtllama.train.runner import PipelineRunner, WholeRunner
 
 
-def setup_distributed(seed: int):
-    """Join the process group and seed torch; returns this rank's device and a print of rank 0 only."""
+def setup_distributed(seed: int, timeout: float | None = None):
+    """Join the process group (collectives waiting at most `timeout` seconds; None: torch's default) and seed
+    torch; returns this rank's device and a print of rank 0 only."""
     cuda = torch.cuda.is_available()
     # NCCL for the GPUs, gloo beside it: async checkpointing stages and coordinates on the CPU.
-    dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo")
+    wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", **wait, **_attempt_store(timeout))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     log = tqdm.write if dist.get_rank() == 0 else (lambda *a, **k: None)  # above rank 0's progress bar
     return device, log
+
+
+def _attempt_store(timeout: float | None) -> dict:
+    """Under `torchrun --max-restarts`, a store of this attempt's own keys: the workers of every attempt share the
+    agent's store, and a restarted job's ranks would otherwise read the dead ones' addresses (gloo's connect to
+    them is refused). Empty (the env:// default) for a first attempt or another launcher."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    wait = datetime.timedelta(seconds=timeout) if timeout is not None else dist.constants.default_pg_timeout
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=wait)
+    return {"store": dist.PrefixStore(f"dtllama/attempt-{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def resolve_layout(layout: Layout, config) -> ParallelDims:

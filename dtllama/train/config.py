@@ -141,6 +141,9 @@ class Job:
 
     seed: int = opt(0)
     debug: bool = opt(False, "show tracebacks of errors (otherwise one line from rank 0)")
+    timeout: float = opt(1800.0, "seconds a collective may wait for the other ranks; then the run stops, naming the "
+                                 "rank it waited for (a rank whose step has not moved for twice that prints its "
+                                 "stacks and exits)")
 
 
 class RunConfig:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         rank, failure = e.get_first_failure()
-        if failure.exitcode != 2:  # 2: the recipe's own one-line user error, already printed
+        if failure.exitcode not in (2, 3):  # the recipe's own one-line error (3: a collective's timeout), printed
             print(f"error: worker rank {rank} exited with code {failure.exitcode} (DTLLAMA_LAUNCH_DEBUG=1 shows "
                   "torchrun's report; the recipe's --debug shows worker tracebacks)", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
@@ -44,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 def run_recipe(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """`main(argv)`, with the errors a user can fix printed as one line by rank 0 and exit code 2 (`--debug` in
     `argv`: raise them)."""
+    from dtllama.train.watchdog import CollectiveTimeout
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
+    except CollectiveTimeout as e:  # every rank that waited says what for (the hung one may say nothing)
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         if "--debug" in argv:
             raise
