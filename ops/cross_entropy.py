@@ -132,8 +132,9 @@ def _(hidden, weight, labels, scale, z_loss, smoothing, chunk_size):
 
 
 def _setup_context(ctx, inputs, output):
-    # Saved, not kept on ctx nor marked non-differentiable (both hold a reference past backward): autograd releases
-    # saved tensors after this node's backward, so the parameter's `.grad` takes the tensor itself, not a copy.
+    # Outputs saved for backward (not marked non-differentiable, which keeps a reference on ctx). On the GPU autograd
+    # still copies them into `.grad` (2.21 GiB peak at hidden 4096 against 1.35 through `_FusedCrossEntropy`), so
+    # eager plain tensors take the autograd.Function; this op serves compile and token-sharded DTensors.
     ctx.save_for_backward(output[1], output[2])
 
 
@@ -185,8 +186,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, loss: C
                          chunk_size: int | None = None, check: bool = True) -> Tensor:
     """The mean (or `loss.normalizer`-divided sum) next-token cross-entropy of `labels` under
     `softmax(hidden @ weight.T)`, with `loss`'s z-loss and label smoothing: a 0-d fp32 tensor whose backward is one
-    scale of gradients made in forward. Never `[T, vocab]` logits: `chunk_size` tokens at a time (None: a buffer the
-    size of `hidden`). A vocab-sharded weight DTensor (TP) merges statistics over its mesh; token-sharded DTensor
+    scale of gradients made in forward. Never `[T, vocab]` logits: `chunk_size` tokens at a time (None: a buffer about
+    twice the size of `hidden`, `default_chunk`). A vocab-sharded weight DTensor (TP) merges statistics over its mesh; token-sharded DTensor
     inputs (SP) give each rank's share. `check=False` skips validating the labels (one device sync)."""
     loss = loss or CrossEntropy()
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
