@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-_KEY = "dtllama/heartbeat/{}"
+_KEY = "dtllama/heartbeat/{attempt}/{rank}"  # per torchrun restart attempt: a dead attempt's beats are not read
 
 
 class CollectiveTimeout(TimeoutError):
@@ -44,6 +44,7 @@ class Watchdog:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.store, self._lock = None, threading.Lock()
+        self.attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if dist.is_initialized() and "MASTER_ADDR" in os.environ:
             self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                        timeout=dist.constants.default_pg_timeout)
@@ -52,7 +53,7 @@ class Watchdog:
 
     def _beat(self) -> None:
         with self._lock:  # the step's own beat and the thread's share one connection
-            self.store.set(_KEY.format(self.rank), f"{time.time()} {self.current}")
+            self.store.set(_KEY.format(attempt=self.attempt, rank=self.rank), f"{time.time()} {self.current}")
 
     def _beats(self) -> None:
         while True:
@@ -81,7 +82,7 @@ class Watchdog:
         """The ranks whose heartbeat stopped: `{rank: (seconds since it, the step it was in)}`."""
         out, now = {}, time.time()
         for r in range(self.world):
-            key = _KEY.format(r)
+            key = _KEY.format(attempt=self.attempt, rank=r)
             if not self.store.check([key]):
                 out[r] = (float("inf"), 0)
                 continue
