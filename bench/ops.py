@@ -256,14 +256,31 @@ def step_bench(batch: int = 8, seq: int = 2048, flavor: str = "llama3.2-1b") -> 
     return out
 
 
-def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> list[dict]:
-    from dtllama.ops import linear_logprobs_entropy
-
+def _head_inputs(T: int, hidden: int, vocab: int, ignored: float = 0.0):
+    """bf16 `(hidden states, head weight, labels)` of a head benchmark (`ignored`: the fraction of labels -100)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     h = (torch.randn(T, hidden, device="cuda", generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(vocab, hidden, device="cuda", generator=g) / math.sqrt(hidden)).to(torch.bfloat16)
-    w.requires_grad_()
     y = torch.randint(0, vocab, (T,), device="cuda", generator=g)
+    if ignored:
+        y[torch.rand(T, device="cuda", generator=g) < ignored] = -100
+    return h, w.requires_grad_(), y
+
+
+def _peak(fn):
+    """`(fn(), peak GiB above the memory allocated before, GiB still allocated after)` of one call."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, (torch.cuda.max_memory_allocated() - before) / GiB, (torch.cuda.memory_allocated() - before) / GiB
+
+
+def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> list[dict]:
+    from dtllama.ops import linear_logprobs_entropy
+
+    h, w, y = _head_inputs(T, hidden, vocab)
 
     def naive(h, w, y):
         logp = torch.log_softmax((h @ w.t()).float(), -1)
@@ -290,12 +307,7 @@ def logprobs_bench(T: int = 16384, hidden: int = 4096, vocab: int = 128256) -> l
         try:
             ms = bench(step, iters=9, warmup=2)
             h.grad = w.grad = None
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            extra = (torch.cuda.max_memory_allocated() - before - grads) / GiB
+            extra = _peak(step)[1] - grads / GiB
         except torch.OutOfMemoryError:
             ms, extra = float("nan"), float("nan")
         out.append({"log-probs+entropy bf16 T=16384 H=4096 V=128256": name, "ms": ms,
@@ -338,12 +350,7 @@ def loss_bench(T: int = 16384, vocab: int = 128256) -> list[dict]:
     """Forward + backward of the mean next-token cross-entropy from bf16 hidden states, each peer in turn."""
     out = []
     for hidden in (4096, 2048):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        h = (torch.randn(T, hidden, device="cuda", generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
-        w = (torch.randn(vocab, hidden, device="cuda", generator=g) / math.sqrt(hidden)).to(torch.bfloat16)
-        w.requires_grad_()
-        y = torch.randint(0, vocab, (T,), device="cuda", generator=g)
-        y[torch.rand(T, device="cuda", generator=g) < 0.1] = -100
+        h, w, y = _head_inputs(T, hidden, vocab, ignored=0.1)
         h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
         F.cross_entropy(h32 @ w32.t(), y).backward()
         ref = (h32.grad, w32.grad)
@@ -363,18 +370,12 @@ def loss_bench(T: int = 16384, vocab: int = 128256) -> list[dict]:
             try:
                 ms = bench(step, iters=5, warmup=2)
                 h.grad = w.grad = None
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                loss = f(h, w, y)
-                torch.cuda.synchronize()
-                held, fwd_peak = (torch.cuda.memory_allocated() - before) / GiB, torch.cuda.max_memory_allocated()
-                loss.backward()
+                loss, fwd_peak, held = _peak(lambda: f(h, w, y))
+                _, bwd_peak, _ = _peak(loss.backward)  # above what forward left allocated
                 del loss
-                torch.cuda.synchronize()
-                extra = (torch.cuda.max_memory_allocated() - before) / GiB
+                extra = max(fwd_peak, held + bwd_peak)
                 err = max(float((a.grad.float() - b).norm() / b.norm()) for a, b in ((h, ref[0]), (w, ref[1])))
-                note = (f"grad rel. err (L2) vs fp32 {err:.2e}; forward peak {(fwd_peak - before) / GiB:.2f} GiB, "
+                note = (f"grad rel. err (L2) vs fp32 {err:.2e}; forward peak {fwd_peak:.2f} GiB, "
                         f"{held:.2f} GiB held for backward")
             except torch.OutOfMemoryError:
                 ms, extra, note = float("nan"), float("nan"), "out of memory"

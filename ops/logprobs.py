@@ -381,8 +381,6 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, labels, shift, entropy, rows, inv_temp = ctx.saved_tensors
         temperature, chunk_size, group, start, with_entropy = ctx.args
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(shift)
         d_hidden, d_weight = _chunked_backward(grad_logprobs, grad_entropy if with_entropy else None, hidden, weight,
                                                labels, shift, entropy, rows, temperature, chunk_size, group, start,
                                                inv_temp)

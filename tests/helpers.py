@@ -29,6 +29,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return err / scale if scale else err
 
 
+def head_inputs(g: torch.Generator, T: int, H: int, V: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(hidden [T, H], weight [V, H], labels [T])` of a fused-head test: random fp32 tensors needing gradients,
+    labels in the vocabulary (the caller marks which to ignore)."""
+    hidden = torch.randn(T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    return hidden, weight, torch.randint(0, V, (T,), generator=g)
+
+
 def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's RMSNorm in the inputs' dtype (call it on fp32 copies for a reference)."""
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))

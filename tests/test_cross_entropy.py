@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from head_cases import loss_rank
-from helpers import rel_err
+from helpers import head_inputs, rel_err
 from parallel_cases import random_sequences
 from pool import get_pool
 
@@ -34,10 +34,8 @@ def reference(hidden, weight, labels, opt: CrossEntropy):
 @pytest.mark.parametrize("chunk", [None, 5, 64])
 def test_loss_and_gradients_equal_autograd_of_cross_entropy(opt, chunk):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**16, ())))
-    T, H, V = 37, 16, 53
-    hidden = torch.randn(T, H, generator=g, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, requires_grad=True)
-    labels = torch.randint(0, V, (T,), generator=g)
+    T = 37
+    hidden, weight, labels = head_inputs(g, T, 16, 53)
     labels[torch.rand(T, generator=g) < 0.3] = -100
     upstream = 0.5 + torch.rand((), generator=g)  # backward scales the gradients made in forward
     loss = linear_cross_entropy(hidden, weight, labels, opt, chunk)
@@ -80,10 +78,8 @@ def test_compiled_fullgraph_equals_eager():
 @pytest.mark.parametrize("per_token", [False, True], ids=["scalar-temperature", "per-token-temperature"])
 def test_logprobs_without_entropy_are_the_defaults_bitwise(save_bytes, per_token):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**16, ())))
-    T, H, V = 37, 16, 53
-    hidden = torch.randn(T, H, generator=g, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, requires_grad=True)
-    labels = torch.randint(0, V, (T,), generator=g)
+    T = 37
+    hidden, weight, labels = head_inputs(g, T, 16, 53)
     labels[::6] = -100
     temp = 0.5 + torch.rand(T, generator=g) if per_token else 0.8
     upstream = torch.randn(T, generator=g)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import head_inputs, rel_err
 from head_cases import temperature_rank, topk_rank
 from parallel_cases import random_sequences
 from pool import get_pool
@@ -23,10 +23,8 @@ TOL = 1e-6  # fp32: the same products scaled before rather than inside the row s
 @pytest.mark.parametrize("save_bytes", [0, 2**30], ids=["recomputed", "kept"])
 def test_per_token_temperature_in_the_op_is_the_log_softmax_of_scaled_logits(save_bytes):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**16, ())))
-    T, H, V = 37, 16, 53
-    hidden = torch.randn(T, H, generator=g, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, requires_grad=True)
-    labels = torch.randint(0, V, (T,), generator=g)
+    T = 37
+    hidden, weight, labels = head_inputs(g, T, 16, 53)
     labels[::7] = -100
     temp = 0.5 + 1.5 * torch.rand(T, generator=g)
     lp, ent = linear_logprobs_entropy(hidden, weight, labels, temp, chunk_size=8, save_bytes=save_bytes)

@@ -245,7 +245,6 @@ class StageIO:
     save_bytes: int | None = None
     aux_loss_scale: float = 1.0
     entropy: bool = True
-    loss: CrossEntropy | None = None  # the last stage returns the fused loss (its gradients made in forward)
 
 
 class PretrainedModel(nn.Module):
@@ -446,7 +445,7 @@ class CausalLM(PretrainedModel):
             io = self.stage
             if self.model.norm is None:
                 return h
-            return self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes, io.entropy, io.loss)
+            return self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes, io.entropy)
         h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
         extra = self.aux_outputs(aux)
         temperature = token_temperatures(temperature, batch.cu_seqlens)

@@ -108,17 +108,34 @@ def test_flex_matches_sdpa_reference_in_fp32(lengths):
     assert rel(out, ref) <= 1e-4
 
 
+def head_case(T: int, V: int, dtype: torch.dtype, seed: int):
+    """`(hidden [T, 256], weight [V, 256], labels [T] with ~20% ignored, generator)` of a fused-head test."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = (torch.randn(T, 256, device="cuda", generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+    y[torch.rand(T, device="cuda", generator=g) < 0.2] = IGNORE_INDEX
+    return h, w, y, g
+
+
+def check_grads(pairs, dtype: torch.dtype, tol: float, bf16_tol: float) -> None:
+    """fp32: relative error <= `tol`; bf16: Frobenius error <= what rounding the exact gradient to bf16 costs +
+    `bf16_tol` (no bf16 tensor is within 1e-3 of fp32 elementwise: one rounding is up to 2^-8)."""
+    for got, want in pairs:
+        if dtype == torch.float32:
+            assert rel(got, want) <= tol, rel(got, want)
+        else:
+            floor = fro(want.to(dtype), want)
+            assert fro(got, want) <= floor + bf16_tol, (fro(got, want), floor, rel(got, want))
+
+
 @pytest.mark.parametrize("kept", ["none", "half", "all"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T,V,chunk", [(300, 5000, 64), (1000, 32000, 1024), (7, 128256, 3)])
 def test_fused_logprobs_match_naive_fp32(monkeypatch, dtype, T, V, chunk, kept):
     """`kept`: how many rows' logits are kept from forward to backward (the rest are recomputed)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    g = torch.Generator(device="cuda").manual_seed(T)
-    h = (torch.randn(T, 256, device="cuda", generator=g)).to(dtype).requires_grad_()
-    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
-    y = torch.randint(0, V, (T,), device="cuda", generator=g)
-    y[torch.rand(T, device="cuda", generator=g) < 0.2] = IGNORE_INDEX
+    h, w, y, g = head_case(T, V, dtype, T)
     g_lp, g_ent = torch.randn(T, device="cuda", generator=g), torch.randn(T, device="cuda", generator=g)
     save_bytes = {"none": 0, "half": (T // 2) * V * (2 if dtype == torch.bfloat16 else 4), "all": 2**40}[kept]
     lp, ent = linear_logprobs_entropy(h, w, y, temperature=0.7, chunk_size=chunk, save_bytes=save_bytes)
@@ -136,12 +153,7 @@ def test_fused_logprobs_match_naive_fp32(monkeypatch, dtype, T, V, chunk, kept):
     # relative to their max add ~2e-4 to p's error in this norm).
     tol = 1e-3 if dtype == torch.bfloat16 else 1e-5
     assert rel(lp, ref_lp) <= tol and rel(ent, ref_ent) <= tol, (rel(lp, ref_lp), rel(ent, ref_ent))
-    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
-        if dtype == torch.float32:
-            assert rel(got, want) <= tol, rel(got, want)
-        else:
-            floor = fro(want.to(dtype), want)
-            assert fro(got, want) <= floor + tol, (fro(got, want), floor, rel(got, want))
+    check_grads(((h.grad, hr.grad), (w.grad, wr.grad)), dtype, tol, tol)
     assert bool((lp[~valid] == 0).all() and (ent[~valid] == 0).all())
 
 
@@ -156,11 +168,7 @@ def test_fused_loss_matches_naive_fp32(monkeypatch, dtype, T, V, chunk, opt):
     accumulated over chunks in it (Liger's choice; the memory of one fp32 copy saved): in bf16 the loss is held to
     2e-3 and the gradients to 4e-3 in the Frobenius norm above what rounding the exact ones to bf16 costs."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    g = torch.Generator(device="cuda").manual_seed(T)
-    h = (torch.randn(T, 256, device="cuda", generator=g)).to(dtype).requires_grad_()
-    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(dtype).requires_grad_()
-    y = torch.randint(0, V, (T,), device="cuda", generator=g)
-    y[torch.rand(T, device="cuda", generator=g) < 0.2] = IGNORE_INDEX
+    h, w, y, _ = head_case(T, V, dtype, T)
     loss = linear_cross_entropy(h, w, y, opt, chunk)
     (loss * 1.3).backward()
     hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -171,23 +179,14 @@ def test_fused_loss_matches_naive_fp32(monkeypatch, dtype, T, V, chunk, opt):
     (ref * 1.3).backward()
     tol = 2e-3 if dtype == torch.bfloat16 else 1e-5
     assert abs(float(loss - ref)) <= tol * abs(float(ref)), (float(loss), float(ref))
-    for got, want in ((h.grad, hr.grad), (w.grad, wr.grad)):
-        if dtype == torch.float32:
-            assert rel(got, want) <= tol, rel(got, want)
-        else:
-            floor = fro(want.to(dtype), want)
-            assert fro(got, want) <= floor + 4e-3, (fro(got, want), floor, rel(got, want))
+    check_grads(((h.grad, hr.grad), (w.grad, wr.grad)), dtype, tol, 4e-3)
 
 
 @pytest.mark.parametrize("kept", ["none", "half", "all"])
 def test_fused_logprobs_without_entropy_are_the_defaults_bitwise_on_cuda(kept):
     """The Triton kernels' `entropy=False` variants: the default's log-probs and gradients, bit for bit."""
-    g = torch.Generator(device="cuda").manual_seed(1)
     T, V = 1000, 32000
-    h = torch.randn(T, 256, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(V, 256, device="cuda", generator=g) / 8).to(torch.bfloat16).requires_grad_()
-    y = torch.randint(0, V, (T,), device="cuda", generator=g)
-    y[::5] = IGNORE_INDEX
+    h, w, y, g = head_case(T, V, torch.bfloat16, 1)
     up = torch.randn(T, device="cuda", generator=g)
     save_bytes = {"none": 0, "half": (T // 2) * V * 2, "all": 2**40}[kept]
     runs = []
