@@ -37,9 +37,8 @@ def restarted_run(tmp_path, ckpt: str, after_step: int, rank: int = 2) -> tuple[
             assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
             time.sleep(0.01)
         saved = Checkpointer(ckpt).steps()[-1]
-        worker = [p for p in _children(proc.pid) if f"\0RANK={rank}\0".encode() in b"\0" + _environ(p)]
-        assert len(worker) == 1, worker
-        os.kill(worker[0], signal.SIGKILL)
+        worker = worker_of_rank(proc.pid, rank)
+        os.kill(worker, signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
     finally:
         for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
@@ -55,29 +54,24 @@ def restarted_run(tmp_path, ckpt: str, after_step: int, rank: int = 2) -> tuple[
     return [json.loads(line) for line in metrics.read_text().splitlines()], saved, int(resumed[0])
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (torchrun's workers, not what they started)."""
-    out = []
-    for p in descendants(pid):
+def worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (a child of the `launcher` process whose environment says RANK=rank;
+    not what that worker started, which inherits it)."""
+    found = []
+    for p in _children().get(launcher, []):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(p)
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except OSError:
             continue
-    return out
+        if f"\0RANK={rank}\0".encode() in env:
+            found.append(p)
+    assert len(found) == 1, (rank, found)
+    return found[0]
 
 
-def _environ(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc (children before the parent exits, so none is re-parented)."""
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -87,6 +81,12 @@ def descendants(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children before the parent exits, so none is re-parented)."""
+    children = _children()
     out, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])
