@@ -6,6 +6,8 @@
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --cp 2                 # Ulysses
     torchrun --standalone --nproc-per-node 4 recipes/ppo.py --pp 2 --tp 2 --set num_hidden_layers=4   # pipeline
     torchrun --standalone --nproc-per-node 2 recipes/ppo.py --model path/to/hf-folder   # real weights
+    torchrun --max-restarts 1 --standalone --nproc-per-node 2 recipes/ppo.py --iterations 20 \
+        --checkpoint-dir ckpt --checkpoint-every 2 --resume    # a restarted job goes on from its newest checkpoint
 
 Task (rule-based, no reward model): the prompt is "a+b=" for a, b in [0, 20); the reward is the
 fraction of the answer's digits that the response gets right, in place (1.0 for "7" after "3+4=").
@@ -14,6 +16,8 @@ Each iteration is a rollout of `--prompts` prompts over all data-parallel ranks 
 clipped policy + value + KL (+ entropy) loss on it (`dtllama.train.ppo`, which says how every layout gives the one
 device's numbers). The first epoch's log-probs equal the rollout's bitwise (ratio exactly 1), asserted every
 iteration on every rank; each iteration logs the per-epoch losses, the reward and two sampled responses.
+With `--checkpoint-dir` the actor, the critic and their optimizers are checkpointed (DCP) after iterations; a run
+resumed from one (`--resume`) gives the uninterrupted run's iterations bitwise on the same layout.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import torch.distributed as dist
 
 from dtllama.train import rl
 from dtllama.train.build import pipeline_options, resolve_layout, setup_distributed
-from dtllama.train.config import Job, Layout, Logging, ModelSource, Optim, RunConfig, opt, parse_config, section
+from dtllama.train.checkpoint import TrainState
+from dtllama.train.config import (Checkpointing, Job, Layout, Logging, ModelSource, Optim, RunConfig, opt, parse_config,
+                                   section)
 from dtllama.train.launch import run_recipe
+from dtllama.train.loop import open_checkpointer, save_due
 from dtllama.train.metrics import MetricsWriter, max_over, mean_over
 from dtllama.train.ppo import PPO, actor_critic, after_update, ppo_update, rollout, rollout_microbatch_tokens
 from dtllama.train.source import load_source
@@ -56,6 +63,7 @@ class Config(RunConfig):
     optim: Optim = section(Optim, only=("lr",))
     ppo: PPO = section(PPO)
     task: Task = section(Task)
+    checkpoint: Checkpointing = section(Checkpointing)
     logging: Logging = section(Logging)
     job: Job = section(Job)
 
@@ -92,10 +100,16 @@ def main(argv=None):
                           seed=cfg.seed)
     log(f"PPO: {config.num_params() / 1e6:.1f} M parameters per model; world {dims.world_size}: {dims}; "
         f"advantage {cfg.advantage}, agg {cfg.agg}, KL {cfg.kl_kind}")
-    metrics = MetricsWriter(cfg.metrics, cfg.tensorboard)
+    # Actor and critic with their AdamW moments; the reference is rebuilt frozen from the source, the prompts and
+    # the sampling generators from the seed and the iteration: a resumed run's iterations are the uninterrupted one's.
+    state = TrainState(models.actor.model, models.actor_opt, extra={"iteration": 0},
+                       others={"critic": (models.critic.model, models.critic_opt)})
+    ckpt = open_checkpointer(cfg.checkpoint, state, log)
+    start = state.extra["iteration"]
+    metrics = MetricsWriter(cfg.metrics, cfg.tensorboard, append=start > 0)
     rank, n = dims.mesh("batch").get_local_rank(), dims.mesh("batch").size()
     watchdog = Watchdog(cfg.timeout)
-    for it in range(1, cfg.iterations + 1):
+    for it in range(start + 1, cfg.iterations + 1):
         t0 = time.perf_counter()
         prompts = make_prompts(it, cfg.prompts, cfg.seed)[rank::n]  # non-empty: checked above
         # Same seed on the TP ranks of a group (they must sample the same tokens), another per batch rank.
@@ -105,18 +119,29 @@ def main(argv=None):
                            lambda i, r: reward(*prompts[i], tokenizer.decode(r, skip_special_tokens=True)),
                            cfg.ppo, gen, tokenizer.eos_token_id, dims)
             row = iteration_row(it, t0, roll, models, cfg, dims, tokenizer)
-        log(f"iter {it:3d}  reward {row['reward_mean']:.3f}  pg {row['pg_loss'][0]:+.5f} -> {row['pg_loss'][-1]:+.5f}  "
-            f"first-minibatch |ratio-1| {row['first_ratio_max_dev']:.1e} KL {row['first_approx_kl']:.1e}  "
-            f"approx-KL {row['approx_kl']:.2e}  KL(ref) {row['kl'][-1]:+.2e}  clip {row['clip_frac']:.3f}  "
-            f"entropy {row['entropy']:.3f}  value err {row['value_error']:.3f}  EV {row['explained_variance']:+.3f}  "
-            f"{row['seconds']:.1f}s  e.g. {row['samples']!r}"
-            + (f"  rollout |dlogp| {row['rollout_logprob_diff_mean']:.2e} (max {row['rollout_logprob_diff_max']:.2e}) "
-               f"KL(rollout||train) {row['rollout_kl']:.2e} weight {row['rollout_weight_mean']:.3f}"
-               if cfg.ppo.rollout_logprobs != "trainer" else ""))
-        metrics.write(row, step_key="iteration")
+            log_row(row, cfg, log)
+            metrics.write(row, step_key="iteration")
+            state.extra.update(iteration=it)
+            if ckpt is not None and save_due(cfg.checkpoint, it, cfg.iterations):
+                ckpt.save(it, state)
+    if ckpt is not None:
+        ckpt.wait()
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def log_row(row: dict, cfg: Config, log) -> None:
+    """The iteration's line (rank 0's)."""
+    log(f"iter {row['iteration']:3d}  reward {row['reward_mean']:.3f}  "
+        f"pg {row['pg_loss'][0]:+.5f} -> {row['pg_loss'][-1]:+.5f}  "
+        f"first-minibatch |ratio-1| {row['first_ratio_max_dev']:.1e} KL {row['first_approx_kl']:.1e}  "
+        f"approx-KL {row['approx_kl']:.2e}  KL(ref) {row['kl'][-1]:+.2e}  clip {row['clip_frac']:.3f}  "
+        f"entropy {row['entropy']:.3f}  value err {row['value_error']:.3f}  EV {row['explained_variance']:+.3f}  "
+        f"{row['seconds']:.1f}s  e.g. {row['samples']!r}"
+        + (f"  rollout |dlogp| {row['rollout_logprob_diff_mean']:.2e} (max {row['rollout_logprob_diff_max']:.2e}) "
+           f"KL(rollout||train) {row['rollout_kl']:.2e} weight {row['rollout_weight_mean']:.3f}"
+           if cfg.ppo.rollout_logprobs != "trainer" else ""))
 
 
 def iteration_row(it: int, t0: float, roll, models, cfg: Config, dims, tokenizer) -> dict:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT, train
+from helpers import ROOT, torchrun, train
 
 from dtllama.train.checkpoint import Checkpointer
 
@@ -18,17 +18,21 @@ COMMON = ("--steps", "6", "--batch-tokens", "600", "--lr", "3e-3", "--export-hf"
 LONG = ("--steps", "12", *COMMON[2:])  # long enough to be killed mid-way (a step takes ~0.15 s here)
 
 
-def restarted_run(tmp_path, ckpt: str, after_step: int, rank: int = 2) -> tuple[list[dict], int]:
-    """The main job under `torchrun --max-restarts 1` (4 processes, `--resume`, a checkpoint every step, saved
-    asynchronously): the worker of `rank` is SIGKILLed once the metrics show `after_step` and a complete checkpoint
-    of step `after_step - 1` or later exists (an async save may still be writing when the next step logs); torchrun
-    then stops the others and starts the job again, which resumes by itself. Returns every step it logged (both
-    tries, in order) and the newest complete checkpoint at the kill."""
+TRAIN_JOB = ("train.py", "--flavor", "debug", *LONG, "--dp-shard", "4")
+
+
+def restarted_run(tmp_path, ckpt: str, after_step: int, rank: int = 2, job: tuple = TRAIN_JOB, nproc: int = 4
+                  ) -> tuple[list[dict], int, int]:
+    """A recipe's `job` (script under recipes/, then its flags) under `torchrun --max-restarts 1` (`nproc`
+    processes, `--resume`, a checkpoint every step, saved asynchronously): the worker of `rank` is SIGKILLed once
+    the metrics show `after_step` and a complete checkpoint of step `after_step - 1` or later
+    exists (an async save may still be writing when the next step logs); torchrun then stops the others and starts
+    the job again, which resumes by itself. Returns every step it logged (both tries, in order), the newest complete
+    checkpoint at the kill and the one the second try resumed from."""
     metrics = tmp_path / "restarted.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "--max-restarts",
-           "1", os.path.join(ROOT, "recipes", "train.py"), "--flavor", "debug", *LONG, "--dp-shard", "4",
-           "--checkpoint-dir", ckpt, "--checkpoint-every", "1", "--keep-last", "20", "--async-checkpoint", "--resume",
-           "--metrics", str(metrics)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--max-restarts", "1", os.path.join(ROOT, "recipes", job[0]), *job[1:], "--checkpoint-dir", ckpt,
+           "--checkpoint-every", "1", "--keep-last", "20", "--async-checkpoint", "--resume", "--metrics", str(metrics)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -119,6 +123,27 @@ def test_run_whose_worker_died_is_restarted_by_torchrun_resumes_bitwise_and_with
         assert abs(a["loss"] - b["loss"]) <= (1e-6 if i < 3 else 1e-5) * abs(b["loss"]), (a, b)
 
 
+PPO_JOB = ("ppo.py", "--iterations", "8", "--prompts", "4", "--group-size", "2", "--max-new-tokens", "3",
+           "--ppo-epochs", "2", "--lr", "1e-3", "--dp-shard", "2")
+
+
+def test_ppo_run_whose_worker_died_is_restarted_by_torchrun_and_resumes_bitwise(tmp_path):
+    """PPO on 2 processes (FSDP): rank 1's worker SIGKILLed after iteration 3; the restarted job resumes the actor,
+    the critic and both optimizers from the newest complete checkpoint, and every iteration's rollout and losses
+    are the uninterrupted run's, bitwise."""
+    straight = tmp_path / "straight.jsonl"
+    torchrun(2, os.path.join(ROOT, "recipes", PPO_JOB[0]), *PPO_JOB[1:], "--metrics", str(straight), cwd=tmp_path)
+    straight = [json.loads(line) for line in straight.read_text().splitlines()]
+    logged, at_kill, saved = restarted_run(tmp_path, str(tmp_path / "ckpt"), after_step=3, rank=1, job=PPO_JOB,
+                                           nproc=2)
+    its = [r["iteration"] for r in logged]
+    assert at_kill <= saved < 8 and its[-(8 - saved):] == list(range(saved + 1, 9)), (its, saved)
+    curve = {r["iteration"]: r for r in logged}  # the second try's iterations replace the first's
+    for key in ("pg_loss", "vf_loss", "kl", "entropy", "reward_mean", "samples", "approx_kl", "clip_frac"):
+        assert [curve[i][key] for i in range(1, 9)] == [r[key] for r in straight], key
+    assert straight[-1]["approx_kl"] > 0  # the actor moved: the weights restored were not the initial ones
+
+
 CRASH_SCRIPT = r"""
 import sys, torch, dtllama
 from dtllama.train.checkpoint import Checkpointer, TrainState
@@ -167,3 +192,46 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert ckpt.load_latest(state) == steps[-1]
     assert state.extra["step"] == steps[-1]
     assert all(float(p.min()) == float(p.max()) == steps[-1] for p in model.parameters())
+
+
+def test_a_second_model_and_optimizer_round_trip_and_a_mismatched_one_is_named(tmp_path):
+    """`TrainState(..., others={"critic": (model, opt)})` (PPO's actor and critic in one checkpoint): both models'
+    parameters and both optimizers' moments come back; a critic of another shape is named before DCP loads."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    import dtllama
+    from dtllama.train.checkpoint import TrainState, check_compatible
+
+    cfg = dataclasses.replace(dtllama.flavors["debug"], num_hidden_layers=2)
+
+    def pair(seed):
+        actor, critic = dtllama.LlamaForCausalLM(cfg), dtllama.model_class(cfg, value=True)(cfg)
+        actor.init_weights(seed)
+        critic.init_weights(seed + 1)
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (actor, critic)]
+        return actor, critic, opts
+
+    actor, critic, (a_opt, c_opt) = pair(0)
+    for m, o in ((actor, a_opt), (critic, c_opt)):  # moments that are not zero
+        sum(p.square().sum() for p in m.parameters()).backward()
+        o.step()
+    ckpt = Checkpointer(str(tmp_path / "ck"))
+    ckpt.save(1, TrainState(actor, a_opt, extra={"iteration": 1}, others={"critic": (critic, c_opt)}))
+    actor2, critic2, (a2, c2) = pair(7)
+    for m, o in ((actor2, a2), (critic2, c2)):  # optimizer state to load into
+        sum(p.sum() for p in m.parameters()).backward()
+        o.step()
+    state = TrainState(actor2, a2, extra={"iteration": 0}, others={"critic": (critic2, c2)})  # DCP fills given keys
+    assert ckpt.load_latest(state) == 1 and state.extra == {"iteration": 1}
+    for m, o, m2, o2 in ((actor, a_opt, actor2, a2), (critic, c_opt, critic2, c2)):
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+        for p, q in zip(m.parameters(), m2.parameters()):
+            assert torch.equal(o.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
+    wide = dtllama.model_class(cfg, value=True)(dataclasses.replace(cfg, hidden_size=2 * cfg.hidden_size))
+    with pytest.raises(ValueError, match=r"another model: model.embed_tokens.weight \(critic\) has shape"):
+        check_compatible(ckpt.path(1), wide, "critic.model")
+    with pytest.raises(ValueError, match="'model' is a key of the state itself"):
+        TrainState(actor, a_opt, others={"model": (critic, c_opt)})

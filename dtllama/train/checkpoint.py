@@ -100,15 +100,26 @@ class CheckpointSaveError(RuntimeError):
 
 
 class TrainState(Stateful):
-    """What DCP saves: sharded model and optimizer, plus the small state every rank holds."""
+    """What DCP saves: sharded model and optimizer, plus the small state every rank holds. `others` names more
+    (model, optimizer) pairs trained in the same run (PPO's critic beside its actor), saved under their names."""
 
-    def __init__(self, model, optimizer, scheduler=None, extra: dict | None = None):
+    def __init__(self, model, optimizer, scheduler=None, extra: dict | None = None,
+                 others: dict[str, tuple] | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.extra = extra if extra is not None else {}
+        self.others = dict(others or {})
+        for name in self.others:
+            if name in ("model", "optimizer", "scheduler", "extra") or name.startswith("rng."):
+                raise ValueError(f"TrainState others: {name!r} is a key of the state itself; name the pair "
+                                 "otherwise (e.g. 'critic')")
         self.with_rng = True  # False when loading a checkpoint written by another world size
 
     def _rng_key(self) -> str:
         return f"rng.{rank()}of{dist.get_world_size() if dist.is_initialized() else 1}"
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """Every model of the state under the key prefix of its parameters in a checkpoint."""
+        return {"model": self.model, **{f"{name}.model": m for name, (m, _) in self.others.items()}}
 
     def state_dict(self):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -118,6 +129,8 @@ class TrainState(Stateful):
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "extra": dict(self.extra),
         }
+        for name, (m, o) in self.others.items():
+            out[name] = dict(zip(("model", "optimizer"), get_state_dict(m, o)))
         if self.with_rng:
             # RNG streams are per rank: kept under the rank's own key, restored on the same world size.
             rng = {"cpu": torch.get_rng_state()}
@@ -128,6 +141,8 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for name, (m, o) in self.others.items():
+            set_state_dict(m, o, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.extra.clear()
@@ -139,16 +154,18 @@ class TrainState(Stateful):
                 torch.cuda.set_rng_state(rng["cuda"])
 
 
-def check_compatible(path: str, model) -> None:
+def check_compatible(path: str, model, prefix: str = "model") -> None:
     """A ValueError naming the first parameter of `model` that the checkpoint at `path` lacks or holds in another
-    shape (a checkpoint of another model), before DCP's load fails deep inside on some rank."""
+    shape (a checkpoint of another model), before DCP's load fails deep inside on some rank. `prefix`: where the
+    model's keys sit in the state (`TrainState.models`)."""
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     for name, p in model.state_dict().items():
-        entry = saved.get(f"train.model.{name}")
+        entry = saved.get(f"train.{prefix}.{name}")
         size = getattr(entry, "size", None)
         if entry is None or (size is not None and tuple(size) != tuple(p.shape)):
             there = "is missing there" if entry is None else f"has shape {list(size)} there"
-            raise ValueError(f"checkpoint {path} was written for another model: {name} {there}, shape "
+            which = "" if prefix == "model" else f" ({prefix.split('.')[0]})"
+            raise ValueError(f"checkpoint {path} was written for another model: {name}{which} {there}, shape "
                              f"{list(p.shape)} here; resume with the model and config it was written for, or start "
                              "in an empty --checkpoint-dir")
 

@@ -130,7 +130,8 @@ def open_checkpointer(cfg: Checkpointing, state: TrainState, log) -> Checkpointe
     if cfg.resume:
         if ckpt is None:
             raise ValueError("--resume needs --checkpoint-dir")
-        found = ckpt.load_latest(state, check=lambda path: check_compatible(path, state.model))
+        found = ckpt.load_latest(state, check=lambda path: [check_compatible(path, m, key)
+                                                            for key, m in state.models().items()])
         for path, problems in ckpt.skipped:
             log(f"checkpoint {path} is broken, not loaded: {'; '.join(problems[:3])}")
         log(f"resumed from {ckpt.path(found)}" if found is not None
