@@ -11,14 +11,17 @@ import dataclasses
 
 import pytest
 import torch
+import torch.distributed as dist
 from fault_cases import CONFIG, backward_all_to_alls, run_bad_cp_batch
 from helpers import rel_err
-from parallel_cases import cp_boundary_logprobs, gathered_loss_grads, random_sequences, validate_rank
+from parallel_cases import (BOUNDARY_CONFIG, build, cp_boundary_logprobs, cp_gather, gathered_loss_grads,
+                            random_sequences, validate_rank)
 from pool import get_pool
 from test_parallel_properties import TOL, check_case
 
 import dtllama
-from dtllama.parallel import ParallelDims, valid_cp_degrees
+from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
+from dtllama.parallel import ParallelDims, parallelize, valid_cp_degrees
 
 # Lengths sum to 31: not a multiple of 2 or 4 (padded to 32). Every shard boundary of every layout below
 # falls inside a sequence (cp=4: 8 in the 9, 16 in the 12, 24 in the 8; dp_shard=2 deals [9, 12, 1] and
@@ -84,6 +87,78 @@ def test_label_at_a_shard_boundary_is_the_first_token_of_the_next_shard():
         assert torch.all(got[boundaries] != 0)  # real labels there, not ignored ones
         # 2 layers of fp32 with the same reductions in another order: ~1e-7, far inside 1e-5.
         assert rel_err(got, reference) <= TOL
+
+
+# Packed token counts 16 and 13 (padded to 16): cp=2 cuts at 8, cp=4 at 4, 8, 12. In EDGE_LENGTHS[0] the cuts at 4
+# and 8 fall exactly between sequences (one of them a single token) and 12 inside one; in [1] all fall inside.
+EDGE_LENGTHS = [[4, 3, 1, 5, 3], [5, 6, 2]]
+_EDGE_DIMS: dict = {}
+
+
+def cp_packed_outputs(lengths: list[int], seed: int, cp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy of random packed sequences of `lengths` (next-token labels, shifted before sharding
+    by `shift_labels`, padded to a multiple of `cp`) on `cp` CP ranks, gathered to every real token."""
+    config = dtllama.ModelConfig(**BOUNDARY_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (sum(lengths),), generator=g)
+    if cp not in _EDGE_DIMS:
+        _EDGE_DIMS[cp] = ParallelDims(cp=cp).resolve(dist.get_world_size(), config)
+        _EDGE_DIMS[cp].build_mesh("cpu")
+    with torch.device("meta"):
+        model = build(config, value=False)
+    parallelize(model, _EDGE_DIMS[cp])
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    cu = cu_seqlens_from_lengths(lengths)
+    b = pad_to_multiple(ids, cu, cp, shift_labels(ids, cu))
+    with torch.no_grad():
+        out = model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=b.labels)
+    mesh = _EDGE_DIMS[cp].mesh("cp")
+    return cp_gather(out.logprobs, mesh)[: ids.numel()], cp_gather(out.entropy, mesh)[: ids.numel()]
+
+
+def padded_outputs(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same sequences as a padded `[B, S]` batch with an attention mask (odd rows left-padded, labels the next
+    token of the row, -100 after its last) on one device: log-probs and entropy at the real tokens in sequence
+    order, and the labels there."""
+    config = dtllama.ModelConfig(**BOUNDARY_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (sum(lengths),), generator=g)
+    model = build(config, value=False)
+    model.init_weights(seed)
+    S = max(lengths) + 2
+    x = torch.zeros(len(lengths), S, dtype=torch.long)
+    labels = torch.full_like(x, IGNORE_INDEX)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for row, seq in enumerate(ids.split(lengths)):
+        at = S - len(seq) if row % 2 else 0
+        x[row, at: at + len(seq)], mask[row, at: at + len(seq)] = seq, True
+        labels[row, at: at + len(seq) - 1] = seq[1:]
+    with torch.no_grad():
+        out = model(x, attention_mask=mask, labels=labels)
+    return out.logprobs[mask], out.entropy[mask], labels[mask]
+
+
+@pytest.mark.parametrize("lengths", EDGE_LENGTHS, ids=["cuts-between-sequences", "cuts-inside-sequences"])
+def test_packed_logprobs_at_every_cp_shard_edge_equal_the_padded_batch(lengths):
+    """cp=2 and cp=4 over packed sequences give, at every token and so at each shard edge, the log-probs and
+    entropy of the padded `[B, S]` batch with its mask on one device (verl #6068: an edge token keeps its label;
+    #6475: a sequence's last token never reads the next one's first, its log-prob is 0)."""
+    seed = int(torch.randint(0, 2**16, ()))
+    lp_ref, ent_ref, labels = padded_outputs(lengths, seed)
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    assert torch.all(labels[ends] == IGNORE_INDEX) and torch.all(lp_ref[ends] == 0)
+    for cp in (2, 4):
+        shard = -(-sum(lengths) // cp)  # tokens per CP rank once padded to a multiple of cp
+        edges = [shard * k - 1 for k in range(1, cp) if shard * k < sum(lengths)]
+        for lp, ent in get_pool(cp).run(cp_packed_outputs, lengths, seed, cp):
+            assert rel_err(lp, lp_ref) <= TOL and rel_err(ent, ent_ref) <= TOL, (cp, lp, lp_ref)
+            # the last token of each shard: its label is the next shard's first token unless a sequence ends there
+            for e in edges:
+                if e not in ends.tolist():
+                    assert labels[e] != IGNORE_INDEX and lp[e] != 0, (cp, e)
+                else:
+                    assert lp[e] == 0, (cp, e)
 
 
 def test_valid_cp_degrees_follow_the_heads():
