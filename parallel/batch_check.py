@@ -51,6 +51,7 @@ def apply_batch_check(model: nn.Module, mesh: DeviceMesh,
         try:
             prepare_batch(a["input_ids"], vocab_size, a.get("position_ids"), a.get("cu_seqlens"), a.get("max_seqlen"),
                           a.get("labels"), a.get("attention_mask"))
+            model.check_media(a["input_ids"], {k: a.get(k) for k in ("pixel_values", "image_grid_thw")})
             for check in layout_checks:
                 check(a)
         except Exception as e:  # noqa: BLE001 - any failure of this rank's batch must reach its peers

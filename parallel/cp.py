@@ -141,9 +141,11 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
 
     def shard_decoder_inputs(module, args):
         x, position_ids, cu_seqlens, max_seqlen = args
-        # A later pipeline stage receives hidden states that are already this rank's token shard.
-        x = x if x.is_floating_point() else _shard(x, cp_mesh)
-        return x, _shard(position_ids, cp_mesh), cu_seqlens, max_seqlen
+        # Token ids, or embeddings with images scattered in (a vision-language model), are sliced; a later pipeline
+        # stage receives hidden states that are already this rank's token shard. Positions are `[T]`, or `[3, T]`
+        # (mRoPE): the tokens are their last dimension.
+        x = _shard(x, cp_mesh) if x.shape[0] == position_ids.shape[-1] else x
+        return x, _shard(position_ids.movedim(-1, 0), cp_mesh).movedim(0, -1), cu_seqlens, max_seqlen
 
     plan = model.plan()
     model.get_submodule(plan.inputs).register_forward_pre_hook(shard_decoder_inputs)

@@ -117,11 +117,13 @@ def export(cfg: TrainConfig, model, source: str | None, log) -> None:
 
 
 def greedy_sample(path: str, prompt: str, max_new_tokens: int) -> None:
-    """Load the export with plain transformers and print a greedy continuation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the export with plain transformers and print a greedy continuation (of text: a VL model too)."""
+    import transformers
 
-    tok = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    vision = getattr(transformers.AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(path, dtype=torch.float32).eval()
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)

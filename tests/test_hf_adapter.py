@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
+import vl_cases
+from helpers import logprobs_entropy_reference, rel_err
+from pool import get_pool
 from test_hf_parity import random_batch
 from test_protocol import check_layout
 from test_qwen3 import check_causal_lm_parity, check_value_head
@@ -261,3 +263,117 @@ def test_set_overrides_a_transformers_config():
     assert deeper.layer_types == ["sliding_attention", "full_attention"] * 2
     with pytest.raises(ValueError, match="--set 'no_such_field=1'"):
         override(config, ["no_such_field=1"])
+
+
+# ------------------------------------------------------------------------------------------ vision-language models
+
+
+def hf_vl_model(seed: int):
+    """transformers' Qwen2.5-VL (eager attention in both towers), norms away from their init so they matter."""
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(vl_cases.hf_vl_config()).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def padded(seqs, left: list[bool]):
+    """The sequences as a `[B, S]` batch and mask, rows right- or left-padded."""
+    S = max(len(s) for s, _, _ in seqs)
+    ids, mask = torch.zeros(len(seqs), S, dtype=torch.long), torch.zeros(len(seqs), S, dtype=torch.bool)
+    for b, (s, _, _) in enumerate(seqs):
+        cols = slice(S - len(s), S) if left[b] else slice(0, len(s))
+        ids[b, cols], mask[b, cols] = s, True
+    return ids, mask
+
+
+def test_vl_model_matches_transformers_packed_and_padded(tmp_path):
+    """Qwen2.5-VL saved by transformers, loaded through the adapter: a padded batch of text and images (two images,
+    in two of four rows, mixed padding sides) gives transformers' logits; packed, its log-probs, entropy and the
+    gradients of every parameter (the vision tower's too) within TOL."""
+    seed = int(torch.randint(0, 2**16, ()))
+    hf = hf_vl_model(seed)
+    hf.save_pretrained(tmp_path)
+    ours = dtllama.from_pretrained(tmp_path)
+    assert type(ours) is HFCausalLM and {n.split(".")[0] for n, _ in ours.named_parameters()} == {
+        "model", "visual", "lm_head"}  # the names of the checkpoint's files
+    seqs, _ = vl_cases.random_batch(seed)
+    media = vl_cases.images(seqs)
+    ids, mask = padded(seqs, left=[False, True, True, False])
+    ref = hf(input_ids=ids, attention_mask=mask.long(), mm_token_type_ids=(ids == vl_cases.IMAGE).int(),
+             **media).logits
+    with torch.no_grad():
+        assert rel_err(ours(ids, attention_mask=mask, **media).logits[mask], ref[mask].detach()) <= TOL
+    p = pack(ids, mask)
+    labels = shift_labels(p.input_ids, p.cu_seqlens)
+    out = ours(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=labels, **media)
+    ref_lp, ref_ent = logprobs_entropy_reference(ref[mask], labels)
+    assert rel_err(out.logprobs, ref_lp.detach()) <= TOL and rel_err(out.entropy, ref_ent.detach()) <= TOL
+    (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
+    (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
+    theirs = {ours._own_key(n): p for n, p in hf.named_parameters()}
+    assert set(theirs) == {n for n, _ in ours.named_parameters()}
+    for name, param in ours.named_parameters():
+        assert rel_err(param.grad, theirs[name].grad, floor=1e-3) <= TOL, name
+    assert any(n.startswith("visual.") and p.grad.abs().max() > 0 for n, p in ours.named_parameters())
+
+
+def test_vl_images_are_checked_and_videos_refused():
+    ours = HFCausalLM(HFConfig(vl_cases.hf_vl_config()))
+    ours.init_weights(0)
+    seqs, _ = vl_cases.random_batch(1)
+    ids, media = torch.cat([s for s, _, _ in seqs]), vl_cases.images(seqs)
+    cu = torch.tensor([0, len(ids)])
+    with pytest.raises(ValueError, match="hold 6 image tokens .* but no pixel_values"):
+        ours(ids, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="holds 24 patches but pixel_values has 16 rows"):
+        ours(ids, cu_seqlens=cu, pixel_values=media["pixel_values"][:16], image_grid_thw=media["image_grid_thw"])
+    with pytest.raises(ValueError, match="hold 5 image tokens .* give 6 features"):
+        first = int((ids == vl_cases.IMAGE).nonzero()[0])
+        ours(torch.cat([ids[:first], ids[first + 1:]]), cu_seqlens=cu - torch.tensor([0, 1]), **media)
+    text = HFCausalLM(HFConfig(hf_config("qwen3")))
+    with pytest.raises(ValueError, match="has no vision tower: drop \\['image_grid_thw', 'pixel_values'\\]"):
+        text(torch.tensor([1, 2, 3]), cu_seqlens=torch.tensor([0, 3]), **media)
+    with pytest.raises(ValueError, match="no classification head for vision-language models"):
+        HFValue(HFConfig(vl_cases.hf_vl_config()))
+
+
+def test_vl_export_loads_in_transformers_with_equal_logits(tmp_path):
+    ours = HFCausalLM(HFConfig(vl_cases.hf_vl_config()))
+    ours.init_weights(int(torch.randint(0, 2**16, ())))
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    seqs, _ = vl_cases.random_batch(3)
+    ids, mask = padded(seqs[:1], left=[False])
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, mm_token_type_ids=(ids == vl_cases.IMAGE).int(), **vl_cases.images(seqs[:1]))
+        assert rel_err(ours(ids, **vl_cases.images(seqs[:1])).logits, theirs.logits) <= TOL
+
+
+@pytest.mark.parametrize("world, layout", [(2, dict(cp=2)), (2, dict(dp_shard=2))], ids=["cp2", "fsdp2-no-image"])
+def test_vl_layouts_match_single_device(world, layout):
+    """Ulysses slices the embeddings after the images are scattered in, with the [3, T] mRoPE positions; under FSDP
+    the rank whose sequences hold no image (here rank 1) runs the tower on a dummy image: outputs, gradients and
+    parameters after AdamW equal one device's."""
+    seed = int(torch.randint(0, 2**16, ()))
+    seqs, labels = vl_cases.random_batch(seed)
+    if "dp_shard" in layout:  # rank 1's sequences (1 and 3) are text only
+        assert all(seqs[i][1] is None for i in (1, 3))
+    layout = dict(layout, dp_shard=layout.get("dp_shard", -1))
+    results = get_pool(world).run(vl_cases.run_rank, layout, seqs, labels, seed)
+    outs, grads, params, norm = vl_cases.reference(seqs, labels, seed)
+    lengths = [len(s) for s, _, _ in seqs]
+    ref = {k: v.split(lengths) for k, v in outs.items()}
+    grad_floor = 0.1 * max(float(g.abs().max()) for g in grads.values())
+    param_floor = max(float(p.abs().max()) for p in params.values())
+    for r in results:
+        for key, got in r["outs"].items():
+            for j, got_seq in zip(r["indices"], got.split([lengths[i] for i in r["indices"]])):
+                assert rel_err(got_seq, ref[key][j].detach()) <= TOL, (key, j)
+        for name in grads:
+            assert rel_err(r["grads"][name], grads[name], floor=grad_floor) <= TOL, ("grad", name)
+            assert rel_err(r["params"][name], params[name], floor=param_floor) <= TOL, ("param", name)
+        assert abs(r["norm"] - norm) <= TOL * norm

@@ -365,8 +365,17 @@ class PretrainedModel(nn.Module):
         for a trainer that applies its own loss head (the torchtitan integration)."""
         return self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, None, None)[0]
 
-    def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
+    def check_media(self, input_ids: torch.Tensor, media: dict) -> None:
+        """Refuse images (`pixel_values`, `image_grid_thw`) for a model without a vision tower; a vision-language
+        model checks them against its image tokens. The batch check runs it on every rank before any collective."""
+        given = sorted(k for k, v in media.items() if v is not None)
+        if given:
+            raise ValueError(f"{type(self).__name__} has no vision tower: drop {given}, or load a vision-language "
+                             "model (Qwen2.5-VL) through the Hugging Face adapter (dtllama.models.hf)")
+
+    def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask, media=None):
         """Validate (and pack a padded batch), then run the decoder: `(hidden [T, H], aux, the packed batch)`."""
+        self.check_media(input_ids, media or {})
         batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
                               attention_mask)
         h, aux = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
@@ -423,7 +432,7 @@ class CausalLM(PretrainedModel):
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
                 attention_mask=None, temperature: float | torch.Tensor = 1.0, chunk_size: int = 1024,
                 save_bytes: int | None = None, num_seqs=None, top_k: int | None = None, entropy: bool = True,
-                loss: CrossEntropy | None = None):
+                loss: CrossEntropy | None = None, pixel_values=None, image_grid_thw=None):
         """Logits, or, given `labels`, per-token log-probs and entropy without full-vocab logits.
 
         `temperature`: one for the batch, or a tensor of one per sequence `[B]` (of `cu_seqlens`, or the rows of a
@@ -438,7 +447,8 @@ class CausalLM(PretrainedModel):
         `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). `save_bytes`: memory
         for logit rows kept from forward to backward (None: `LogprobsHead`'s 2 GiB; 0 recomputes them all). A
         pipeline stage (`stage` set) takes token ids or hidden states and a microbatch's `num_seqs`, and returns
-        tensors.
+        tensors. `pixel_values`, `image_grid_thw`: the batch's images, in the order of their tokens, for a
+        vision-language model (Qwen2.5-VL through `dtllama.models.hf`), as its processor makes them.
         """
         if self.stage is not None:
             h, _ = self._stage_decode(input_ids, position_ids, cu_seqlens, num_seqs, max_seqlen)
@@ -446,7 +456,8 @@ class CausalLM(PretrainedModel):
             if self.model.norm is None:
                 return h
             return self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes, io.entropy)
-        h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask)
+        media = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask, media)
         extra = self.aux_outputs(aux)
         temperature = token_temperatures(temperature, batch.cu_seqlens)
         if top_k is not None:

@@ -35,6 +35,7 @@ from dtllama.models.blocks import (
     AttentionCore, CausalLM, Linear, LogprobsHead, ValueModel, copy_full_into, hf_name,
 )
 from dtllama.models.config import read_config_json
+from dtllama.models.hf_vl import check_images, merge_images, mrope_positions
 from dtllama.ops import prepare_batch
 
 ATTENTION = "dtllama"
@@ -138,12 +139,28 @@ class HFConfig:
         return list(self.hf.architectures or [])
 
     @property
+    def vision(self) -> bool:
+        """A vision-language model (Qwen2.5-VL): a vision tower whose image features replace the image tokens'
+        embeddings, and 3-row mRoPE positions."""
+        return getattr(self.hf, "vision_config", None) is not None
+
+    @property
+    def _lm_class_name(self) -> str:
+        from transformers.models.auto import modeling_auto as auto
+
+        vision, text = auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        names = vision if self.vision else text
+        return names.get(self.hf.model_type) or (self.architectures or ["ModelForCausalLM"])[0]
+
+    @property
     def hf_prefix(self) -> str:
         """The family's class-name prefix (`Qwen3` of `Qwen3ForCausalLM`)."""
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        return re.sub(r"For\w+$", "", self._lm_class_name)
 
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.hf.model_type) or (self.architectures or ["Model"])[0]
-        return re.sub(r"For\w+$", "", name)
+    @property
+    def lm_architecture(self) -> str:
+        """The language model's class-name suffix: `ForCausalLM`, `ForConditionalGeneration` (a VL model)."""
+        return re.search(r"For\w+$", self._lm_class_name).group(0)
 
     @property
     def value_head(self) -> str:
@@ -191,16 +208,23 @@ class HFConfig:
         """transformers' auto class of the causal LM, or of the value model's HF layout."""
         import transformers
 
+        if self.vision:
+            if value:
+                raise ValueError(f"a value model of {self.model_type}: transformers has no classification head for "
+                                 "vision-language models; train the critic on the text model")
+            return transformers.AutoModelForImageTextToText
         head = self.value_head if value else "ForCausalLM"
         return getattr(transformers, "AutoModel" + head)
 
     def build(self, value: bool = False) -> nn.Module:
-        """transformers' model of this config (on the current default device), attention through dtllama."""
+        """transformers' model of this config (on the current default device), attention through dtllama; a vision
+        tower keeps transformers' SDPA (its attention runs per image, on every rank: not Ulysses')."""
         register_attention()
         hf = copy.deepcopy(self.hf)
         if value:
             hf.num_labels = 1
-        return self.auto_class(value).from_config(hf, attn_implementation=ATTENTION)
+        attention = {"text_config": ATTENTION, "vision_config": "sdpa"} if self.vision else ATTENTION
+        return self.auto_class(value).from_config(hf, attn_implementation=attention)
 
 
 class LayerDict(nn.ModuleDict):
@@ -283,7 +307,15 @@ class _Adapter:
         nn.Module.__init__(self)
         _check_config(config)
         self.config, self.stage = config, None
-        self.model = hf.base_model if hf.base_model is not hf else hf.model
+        base = hf.base_model if hf.base_model is not hf else hf.model
+        # A VL model's decoder is `language_model`, beside the tower `visual`: adopted under the names its
+        # checkpoints use (`model.layers.*`, `visual.*`); `_vlm` (unregistered) runs transformers' image steps.
+        self.model = getattr(base, "language_model", base) if config.vision else base
+        if config.vision:
+            self.visual = base.visual
+            object.__setattr__(self, "_vlm", base)
+        paths = {id(m): n for n, m in hf.named_modules()}
+        self._hf_prefixes = {n: paths[id(m)] for n, m in self.named_children() if paths.get(id(m), n) != n}
         self._attn = adapt_decoder(self.model, config)
         self.decoder_inputs = DecoderInputs()
         self._value = False
@@ -300,14 +332,37 @@ class _Adapter:
     def cut(self, *args, **kwargs):
         raise ValueError(f"pipeline stages of {self.config.model_type}: {HFConfig.parallel_limits['pp']}")
 
-    def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask):
+    def check_media(self, input_ids: torch.Tensor, media: dict) -> None:
+        if not self.config.vision:
+            return super().check_media(input_ids, media)
+        check_images(self._vlm, input_ids, media)
+
+    def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask, media=None):
+        media = media or {}
         batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
                               attention_mask)
-        x, pos, cu, m = self.decoder_inputs(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        self.check_media(batch.input_ids, media)
+        x, pos = batch.input_ids, batch.position_ids
+        if self.config.vision:  # images scattered into the embeddings before CP slices them
+            x = merge_images(self._vlm, self.model.embed_tokens(x), x, media)
+            pos = mrope_positions(self._vlm, batch.input_ids, pos, batch.cu_seqlens, media.get("image_grid_thw"))
+        x, pos, cu, m = self.decoder_inputs(x, pos, batch.cu_seqlens, batch.max_seqlen)
         m = int(m)
-        out = self.model(input_ids=x[None], position_ids=pos[None], use_cache=False, cu_seq_lens_q=cu,
+        tokens = dict(inputs_embeds=x[None]) if x.is_floating_point() else dict(input_ids=x[None])
+        out = self.model(**tokens, position_ids=pos.unsqueeze(-2), use_cache=False, cu_seq_lens_q=cu,
                          cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
         return out.last_hidden_state[0], [], batch
+
+    def _hf_key(self, name: str) -> str:
+        """A name of this module tree as transformers' model names it in memory (`model.language_model.*`)."""
+        head, _, rest = name.partition(".")
+        return f"{self._hf_prefixes[head]}.{rest}" if head in self._hf_prefixes else name
+
+    def _own_key(self, name: str) -> str:
+        for head, prefix in self._hf_prefixes.items():
+            if name.startswith(prefix + "."):
+                return head + name[len(prefix):]
+        return name
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, names: set[str] | None = None) -> None:
@@ -317,7 +372,7 @@ class _Adapter:
             state = _seeded(lambda: self.config.build(value=self._value), seed).state_dict()
         # Parameters and persistent buffers (DeepSeek-V3's router bias): `to_empty` left both uninitialized.
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            name = hf_name(name)
+            name = self._hf_key(hf_name(name))
             if name in state and (names is None or name in names):
                 copy_full_into(t, state[name].to(t.dtype))
         self.reset_buffers()
@@ -328,13 +383,13 @@ class _Adapter:
         extra = {"num_labels": 1} if self._value else {}
         with torch.device("cpu"):
             model = self.config.auto_class(self._value).from_pretrained(path, dtype=torch.float32, **extra)
-        return model.state_dict()
+        return {self._own_key(k): v for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute the buffers no checkpoint holds (RoPE frequencies) with transformers' own init, which skips the
         parameters marked `_is_hf_initialized`."""
-        init = self.model._init_weights
+        init = self.model._init_weights  # a VL model's decoder and tower share one `PreTrainedModel` init
         for module in self.modules():
             if not module._non_persistent_buffers_set:
                 continue
@@ -362,6 +417,10 @@ class HFCausalLM(_Adapter, CausalLM):
     packed batches, heads and parallel layer; names, config and checkpoints are the family's own."""
 
     config_class = HFConfig
+
+    @property
+    def hf_architecture(self) -> str:
+        return self.config.lm_architecture
 
     def __init__(self, config: HFConfig, *, layers=None, first: bool = True, last: bool = True, stage=None):
         hf = config.build()
