@@ -158,6 +158,11 @@ _STYLES = {
     P.VocabEmbedding: lambda: TokenShardedEmbedding(input_layouts=Replicate(), output_layouts=Shard(0)),
     P.VocabHead: ColwiseParallel,  # only the weight is used (by the head op): vocab rows sharded
     P.ReplicatedHead: ReplicatedHead,
+    # TP without sequence parallel (a transformers model's own plan): the residual stream stays replicated.
+    P.RowwiseReplicated: RowwiseParallel,
+    P.ColwiseGathered: lambda: ColwiseParallel(output_layouts=Replicate()),
+    P.RowwiseOfFull: lambda: RowwiseParallel(input_layouts=Replicate()),
+    P.VocabEmbeddingReplicated: lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
 }
 
 

@@ -138,11 +138,12 @@ def test_what_the_adapter_cannot_honour_is_refused_by_name():
                                                "layer_types": ["linear_attention", "full_attention"]})
     with pytest.raises(ValueError, match="layer 0 is 'linear_attention', not token-wise attention"):
         HFCausalLM(HFConfig(next_cfg))
-    config = HFConfig(hf_config("qwen3"))
-    for degree, message in [(dict(tp=2), "tp=2 is not available.*tensor-parallel"),
-                            (dict(pp=2), "pp=2 is not available.*pipeline")]:
+    for family, degree, message in [
+            ("deepseek_v3", dict(tp=2), "tp=2 is not available.*base_model_tp_plan uses \\['mla_kv_a_proj'\\]"),
+            ("qwen3", dict(pp=2), "pp=2 is not available.*pipeline"),
+            ("qwen3", dict(tp=4), "tp=4 does not fit .*num_key_value_heads=2")]:
         with pytest.raises(ValueError, match=message):
-            ParallelDims(**degree, dp_shard=1).resolve(2, config)
+            ParallelDims(**degree, dp_shard=1).resolve(degree.get("tp", 1) * degree.get("pp", 1), HFConfig(hf_config(family)))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -172,25 +173,34 @@ LAYOUT = dict(family="hf", **{**COMMON, "vocab_size": 61, "hidden_size": 32, "in
                               "initializer_range": 0.2})
 
 
-LAYOUTS = {"cp2": (2, dict(cp=2)), "cp4-kv2": (4, dict(cp=4)), "fsdp2": (2, dict(dp_shard=2))}
+LAYOUTS = {"cp2": (2, dict(cp=2)), "cp4-kv2": (4, dict(cp=4)), "fsdp2": (2, dict(dp_shard=2)), "tp2": (2, dict(tp=2))}
+TP_LESS = {("deepseek_v3", "tp")}  # transformers' plan holds "mla_kv_a_proj", which dtllama does not map
 
 
 @pytest.mark.parametrize("world, layout, family", [
-    *[(*LAYOUTS[name], family) for family in FAMILIES for name in LAYOUTS], (4, dict(cp=2, dp_shard=2), "mistral"),
-], ids=[*[f"{family}-{name}" for family in FAMILIES for name in LAYOUTS], "mistral-cp2xfsdp2"])
+    *[(*LAYOUTS[name], family) for family in FAMILIES for name in LAYOUTS if (family, name[:2]) not in TP_LESS],
+    (4, dict(cp=2, dp_shard=2), "mistral"), (4, dict(tp=2, dp_shard=2), "qwen3"), (4, dict(tp=2, cp=2), "gemma3_text"),
+], ids=[*[f"{family}-{name}" for family in FAMILIES for name in LAYOUTS if (family, name[:2]) not in TP_LESS],
+        "mistral-cp2xfsdp2", "qwen3-tp2xfsdp2", "gemma3-tp2xcp2"])
 def test_layouts_match_single_device(world, layout, family):
-    """Ulysses around the registered attention (at cp=4 the 2 KV heads repeated, a rank's slice of the sinks) and
-    FSDP over transformers' layers equal one device, for every family: outputs, gradients, parameters after AdamW
-    (DeepSeek-V3 has 4 KV heads: cp=4 splits them)."""
+    """Ulysses around the registered attention (at cp=4 the 2 KV heads repeated, a rank's slice of the sinks), FSDP
+    over transformers' layers and TP from transformers' own plan (Phi-3's gathered fused projections, GPT-OSS's
+    vocab-parallel embedding, Qwen3's head norms) equal one device, for every family: outputs, gradients,
+    parameters after AdamW (DeepSeek-V3 has 4 KV heads: cp=4 splits them)."""
     _, extra = FAMILIES[family]
     extra = {k: v for k, v in extra.items() if k not in ("head_dim",)}
     config = dict(LAYOUT, model_type=family, **extra, head_dim=8)
-    check_layout(world, layout, config, False, lengths=[9, 1, 12, 8, 5, 3])
+    results = check_layout(world, layout, config, False, lengths=[9, 1, 12, 8, 5, 3])
+    if "tp" in layout:  # transformers' plan placed: the plan's modules sharded over tp, the vocab-parallel head too
+        on_tp = {n for n, p in results[0]["placements"].items() if p and "tp" in p[0] and "S(" in "".join(p[1])}
+        sharded = "model.embed_tokens.weight" if family == "gpt_oss" else "model.layers.0.self_attn.o_proj.weight"
+        assert {sharded, "lm_head.weight"} <= on_tp, on_tp
 
 
-def test_value_model_layouts_match_single_device():
+@pytest.mark.parametrize("layout", [dict(cp=2), dict(tp=2)], ids=["cp2", "tp2"])
+def test_value_model_layouts_match_single_device(layout):
     config = dict(LAYOUT, model_type="qwen3", head_dim=8, architectures=["Qwen3ForSequenceClassification"])
-    check_layout(2, dict(cp=2), config, True, lengths=[9, 1, 12, 8, 5, 3])
+    check_layout(2, layout, config, True, lengths=[9, 1, 12, 8, 5, 3])
 
 
 # ------------------------------------------------------------------------------------------ the recipes
@@ -353,8 +363,8 @@ def test_vl_export_loads_in_transformers_with_equal_logits(tmp_path):
         assert rel_err(ours(ids, **vl_cases.images(seqs[:1])).logits, theirs.logits) <= TOL
 
 
-@pytest.mark.parametrize("world, layout", [(2, dict(cp=2)), (4, dict(cp=4)), (2, dict(dp_shard=2))],
-                         ids=["cp2", "cp4-kv2", "fsdp2-no-image"])
+@pytest.mark.parametrize("world, layout", [(2, dict(cp=2)), (4, dict(cp=4)), (2, dict(dp_shard=2)), (2, dict(tp=2))],
+                         ids=["cp2", "cp4-kv2", "fsdp2-no-image", "tp2"])
 def test_vl_layouts_match_single_device(world, layout):
     """Ulysses slices the embeddings after the images are scattered in, with the [3, T] mRoPE positions; under FSDP
     the rank whose sequences hold no image (here rank 1) runs the tower on a dummy image: outputs, gradients and

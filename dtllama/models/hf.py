@@ -14,10 +14,13 @@ built with `attn_implementation="dtllama"`, names and numerics its own), and
 - the head is dtllama's (fused log-probs + entropy, temperature, top-k, the SFT loss), from the last hidden state
   and the output embedding, tied or not; a value head reads the same hidden state.
 
-What the adapter cannot honour it refuses by name: layers that are not token-wise attention (linear attention,
-Mamba, convolutions), a final logit softcap or scale, attention dropout, chunked attention. Tensor and pipeline
-parallelism and EP are refused by the config (`parallel_limits`); FSDP2/HSDP, CP, activation checkpointing and
-per-block compile run as for native families, through the same `parallelize`.
+Tensor parallelism follows transformers' own `base_model_tp_plan` (column-wise q/k/v/gate/up, row-wise o/down, head
+norms replicated with their gradients summed) without sequence parallel, the head vocab-parallel as a native
+family's. What the adapter cannot honour it refuses by name: layers that are not token-wise attention (linear
+attention, Mamba, convolutions), a final logit softcap or scale, attention dropout, chunked attention; pipeline
+parallelism, EP and TP without a plan (or with a plan style dtllama does not map) are refused by the config
+(`parallel_limits`). FSDP2/HSDP, CP, activation checkpointing and per-block compile run as for native families,
+through the same `parallelize`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ ATTENTION = "dtllama"
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Config fields of a final transform of the logits, which the fused head does not apply.
 LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_scale": None, "logits_scaling": 1.0}
+# transformers' TP style names (`base_model_tp_plan`) as the model protocol's: TP without sequence parallel, the
+# residual stream replicated over the TP ranks; head norms' weights replicated with their gradients summed.
+HF_TP_STYLES = {
+    "colwise": P.Colwise(), "rowwise": P.RowwiseReplicated(), "colwise_gather_output": P.ColwiseGathered(),
+    "rowwise_split_input": P.RowwiseOfFull(), "replicated_with_grad_allreduce": P.HeadNorm(),
+    "embedding_rowwise": P.VocabEmbeddingReplicated(),
+}
 # Submodule class names of token mixers that are not attention.
 _NOT_ATTENTION = re.compile(r"Mamba|GatedDeltaNet|LinearAttention|ShortConv|Conv1d|RWKV|Lightning", re.I)
 
@@ -79,15 +89,31 @@ class HFConfig:
     ...) read through, plus what dtllama's layers ask of a config (`tp_widths`, `to_hf`, the value head's layout,
     `parallel_limits`). `hf` is the transformers config itself."""
 
-    parallel_limits = {
-        "tp": "the Hugging Face adapter has no tensor-parallel plan (transformers' base_model_tp_plan shards [B, S] "
-              "activations, dtllama's TP packed tokens); use dp_shard / cp, or a native family",
+    LIMITS = {
         "pp": "the Hugging Face adapter runs transformers' own decoder forward, which no pipeline stage can cut; "
               "use a native family for pp",
         "ep": "the Hugging Face adapter runs transformers' own MoE blocks, which EP does not shard; use a native "
               "MoE family (Qwen3-MoE, Llama 4) for ep",
     }
     moe_layers = None
+
+    @property
+    def parallel_limits(self) -> dict[str, str]:
+        """The layouts this model refuses, with the reason: pp, ep, and tp where transformers has no plan for it."""
+        plan, limits = self.tp_plan, dict(self.LIMITS)
+        unknown = sorted({style for style in (plan or {}).values() if style not in HF_TP_STYLES})
+        if not plan:
+            limits["tp"] = (f"transformers has no tensor-parallel plan (base_model_tp_plan) for {self.model_type}; "
+                            "use dp_shard / cp, or a native family")
+        elif unknown:
+            limits["tp"] = (f"{self.model_type}'s base_model_tp_plan uses {unknown}, which dtllama does not map "
+                            f"(it maps {sorted(HF_TP_STYLES)}); use dp_shard / cp")
+        return limits
+
+    @property
+    def tp_plan(self) -> dict[str, str] | None:
+        """transformers' TP plan of the decoder (`base_model_tp_plan`: module patterns -> style names)."""
+        return getattr(self.text, "base_model_tp_plan", None)
 
     def __init__(self, hf):
         self.__dict__["hf"] = hf
@@ -172,7 +198,14 @@ class HFConfig:
         return self.value_head == "ForTokenClassification"
 
     def tp_widths(self) -> dict[str, int]:
-        return {}
+        """What transformers' plan splits besides the query heads: the KV heads (column-wise k/v, never replicated
+        per rank as dtllama's own plan can) and the MLP width."""
+        if not self.tp_plan:
+            return {}
+        widths = {"num_key_value_heads": self.num_key_value_heads}
+        if any(".mlp." in k for k in self.tp_plan) and getattr(self.text, "intermediate_size", None):
+            widths["intermediate_size"] = self.text.intermediate_size
+        return widths
 
     def num_params(self, value_head: bool = False, active: bool = False) -> int:
         """Parameters of the causal LM (or value model), counted on a meta-device build; `active`: routed experts
@@ -303,7 +336,7 @@ class _Adapter:
 
     def _adopt(self, config: HFConfig, hf: nn.Module, layers, first: bool, last: bool, stage) -> None:
         if layers is not None or not first or not last or stage is not None:
-            raise ValueError(f"pipeline stages of {config.model_type}: {HFConfig.parallel_limits['pp']}")
+            raise ValueError(f"pipeline stages of {config.model_type}: {HFConfig.LIMITS['pp']}")
         nn.Module.__init__(self)
         _check_config(config)
         self.config, self.stage = config, None
@@ -320,17 +353,35 @@ class _Adapter:
         self.decoder_inputs = DecoderInputs()
         self._value = False
 
+    def _tp_styles(self, root: nn.Module, layer: bool) -> dict[str, P.Style]:
+        """transformers' plan entries for a decoder layer (`layers.*.` patterns) or for the decoder around them, as
+        protocol styles; entries naming no module here (a dense MLP's in an MoE layer) are left out."""
+        out = {}
+        for pattern, style in (self.config.tp_plan or {}).items():
+            if pattern.startswith("layers.*.") != layer:
+                continue
+            path = pattern.removeprefix("layers.*.")
+            try:
+                root.get_submodule(path)
+            except AttributeError:
+                continue
+            out[path] = HF_TP_STYLES[style]
+        return out
+
     def layer_plan(self, layer: nn.Module) -> P.LayerPlan:
         inner = getattr(layer, "_checkpoint_wrapped_module", layer)
         index = next(k for k, v in self.model.layers.items() if v is layer or v is inner)
-        return P.LayerPlan({}, attn_cores=(f"{self._attn[index]}.attn_core",))
+        return P.LayerPlan(self._tp_styles(inner, True), attn_cores=(f"{self._attn[index]}.attn_core",))
 
     def plan(self) -> P.ModelPlan:
         tied = self.output == "logprobs" and self.lm_head is None
-        return P.ModelPlan({}, output=self.output, casts_at_use=False, tied=tied, inputs="decoder_inputs")
+        tp = {f"model.{k}": v for k, v in self._tp_styles(self.model, False).items()}
+        if self.output == "logprobs" and self.lm_head is not None:
+            tp["lm_head"] = P.VocabHead()  # the fused head is vocab-parallel: no [T, vocab] logits on any rank
+        return P.ModelPlan(tp, output=self.output, casts_at_use=False, tied=tied, inputs="decoder_inputs")
 
     def cut(self, *args, **kwargs):
-        raise ValueError(f"pipeline stages of {self.config.model_type}: {HFConfig.parallel_limits['pp']}")
+        raise ValueError(f"pipeline stages of {self.config.model_type}: {HFConfig.LIMITS['pp']}")
 
     def check_media(self, input_ids: torch.Tensor, media: dict) -> None:
         if not self.config.vision:

@@ -40,6 +40,28 @@ class Rowwise(Style):
 
 
 @dataclass(frozen=True)
+class RowwiseReplicated(Style):
+    """Input features split; the partial output all-reduced to every rank: TP without sequence parallel, the residual
+    stream replicated (a transformers `base_model_tp_plan`'s "rowwise")."""
+
+
+@dataclass(frozen=True)
+class ColwiseGathered(Style):
+    """Output features split, then all-gathered (transformers' "colwise_gather_output": a fused projection that
+    its module splits itself)."""
+
+
+@dataclass(frozen=True)
+class RowwiseOfFull(Style):
+    """A replicated input split here; the partial output all-reduced (transformers' "rowwise_split_input")."""
+
+
+@dataclass(frozen=True)
+class VocabEmbeddingReplicated(Style):
+    """Embedding rows split by vocabulary; output all-reduced (transformers' "embedding_rowwise")."""
+
+
+@dataclass(frozen=True)
 class KVProjection(Style):
     """k/v projection: column-wise when TP divides the KV heads, else replicated and one KV head kept per rank."""
 
