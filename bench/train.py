@@ -75,13 +75,24 @@ ABLATIONS = {
     "fsdp1": "FSDP2 on a one-rank mesh for mixed precision, in place of casts at use",
     "recompute": "every logit row recomputed in the head's backward (no kept rows)",
     "loss": "the fused SFT loss head (`loss=CrossEntropy`, gradients made in forward) for the log-prob head",
+    "f8convert": "with --float8: torchao's conversion applied by the benchmark (every linear but the head, as the "
+                 "shared side-by-side script does) in place of parallelize's float8 option",
 }
+
+
+def convert_float8(model, recipe: str, skip: str) -> None:
+    """torchao's float8 conversion of every linear whose name lacks `skip` (the output head), as a benchmark
+    applies it from outside: what torchtitan gets here, and dtllama's `f8convert` variant."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda m, fqn: skip not in fqn)
 
 
 def build_dtllama(a, world, device):
     import dtllama
     from dtllama.ops import CrossEntropy, cu_seqlens_from_lengths, shift_labels
-    from dtllama.parallel import FSDPOptions, ParallelDims, apply_fsdp, parallelize
+    from dtllama.parallel import Float8Options, FSDPOptions, ParallelDims, apply_fsdp, parallelize
 
     variant = a.impl.partition("-")[2]
     cfg = dtllama_config(a.shape)
@@ -90,11 +101,14 @@ def build_dtllama(a, world, device):
     with torch.device("meta"):
         model = dtllama.LlamaForCausalLM(cfg)
     mp = FSDPOptions(param_dtype=torch.bfloat16)
+    float8 = Float8Options(a.float8) if a.float8 and variant != "f8convert" else None
+    if a.float8 and variant == "f8convert":
+        convert_float8(model, a.float8, "lm_head")
     if variant == "fsdp1" and world == 1:  # parallelize applies the rest (compile, AC); FSDP goes last, as there
-        parallelize(model, dims, ac=a.ac, compile=a.compile)
+        parallelize(model, dims, ac=a.ac, compile=a.compile, float8=float8)
         apply_fsdp(model, dims.mesh("fsdp"), mp)
     else:
-        parallelize(model, dims, ac=a.ac, compile=a.compile, fsdp=mp)
+        parallelize(model, dims, ac=a.ac, compile=a.compile, fsdp=mp, float8=float8)
     model.to_empty(device=device)
     model.init_weights(0)
     if a.init:
@@ -143,6 +157,8 @@ def build_titan(a, world, device):
     pd = ParallelDims(dp_shard=world, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world)
     with torch.device("meta"):
         model = Transformer(args)
+    if a.float8:
+        convert_float8(model, a.float8, "output")
     parallelize_llama(model, pd, jc)
     model.to_empty(device=device)
     with torch.no_grad():
@@ -236,6 +252,10 @@ def worker(a) -> None:
         loss = step(ids)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if a.impl == "dtllama" and a.float8:
+            from dtllama.parallel import after_optimizer_step
+
+            after_optimizer_step(model)  # what the recipes do after each step (a no-op without FSDP float8)
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
@@ -251,7 +271,8 @@ def worker(a) -> None:
     med = statistics.median(times)
     tok_gpu = a.batch * a.seq / med
     flops_tok = 6 * (n_params - V * dim) + 12 * L * dim * a.seq  # torchtitan's count: embedding excluded
-    row = dict(impl=a.impl, shape=a.shape, world=world, batch=a.batch, seq=a.seq, ac=a.ac, compile=a.compile,
+    row = dict(impl=a.impl, float8=a.float8, shape=a.shape, world=world, batch=a.batch, seq=a.seq, ac=a.ac,
+               compile=a.compile,
                params=n_params, step_ms=round(med * 1e3, 1), tok_s_gpu=round(tok_gpu),
                mfu=round(tok_gpu * flops_tok / PEAK_TFLOPS / 1e12, 4),
                peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else 0.0,
@@ -299,6 +320,7 @@ def drive(a) -> list[dict]:
         flags = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--ac", a.ac, "--steps",
                  str(a.steps), "--warmup", str(a.warmup), "--loss-steps", str(a.loss_steps), "--lr", str(a.lr),
                  "--out", out, "--init", init] + (["--compile"] if a.compile else []) + (["--profile"] if a.profile else [])
+        flags += ["--float8", a.float8] if a.float8 else []
         for impl in ["dtllama"] + [i for i in a.impls.split(",") if i != "dtllama"]:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
                    os.path.abspath(__file__), "--impl", impl, *flags]
@@ -343,6 +365,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--ac", choices=["none", "selective", "full"], default="none")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--float8", choices=["tensorwise", "rowwise"], help="float8 training (torchao): dtllama through "
+                   "parallelize's option, torchtitan by torchao's conversion of every linear but the head")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--loss-steps", type=int, default=20, help="steps whose losses are compared")

@@ -6,16 +6,17 @@ from .cp import apply_cp
 from .batch_check import agree_on_error, apply_batch_check
 from .dims import ParallelDims, valid_cp_degrees, valid_ep_degrees, valid_tp_degrees
 from .ep import apply_ep, balance_experts
+from .float8 import after_optimizer_step, apply_float8
 from .fsdp import apply_fsdp
 from .grad_clip import clip_grad_norm_
 from .mixed_precision import apply_mixed_precision
-from .options import CompileOptions, FSDPOptions
+from .options import CompileOptions, Float8Options, FSDPOptions
 from .parallelize import parallelize
 from .pp import SCHEDULES, Pipeline, PipelineOptions, check_options, pipeline_llm
 from .tp import apply_tp
 
 __all__ = [
-    "AC_MODES", "CompileOptions", "FSDPOptions", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
+    "AC_MODES", "CompileOptions", "FSDPOptions", "Float8Options", "after_optimizer_step", "apply_float8", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
     "balance_experts",
     "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_mixed_precision", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline", "SCHEDULES", "check_options",
     "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_ep_degrees", "valid_tp_degrees",

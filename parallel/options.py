@@ -34,3 +34,24 @@ class CompileOptions:
     """Per-block `torch.compile(fullgraph=True)`; `backend` is any torch.compile backend."""
 
     backend: str = "inductor"
+
+
+@dataclass(frozen=True)
+class Float8Options:
+    """float8 training of the decoder layers' linears through torchao (`dtllama.parallel.float8`).
+
+    recipe: "tensorwise" (one dynamic scale per tensor: the fastest, float8 all-gathers) or "rowwise" (a scale
+      per row: closer to bf16, weights all-gathered in the parameter dtype).
+    fsdp_all_gather: FSDP2 all-gathers the weights in float8 (half the bytes of bf16); tensor-wise only. None:
+      on for tensor-wise scales, off for row-wise.
+    precompute_scales: with float8 all-gathers, the weights' scales for the next step in one all-reduce after
+      each optimizer step (`float8.after_optimizer_step`) instead of one per weight in forward.
+    """
+
+    recipe: str = "tensorwise"
+    fsdp_all_gather: bool | None = None
+    precompute_scales: bool = True
+
+    @property
+    def float8_all_gather(self) -> bool:
+        return self.recipe == "tensorwise" if self.fsdp_all_gather is None else self.fsdp_all_gather

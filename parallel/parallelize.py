@@ -13,9 +13,10 @@ from .compile import apply_compile
 from .cp import apply_cp, cp_batch_check
 from .dims import ParallelDims
 from .ep import apply_ep, routed_experts, shard_experts
+from .float8 import apply_float8
 from .fsdp import apply_fsdp
 from .mixed_precision import apply_mixed_precision, supports_casts
-from .options import CompileOptions, FSDPOptions
+from .options import CompileOptions, Float8Options, FSDPOptions
 from .tp import apply_tp
 
 
@@ -28,8 +29,9 @@ def parallelize(
     compile: bool | CompileOptions = False,
     fsdp: FSDPOptions | None = None,
     param_dtype: torch.dtype | None = None,
+    float8: Float8Options | None = None,
 ) -> torch.nn.Module:
-    """Apply TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
+    """Apply float8 (the decoder linears, through torchao) -> TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
     experts first, over `efsdp`; where a model that casts at use has no data parallelism, mixed precision by
     casts instead) -> batch check, in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm`
     calls it per stage); returns the model.
@@ -37,7 +39,8 @@ def parallelize(
     `dims` must have built its meshes (`dims.build_mesh()`); `compile=True` means `CompileOptions()`. `mesh` and
     `param_dtype` are deprecated spellings kept for the shared side-by-side benchmark, which calls
     `parallelize(model, dims, mesh, param_dtype=...)`: the mesh must be the one `dims` built, and `param_dtype`
-    means `fsdp=FSDPOptions(param_dtype=...)` (a DeprecationWarning says so). Build the
+    means `fsdp=FSDPOptions(param_dtype=...)` (a DeprecationWarning says so). `float8`: the decoder layers'
+    linears compute in float8 (`Float8Options`; call `float8.after_optimizer_step(model)` after each step). Build the
     model on the meta device, call this, then `to_empty(device=...)` and `init_weights` (or load a checkpoint): no
     rank ever holds the whole model (`init_weights` builds one full parameter at a time on the host and keeps this
     rank's slice). What each parallelism touches, the model says through its protocol (`dtllama.models.protocol`).
@@ -45,6 +48,8 @@ def parallelize(
     fsdp, compile = _options(dims, mesh, fsdp, param_dtype, compile)
     dims.check_model(model.config, compile=compile is not None, ac=ac, device_type=dims.mesh("world").device_type,
                      cpu_offload=fsdp.cpu_offload)
+    if float8 is not None:
+        apply_float8(model, float8, dims.mesh("world").device_type)
     if dims.tp_enabled:
         apply_tp(model, dims.mesh("tp"))
     if dims.ep_enabled:

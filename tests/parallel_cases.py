@@ -19,7 +19,10 @@ from dtllama.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3ForValue
 from dtllama.models.qwen3_moe import Qwen3MoeConfig
 from dtllama.models.llama import hf_name
 from dtllama.ops import IGNORE_INDEX, cu_seqlens_from_lengths, pad_to_multiple
-from dtllama.parallel import CompileOptions, ParallelDims, balance_experts, clip_grad_norm_, parallelize
+from dtllama.parallel import (
+    CompileOptions, Float8Options, ParallelDims, after_optimizer_step, apply_float8, balance_experts, clip_grad_norm_,
+    parallelize,
+)
 
 ENTROPY_WEIGHT = 0.01
 LR = 1e-2
@@ -133,15 +136,18 @@ def step(model, loss, pp_mesh=None):
     # eps near 1e-6, inside the 1e-5 tolerance, while real gradients (0.1 - 10) still dominate the step.
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=1e-2, weight_decay=0.1, foreach=False)
     opt.step()
+    after_optimizer_step(model)  # float8 all-gathers: the next step's weight scales (a no-op otherwise)
     params = {}
     for n, p in model.named_parameters():
         params[hf_name(n)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
     return grads, params, float(norm)
 
 
-def reference(config_dict: dict, seqs, labels_list, seed: int, value: bool):
+def reference(config_dict: dict, seqs, labels_list, seed: int, value: bool, float8: str | None = None):
     config = model_config(config_dict)
     model = build(config, value)
+    if float8 is not None:  # the single-device float8 model: torchao's linears, no layout
+        apply_float8(model, Float8Options(float8), "cpu")
     model.init_weights(seed)
     n_global = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels_list)
     loss, outs = objective(model, seqs, labels_list, value, max(n_global, 1), 1)
@@ -160,8 +166,9 @@ def placements(model) -> dict[str, tuple]:
 
 
 def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, value: bool, ac: str = "none",
-             compile_backend: str | None = None):
-    """On every rank: parallelize a meta-device model, init, forward/backward/AdamW on this rank's share.
+             compile_backend: str | None = None, float8: str | None = None):
+    """On every rank: parallelize a meta-device model, init, forward/backward/AdamW on this rank's share (`float8`:
+    the decoder linears in float8 with this recipe).
 
     `compile_backend`: compile each block with it (the pool's dynamo caches are reset first: every
     example is a new model, and a full recompile cache would silently fall back to eager)."""
@@ -178,7 +185,7 @@ def run_rank(config_dict: dict, layout: dict, seqs, labels_list, seed: int, valu
     if compile_backend is not None:
         torch._dynamo.reset()
         compile = CompileOptions(backend=compile_backend)
-    parallelize(model, dims, ac=ac, compile=compile)
+    parallelize(model, dims, ac=ac, compile=compile, float8=None if float8 is None else Float8Options(float8))
     model.to_empty(device="cpu")
     model.init_weights(seed)
     place = placements(model)  # before forward: FSDP keeps some groups unsharded after it

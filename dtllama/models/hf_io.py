@@ -107,11 +107,30 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32):
 def hf_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict less the training state HF has no field for (the MoE balancing bias: `moe.MoEBlock`):
     the tensors an HF checkpoint holds, routed experts still stacked."""
-    state = model.state_dict()
+    state = {k: plain_tensor(v) for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
         if isinstance(module, MoEBlock):
             state.pop(_state_prefix(name) + "expert_bias", None)
     return state
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` without a wrapper subclass around its data (torchao's float8 training weights wrap the parameter's
+    tensor), a DTensor's local tensor unwrapped alike: what safetensors writes, on the same storage, so a load into
+    it lands in the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        local = t.to_local()
+        inner = plain_tensor(local)
+        return t if inner is local else DTensor.from_local(inner, t.device_mesh, t.placements, run_check=False,
+                                                           shape=t.shape, stride=t.stride())
+    while type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        if len(names) != 1:
+            break
+        t = getattr(t, names[0])
+    return t
 
 
 def _state_prefix(module_name: str) -> str:

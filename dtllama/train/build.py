@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dtllama.models.hf_io import load_state_into
-from dtllama.parallel import FSDPOptions, ParallelDims, parallelize
+from dtllama.parallel import Float8Options, FSDPOptions, ParallelDims, parallelize
 from dtllama.parallel.pp import Pipeline, PipelineOptions, check_options, pipeline_llm
 from dtllama.train.config import Layout
 from dtllama.train.runner import PipelineRunner, WholeRunner
@@ -88,14 +88,16 @@ def build_model(cls: type, config, dims: ParallelDims, layout: Layout, device: t
     with torch.device("meta"):
         model = cls(config)
     fsdp = FSDPOptions(param_dtype=param_dtype)
+    float8 = None if layout.float8 is None else Float8Options(layout.float8)
     if dims.pp_enabled:
         if pipeline is None:
             raise ValueError(f"{dims} has pp > 1: pass pipeline=pipeline_options(...)")
-        pipe = pipeline_llm(model, dims, pipeline, device, ac=layout.ac, compile=layout.compile, fsdp=fsdp)
+        pipe = pipeline_llm(model, dims, pipeline, device, ac=layout.ac, compile=layout.compile, fsdp=fsdp,
+                            float8=float8)
         pipe.to_empty(device)
         built = Built(pipe.model, PipelineRunner(pipe, dims), pipe)
     else:
-        parallelize(model, dims, ac=layout.ac, compile=layout.compile, fsdp=fsdp)
+        parallelize(model, dims, ac=layout.ac, compile=layout.compile, fsdp=fsdp, float8=float8)
         model.to_empty(device=device)
         built = Built(model, WholeRunner(model, dims))
     if source is None:

@@ -50,7 +50,8 @@ class ModelSource:
 
 @dataclass
 class Layout:
-    """How the model runs on the ranks: parallel degrees, pipeline schedule, activation checkpointing, compile."""
+    """How the model runs on the ranks: parallel degrees, pipeline schedule, activation checkpointing, compile,
+    float8."""
 
     dp_replicate: int = opt(1, "HSDP replicas")
     dp_shard: int = opt(-1, "FSDP degree; -1: the ranks left over by the other degrees")
@@ -64,6 +65,8 @@ class Layout:
                                               "share of a step)")
     ac: str = opt("none", "activation checkpointing per layer", choices=list(AC_MODES))
     compile: bool = opt(False, "torch.compile each decoder layer (fullgraph)")
+    float8: str | None = opt(None, "float8 matmuls in the decoder layers' linears (torchao: pip install "
+                                   "'dtllama[fp8]'), tensor-wise or row-wise scales", choices=["tensorwise", "rowwise"])
 
     def dims(self) -> ParallelDims:
         return ParallelDims(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp,

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dtllama.ops import CrossEntropy, Packed, cu_seqlens_from_lengths, pad_to_multiple
-from dtllama.parallel import ParallelDims, balance_experts, clip_grad_norm_
+from dtllama.parallel import ParallelDims, after_optimizer_step, balance_experts, clip_grad_norm_
 from dtllama.parallel.pp import Pipeline
 from dtllama.train.checkpoint import Checkpointer, TrainState, check_compatible
 from dtllama.train.config import Checkpointing, Optim, Training
@@ -107,6 +107,8 @@ def train_step(model, opt, sched, batch: list[Example], dims: ParallelDims, fill
     reported = reported / dp_mesh.size()
     dist.all_reduce(reported, group=dp_mesh.get_group())
     stepped = step_if_finite(opt, sched, float(reported), grad_norm, optim.on_nonfinite)
+    if stepped:
+        after_optimizer_step(model)  # float8 all-gathers: the next step's weight scales, in one all-reduce
     balance_experts(model, dims, update=stepped)
     return dict(loss=float(reported), grad_norm=grad_norm, skipped=not stepped, **router.metrics())
 

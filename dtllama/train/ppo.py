@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import dtllama
 from dtllama.ops import Packed, cu_seqlens_from_lengths, pad_to_multiple, shift_labels
-from dtllama.parallel import ParallelDims, balance_experts, clip_grad_norm_
+from dtllama.parallel import ParallelDims, after_optimizer_step, balance_experts, clip_grad_norm_
 from dtllama.parallel.pp import PipelineOptions
 from dtllama.train import rl
 from dtllama.train.build import build_model
@@ -292,6 +292,7 @@ def ppo_update(roll: Rollout, models: ActorCritic, ppo: PPO, dims: ParallelDims)
             clip_grad_norm_(run.parameters(), 1.0, pp_mesh=dims.mesh("pp"))
             opt_.step()
             opt_.zero_grad()
+            after_optimizer_step(run.model)
             balance_experts(run.model, dims)
         dist.all_reduce(row, group=dims.mesh("batch").get_group())  # each term is a partial sum of the global mean
         rows.append(row.tolist())
