@@ -35,6 +35,7 @@ import torch.distributed as dist
 SHAPES = {  # dim, layers, heads, kv heads, ffn, vocab: Llama-3.2-1B (untied) and Llama-3.1-8B
     "1b": (2048, 16, 32, 8, 8192, 128256),
     "8b": (4096, 32, 32, 8, 14336, 128256),
+    "3b": (3072, 28, 24, 8, 8192, 128256),
     "tiny": (256, 4, 8, 2, 512, 2048),
 }
 PEAK_TFLOPS = 989.0
@@ -145,7 +146,7 @@ def build_titan(a, world, device):
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 
     dim, L, H, KV, F, V = SHAPES[a.shape]
-    mult = {8192: 1.5, 14336: 1.3, 512: None}[F]
+    mult = 1.0 if dim == 3072 else {8192: 1.5, 14336: 1.3, 512: None}[F]
     args = TransformerModelArgs(dim=dim, n_layers=L, n_heads=H, n_kv_heads=KV, vocab_size=V, rope_theta=500000,
                                 ffn_dim_multiplier=mult, multiple_of=1024 if F == 14336 else 256, max_seq_len=a.seq)
     jc = JobConfig()

@@ -25,6 +25,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dtllama.compat import VARLEN_ATTN_PARAMS, causal_varlen_attn
 
@@ -220,7 +221,9 @@ def varlen_attention(
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     used = _used_options(q, scale, window, softcap, sinks)
-    equal_lengths = q.shape[0] == (cu_seqlens.shape[0] - 1) * int(max_seqlen)  # shapes only: no device sync
+    # Shapes only, no device sync; under compile with a dynamic T, only where the shapes prove it (a guess would bake
+    # one batch's [B, S] into the graph, and the next T would not fit its view).
+    equal_lengths = statically_known_true(q.shape[0] == (cu_seqlens.shape[0] - 1) * int(max_seqlen))
     needs = frozenset(used) | ({"_dv"} if q.shape[-1] != v.shape[-1] else set())  # "_dv": MLA's own value dim
     name, why = _choose(q.device, q.dtype, q.shape[-1], equal_lengths, backend, needs)
     if not torch.compiler.is_compiling():

@@ -70,7 +70,9 @@ def apply_float8(model: nn.Module, options: Float8Options, device_type: str) -> 
     if not names:
         raise ValueError(f"no decoder linear of this {model.config.model_type} model has both dimensions a multiple "
                          "of 16, which float8 matmuls need: drop float8")
-    config = f8.Float8LinearConfig.from_recipe_name(options.recipe)
+    # Packed batches have any number of tokens T, the inner dim of the weight-gradient matmul, which float8 GPU
+    # matmuls take in multiples of 16 only: torchao pads it there (a copy only when T is not one).
+    config = dataclasses.replace(f8.Float8LinearConfig.from_recipe_name(options.recipe), pad_inner_dim=True)
     if options.recipe == "tensorwise":
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=options.float8_all_gather)
     f8.convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in names)
