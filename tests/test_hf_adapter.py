@@ -330,7 +330,7 @@ def test_vl_model_matches_transformers_packed_and_padded(tmp_path):
     assert any(n.startswith("visual.") and p.grad.abs().max() > 0 for n, p in ours.named_parameters())
 
 
-def test_vl_images_are_checked_and_videos_refused():
+def test_vl_images_are_checked_against_their_tokens():
     ours = HFCausalLM(HFConfig(vl_cases.hf_vl_config()))
     ours.init_weights(0)
     seqs, _ = vl_cases.random_batch(1)
@@ -348,6 +348,9 @@ def test_vl_images_are_checked_and_videos_refused():
         text(torch.tensor([1, 2, 3]), cu_seqlens=torch.tensor([0, 3]), **media)
     with pytest.raises(ValueError, match="no classification head for vision-language models"):
         HFValue(HFConfig(vl_cases.hf_vl_config()))
+    wide = dict(vl_cases.TEXT, hidden_size=64)  # head_dim 16: mRoPE's 4 rotary pairs no longer cover it
+    with pytest.raises(ValueError, match="mrope_section=\\[1, 1, 2\\] covers 8 rotary dims, but head_dim is 16"):
+        HFCausalLM(HFConfig(vl_cases.hf_vl_config(text_config=wide)))
 
 
 def test_vl_export_loads_in_transformers_with_equal_logits(tmp_path):

@@ -313,6 +313,11 @@ def _check_config(config: HFConfig) -> None:
     if getattr(config.text, "attention_chunk_size", None):
         raise ValueError(f"config field attention_chunk_size={config.text.attention_chunk_size} (chunked attention) "
                          "is not supported by the Hugging Face adapter")
+    rope = getattr(config.text, "rope_parameters", None) or getattr(config.text, "rope_scaling", None) or {}
+    section = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if section is not None and 2 * sum(section) != config.head_dim:  # transformers fails in a split, unnamed
+        raise ValueError(f"mrope_section={section} covers {2 * sum(section)} rotary dims, but head_dim is "
+                         f"{config.head_dim}: the sections (temporal, height, width) must sum to head_dim / 2")
 
 
 def adapt_decoder(decoder: nn.Module, config: HFConfig) -> dict[str, str]:
