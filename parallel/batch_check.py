@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from dtllama.models.blocks import MEDIA
 from dtllama.ops import prepare_batch
 
 
@@ -51,7 +52,7 @@ def apply_batch_check(model: nn.Module, mesh: DeviceMesh,
         try:
             prepare_batch(a["input_ids"], vocab_size, a.get("position_ids"), a.get("cu_seqlens"), a.get("max_seqlen"),
                           a.get("labels"), a.get("attention_mask"))
-            model.check_media(a["input_ids"], {k: a.get(k) for k in ("pixel_values", "image_grid_thw")})
+            model.check_media(a["input_ids"], {k: a.get(k) for k in MEDIA})
             for check in layout_checks:
                 check(a)
         except Exception as e:  # noqa: BLE001 - any failure of this rank's batch must reach its peers

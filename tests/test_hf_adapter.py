@@ -143,7 +143,8 @@ def test_what_the_adapter_cannot_honour_is_refused_by_name():
             ("qwen3", dict(pp=2), "pp=2 is not available.*pipeline"),
             ("qwen3", dict(tp=4), "tp=4 does not fit .*num_key_value_heads=2")]:
         with pytest.raises(ValueError, match=message):
-            ParallelDims(**degree, dp_shard=1).resolve(degree.get("tp", 1) * degree.get("pp", 1), HFConfig(hf_config(family)))
+            world = degree.get("tp", 1) * degree.get("pp", 1)
+            ParallelDims(**degree, dp_shard=1).resolve(world, HFConfig(hf_config(family)))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -291,18 +292,19 @@ def hf_vl_model(seed: int):
 
 def padded(seqs, left: list[bool]):
     """The sequences as a `[B, S]` batch and mask, rows right- or left-padded."""
-    S = max(len(s) for s, _, _ in seqs)
+    S = max(len(s[0]) for s in seqs)
     ids, mask = torch.zeros(len(seqs), S, dtype=torch.long), torch.zeros(len(seqs), S, dtype=torch.bool)
-    for b, (s, _, _) in enumerate(seqs):
+    for b, (s, *_) in enumerate(seqs):
         cols = slice(S - len(s), S) if left[b] else slice(0, len(s))
         ids[b, cols], mask[b, cols] = s, True
     return ids, mask
 
 
 def test_vl_model_matches_transformers_packed_and_padded(tmp_path):
-    """Qwen2.5-VL saved by transformers, loaded through the adapter: a padded batch of text and images (two images,
-    in two of four rows, mixed padding sides) gives transformers' logits; packed, its log-probs, entropy and the
-    gradients of every parameter (the vision tower's too) within TOL."""
+    """Qwen2.5-VL saved by transformers, loaded through the adapter: a padded batch of text, images and a video (two
+    images and a video of 2 temporal patches, in three of five rows, mixed padding sides) gives transformers'
+    logits; packed, its log-probs, entropy and the gradients of every parameter (the vision tower's too) within
+    TOL."""
     seed = int(torch.randint(0, 2**16, ()))
     hf = hf_vl_model(seed)
     hf.save_pretrained(tmp_path)
@@ -311,9 +313,8 @@ def test_vl_model_matches_transformers_packed_and_padded(tmp_path):
         "model", "visual", "lm_head"}  # the names of the checkpoint's files
     seqs, _ = vl_cases.random_batch(seed)
     media = vl_cases.images(seqs)
-    ids, mask = padded(seqs, left=[False, True, True, False])
-    ref = hf(input_ids=ids, attention_mask=mask.long(), mm_token_type_ids=(ids == vl_cases.IMAGE).int(),
-             **media).logits
+    ids, mask = padded(seqs, left=[False, True, True, False, True])
+    ref = hf(input_ids=ids, attention_mask=mask.long(), mm_token_type_ids=vl_cases.token_types(ids), **media).logits
     with torch.no_grad():
         assert rel_err(ours(ids, attention_mask=mask, **media).logits[mask], ref[mask].detach()) <= TOL
     p = pack(ids, mask)
@@ -334,7 +335,7 @@ def test_vl_images_are_checked_against_their_tokens():
     ours = HFCausalLM(HFConfig(vl_cases.hf_vl_config()))
     ours.init_weights(0)
     seqs, _ = vl_cases.random_batch(1)
-    ids, media = torch.cat([s for s, _, _ in seqs]), vl_cases.images(seqs)
+    ids, media = torch.cat([s[0] for s in seqs[:4]]), vl_cases.images(seqs[:4])  # the images alone
     cu = torch.tensor([0, len(ids)])
     with pytest.raises(ValueError, match="hold 6 image tokens .* but no pixel_values"):
         ours(ids, cu_seqlens=cu)
@@ -343,6 +344,12 @@ def test_vl_images_are_checked_against_their_tokens():
     with pytest.raises(ValueError, match="hold 5 image tokens .* give 6 features"):
         first = int((ids == vl_cases.IMAGE).nonzero()[0])
         ours(torch.cat([ids[:first], ids[first + 1:]]), cu_seqlens=cu - torch.tensor([0, 1]), **media)
+    video = vl_cases.images(seqs[4:])
+    ids, cu = seqs[4][0], torch.tensor([0, len(seqs[4][0])])
+    with pytest.raises(ValueError, match="hold 8 video tokens .* but no pixel_values_videos"):
+        ours(ids, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="second_per_grid_ts of shape \\(2,\\): one per video of video_grid_thw"):
+        ours(ids, cu_seqlens=cu, **dict(video, second_per_grid_ts=torch.ones(2)))
     text = HFCausalLM(HFConfig(hf_config("qwen3")))
     with pytest.raises(ValueError, match="has no vision tower: drop \\['image_grid_thw', 'pixel_values'\\]"):
         text(torch.tensor([1, 2, 3]), cu_seqlens=torch.tensor([0, 3]), **media)
@@ -362,7 +369,7 @@ def test_vl_export_loads_in_transformers_with_equal_logits(tmp_path):
     seqs, _ = vl_cases.random_batch(3)
     ids, mask = padded(seqs[:1], left=[False])
     with torch.no_grad():
-        theirs = hf(input_ids=ids, mm_token_type_ids=(ids == vl_cases.IMAGE).int(), **vl_cases.images(seqs[:1]))
+        theirs = hf(input_ids=ids, mm_token_type_ids=vl_cases.token_types(ids), **vl_cases.images(seqs[:1]))
         assert rel_err(ours(ids, **vl_cases.images(seqs[:1])).logits, theirs.logits) <= TOL
 
 
@@ -375,11 +382,11 @@ def test_vl_layouts_match_single_device(world, layout):
     seed = int(torch.randint(0, 2**16, ()))
     seqs, labels = vl_cases.random_batch(seed)
     if "dp_shard" in layout:  # rank 1's sequences (1 and 3) are text only
-        assert all(seqs[i][1] is None for i in (1, 3))
+        assert all(seqs[i][1] is None for i in (1, 3))  # (0, 2, 4: two images and the video on rank 0)
     layout = dict(layout, dp_shard=layout.get("dp_shard", -1))
     results = get_pool(world).run(vl_cases.run_rank, layout, seqs, labels, seed)
     outs, grads, params, norm = vl_cases.reference(seqs, labels, seed)
-    lengths = [len(s) for s, _, _ in seqs]
+    lengths = [len(s[0]) for s in seqs]
     ref = {k: v.split(lengths) for k, v in outs.items()}
     grad_floor = 0.1 * max(float(g.abs().max()) for g in grads.values())
     param_floor = max(float(p.abs().max()) for p in params.values())

@@ -27,20 +27,23 @@ def hf_vl_config(**overrides):
     return transformers.Qwen2_5_VLConfig(**{**d, **overrides})
 
 
-def sample(g: torch.Generator, n_before: int, n_after: int, grid: tuple[int, int, int] | None):
-    """One sequence: text, then (with `grid`) an image's start token, its t*h*w/4 image tokens and end token, then
-    text; returns (ids, the image's pixels or None, its grid row or None)."""
+def sample(g: torch.Generator, n_before: int, n_after: int, grid: tuple[int, int, int] | None, kind: str | None):
+    """One sequence: text, then (an `image` or `video` of `grid`) its start token, its t*h*w/4 tokens and end token,
+    then text; returns (ids, the item's pixels or None, its grid row or None, kind)."""
     text = lambda n: torch.randint(3, 99, (n,), generator=g)  # noqa: E731
     if grid is None:
-        return torch.cat([text(n_before), text(n_after)]), None, None
+        return torch.cat([text(n_before), text(n_after)]), None, None, None
     t, h, w = grid
-    image = torch.full((t * h * w // 4,), IMAGE)
-    ids = torch.cat([text(n_before), torch.tensor([START]), image, torch.tensor([END]), text(n_after)])
-    return ids, torch.randn(t * h * w, PIXEL_WIDTH, generator=g), torch.tensor([grid])
+    tokens = torch.full((t * h * w // 4,), IMAGE if kind == "image" else VIDEO)
+    ids = torch.cat([text(n_before), torch.tensor([START]), tokens, torch.tensor([END]), text(n_after)])
+    return ids, torch.randn(t * h * w, PIXEL_WIDTH, generator=g), torch.tensor([grid]), kind
 
 
-# A 4x4-patch image (4 tokens), a text-only sequence, a 2x4-patch image (2 tokens) late in its sequence, text.
-SEQUENCES = [(3, 5, (1, 4, 4)), (6, 3, None), (9, 2, (1, 2, 4)), (4, 1, None)]
+# A 4x4-patch image (4 tokens), a text-only sequence, a 2x4-patch image (2 tokens) late in its sequence, text, and a
+# video of 2 temporal patches of 4x4 (8 tokens).
+SEQUENCES = [(3, 5, (1, 4, 4), "image"), (6, 3, None, None), (9, 2, (1, 2, 4), "image"), (4, 1, None, None),
+             (2, 3, (2, 4, 4), "video")]
+SECONDS_PER_GRID = 0.5  # the video's seconds per temporal patch (spaces its temporal positions)
 
 
 def random_batch(seed: int):
@@ -48,7 +51,7 @@ def random_batch(seed: int):
     g = torch.Generator().manual_seed(seed)
     seqs = [sample(g, *s) for s in SEQUENCES]
     labels = []
-    for ids, _, _ in seqs:
+    for ids, *_ in seqs:
         lab = torch.cat([ids[1:], torch.tensor([IGNORE_INDEX])])
         lab[torch.rand(len(ids), generator=g) < 0.2] = IGNORE_INDEX
         labels.append(lab)
@@ -56,19 +59,29 @@ def random_batch(seed: int):
 
 
 def images(seqs) -> dict:
-    """`pixel_values`, `image_grid_thw` of the sequences' images, in order (none: empty)."""
-    pixels = [p for _, p, _ in seqs if p is not None]
-    if not pixels:
-        return {}
-    return dict(pixel_values=torch.cat(pixels), image_grid_thw=torch.cat([g for _, _, g in seqs if g is not None]))
+    """The forward's visual arguments for the sequences' images and videos, in order (none: empty)."""
+    out = {}
+    for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                               ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [(p, g) for _, p, g, k in seqs if k == kind]
+        if items:
+            out[pixels], out[grid] = torch.cat([p for p, _ in items]), torch.cat([g for _, g in items])
+    if "video_grid_thw" in out:
+        out["second_per_grid_ts"] = torch.full((out["video_grid_thw"].shape[0],), SECONDS_PER_GRID)
+    return out
+
+
+def token_types(ids: torch.Tensor) -> torch.Tensor:
+    """transformers' `mm_token_type_ids`: 0 text, 1 image, 2 video."""
+    return (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
 
 
 def objective(model, seqs, labels_list, n_global: int, dp: int, multiple: int = 1, cp_mesh=None):
     """Packed forward of `seqs` with their images: (loss scaled for FSDP's mean over dp, outputs of all tokens)."""
     from parallel_cases import ENTROPY_WEIGHT, cp_gather
 
-    ids, labels = torch.cat([s for s, _, _ in seqs]), torch.cat(labels_list)
-    p = pad_to_multiple(ids, cu_seqlens_from_lengths([len(s) for s, _, _ in seqs]), multiple, labels)
+    ids, labels = torch.cat([s[0] for s in seqs]), torch.cat(labels_list)
+    p = pad_to_multiple(ids, cu_seqlens_from_lengths([len(s[0]) for s in seqs]), multiple, labels)
     out = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen, labels=p.labels, **images(seqs))
     loss = -(out.logprobs.sum() + ENTROPY_WEIGHT * out.entropy.sum())
     T = ids.numel()

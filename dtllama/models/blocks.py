@@ -26,6 +26,10 @@ from dtllama.compat import local_shape_and_offset
 from dtllama.ops.logprobs import SAVE_BYTES
 
 
+# The causal LM's visual inputs, as transformers' VL processors name them (a VL model of the Hugging Face adapter).
+MEDIA = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
 def hf_name(name: str) -> str:
     """A parameter's HF name: without the prefixes wrappers add (activation checkpointing, compile)."""
     return name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
@@ -366,7 +370,7 @@ class PretrainedModel(nn.Module):
         return self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, None, None)[0]
 
     def check_media(self, input_ids: torch.Tensor, media: dict) -> None:
-        """Refuse images (`pixel_values`, `image_grid_thw`) for a model without a vision tower; a vision-language
+        """Refuse images and videos (`MEDIA`) for a model without a vision tower; a vision-language
         model checks them against its image tokens. The batch check runs it on every rank before any collective."""
         given = sorted(k for k, v in media.items() if v is not None)
         if given:
@@ -432,7 +436,8 @@ class CausalLM(PretrainedModel):
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None,
                 attention_mask=None, temperature: float | torch.Tensor = 1.0, chunk_size: int = 1024,
                 save_bytes: int | None = None, num_seqs=None, top_k: int | None = None, entropy: bool = True,
-                loss: CrossEntropy | None = None, pixel_values=None, image_grid_thw=None):
+                loss: CrossEntropy | None = None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                video_grid_thw=None, second_per_grid_ts=None):
         """Logits, or, given `labels`, per-token log-probs and entropy without full-vocab logits.
 
         `temperature`: one for the batch, or a tensor of one per sequence `[B]` (of `cu_seqlens`, or the rows of a
@@ -447,8 +452,9 @@ class CausalLM(PretrainedModel):
         `dtllama.ops.shift_labels`); `-100` marks positions to ignore (their outputs are 0). `save_bytes`: memory
         for logit rows kept from forward to backward (None: `LogprobsHead`'s 2 GiB; 0 recomputes them all). A
         pipeline stage (`stage` set) takes token ids or hidden states and a microbatch's `num_seqs`, and returns
-        tensors. `pixel_values`, `image_grid_thw`: the batch's images, in the order of their tokens, for a
-        vision-language model (Qwen2.5-VL through `dtllama.models.hf`), as its processor makes them.
+        tensors. `pixel_values`, `image_grid_thw` (and `pixel_values_videos`, `video_grid_thw`,
+        `second_per_grid_ts`): the batch's images (videos), in the order of their tokens, for a vision-language model
+        (Qwen2.5-VL through `dtllama.models.hf`), as its processor makes them.
         """
         if self.stage is not None:
             h, _ = self._stage_decode(input_ids, position_ids, cu_seqlens, num_seqs, max_seqlen)
@@ -456,7 +462,8 @@ class CausalLM(PretrainedModel):
             if self.model.norm is None:
                 return h
             return self.head(h, labels, io.temperature, io.chunk_size, io.save_bytes, io.entropy)
-        media = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        media = dict(zip(MEDIA, (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                 second_per_grid_ts)))
         h, aux, batch = self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask, media)
         extra = self.aux_outputs(aux)
         temperature = token_temperatures(temperature, batch.cu_seqlens)

@@ -363,7 +363,8 @@ class _Adapter:
         protocol styles; entries naming no module here (a dense MLP's in an MoE layer) are left out."""
         out = {}
         for pattern, style in (self.config.tp_plan or {}).items():
-            if pattern.startswith("layers.*.") != layer:
+            # A style dtllama does not map makes the config refuse tp (`parallel_limits`): never applied.
+            if pattern.startswith("layers.*.") != layer or style not in HF_TP_STYLES:
                 continue
             path = pattern.removeprefix("layers.*.")
             try:
@@ -401,7 +402,7 @@ class _Adapter:
         x, pos = batch.input_ids, batch.position_ids
         if self.config.vision:  # images scattered into the embeddings before CP slices them
             x = merge_images(self._vlm, self.model.embed_tokens(x), x, media)
-            pos = mrope_positions(self._vlm, batch.input_ids, pos, batch.cu_seqlens, media.get("image_grid_thw"))
+            pos = mrope_positions(self._vlm, batch.input_ids, pos, batch.cu_seqlens, media)
         x, pos, cu, m = self.decoder_inputs(x, pos, batch.cu_seqlens, batch.max_seqlen)
         m = int(m)
         tokens = dict(inputs_embeds=x[None]) if x.is_floating_point() else dict(input_ids=x[None])

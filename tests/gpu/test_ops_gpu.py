@@ -253,3 +253,19 @@ def test_fa4_custom_op_compiles_fullgraph_and_passes_opcheck():
     compiled = run(torch.compile(_fa4.fa4_varlen_attention, fullgraph=True))
     # The same kernels run in both; only the graph around them differs.
     assert max(rel(a, b) for a, b in zip(compiled, eager)) <= 1e-3
+
+
+def test_compiled_attention_takes_batches_of_any_token_count():
+    """Under torch.compile a new token count T retraces with T dynamic; the dense cuDNN path (equal lengths) must
+    then come only from shapes that prove it, not from the batch that was traced (the compiled recipe crashed on a
+    later batch: a `view` to the traced `[B, S]` of another T). Without FA4 and flash-attn, auto picks cuDNN for
+    the equal-length batches here."""
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    f = torch.compile(lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m))
+    for lengths in ([64] * 4, [100] * 3, [37, 200, 5], [128] * 2):
+        cu = cu_seqlens_from_lengths(lengths, device="cuda")
+        T = sum(lengths)
+        q, k, v = (torch.randn(T, h, 64, device="cuda", generator=g, dtype=torch.bfloat16) for h in (8, 2, 2))
+        ref = varlen_attention(q, k, v, cu, max(lengths))
+        assert fro(f(q, k, v, cu, max(lengths)), ref) <= TOL[torch.bfloat16], lengths
