@@ -16,8 +16,9 @@ from .pp import SCHEDULES, Pipeline, PipelineOptions, check_options, pipeline_ll
 from .tp import apply_tp
 
 __all__ = [
-    "AC_MODES", "CompileOptions", "FSDPOptions", "Float8Options", "after_optimizer_step", "apply_float8", "ParallelDims", "agree_on_error", "apply_ac", "apply_batch_check",
-    "balance_experts",
-    "apply_compile", "apply_cp", "apply_ep", "apply_fsdp", "apply_mixed_precision", "apply_tp", "clip_grad_norm_", "parallelize", "Pipeline", "SCHEDULES", "check_options",
-    "PipelineOptions", "pipeline_llm", "valid_cp_degrees", "valid_ep_degrees", "valid_tp_degrees",
+    "AC_MODES", "after_optimizer_step", "agree_on_error", "apply_ac", "apply_batch_check", "apply_compile",
+    "apply_cp", "apply_ep", "apply_float8", "apply_fsdp", "apply_mixed_precision", "apply_tp", "balance_experts",
+    "check_options", "clip_grad_norm_", "CompileOptions", "Float8Options", "FSDPOptions", "ParallelDims",
+    "parallelize", "Pipeline", "pipeline_llm", "PipelineOptions", "SCHEDULES", "valid_cp_degrees",
+    "valid_ep_degrees", "valid_tp_degrees",
 ]

@@ -50,9 +50,9 @@ def apply_batch_check(model: nn.Module, mesh: DeviceMesh,
         a = signature.bind(*args, **kwargs).arguments
         error = None
         try:
-            prepare_batch(a["input_ids"], vocab_size, a.get("position_ids"), a.get("cu_seqlens"), a.get("max_seqlen"),
-                          a.get("labels"), a.get("attention_mask"))
-            model.check_media(a["input_ids"], {k: a.get(k) for k in MEDIA})
+            batch = prepare_batch(a["input_ids"], vocab_size, a.get("position_ids"), a.get("cu_seqlens"),
+                                  a.get("max_seqlen"), a.get("labels"), a.get("attention_mask"))
+            model.check_media(batch.input_ids, batch.cu_seqlens, {k: a.get(k) for k in MEDIA})
             for check in layout_checks:
                 check(a)
         except Exception as e:  # noqa: BLE001 - any failure of this rank's batch must reach its peers

@@ -49,14 +49,20 @@ def check_float8(options: Float8Options, device_type: str) -> None:
     _torchao()
 
 
+def _expert_count(config) -> int | None:
+    return next((getattr(config, f) for f in ("num_local_experts", "num_experts", "n_routed_experts")
+                 if getattr(config, f, None)), None)
+
+
 def float8_linears(model: nn.Module) -> list[str]:
     """The module names that compute in float8: each decoder layer's `nn.Linear`s but its routers (the layer plan's
-    `Router` style), both dimensions multiples of 16 (what float8 matmuls take)."""
-    names = []
+    `Router` style, or a linear to one logit per expert: a transformers MoE's gate), both dimensions multiples of 16
+    (what float8 matmuls take)."""
+    names, experts = [], _expert_count(model.config)
     for key, layer in model.model.layers.items():
         routers = {path for path, style in model.layer_plan(layer).tp.items() if isinstance(style, P.Router)}
         for path, module in layer.named_modules():
-            if (isinstance(module, nn.Linear) and path not in routers
+            if (isinstance(module, nn.Linear) and path not in routers and module.out_features != experts
                     and module.in_features % 16 == 0 and module.out_features % 16 == 0):
                 names.append(f"model.layers.{key}.{path}")
     return names
@@ -76,6 +82,8 @@ def apply_float8(model: nn.Module, options: Float8Options, device_type: str) -> 
     if options.recipe == "tensorwise":
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=options.float8_all_gather)
     f8.convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in names)
+    for name in names:  # read back by `after_optimizer_step`, on the whole model or a pipeline rank's part of it
+        model.get_submodule(name).precompute_scales = options.float8_all_gather and options.precompute_scales
     model.float8 = options
     return model
 
@@ -83,10 +91,8 @@ def apply_float8(model: nn.Module, options: Float8Options, device_type: str) -> 
 def after_optimizer_step(model: nn.Module) -> None:
     """With float8 all-gathers: every float8 weight's scale for the next step, in one all-reduce of their amaxes
     (torchao's `precompute_float8_dynamic_scale_for_fsdp`); a no-op for any other model."""
-    for module in model.modules():  # the model, or each pipeline stage parallelize saw
-        options = getattr(module, "float8", None)
-        if isinstance(options, Float8Options) and options.float8_all_gather and options.precompute_scales:
-            _torchao().precompute_float8_dynamic_scale_for_fsdp(module)
+    if any(getattr(m, "precompute_scales", False) for m in model.modules()):  # the model, or a pipeline rank's part
+        _torchao().precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 __all__ = ["RECIPES", "after_optimizer_step", "apply_float8", "check_float8", "float8_linears"]

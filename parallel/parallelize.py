@@ -31,9 +31,9 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     float8: Float8Options | None = None,
 ) -> torch.nn.Module:
-    """Apply float8 (the decoder linears, through torchao) -> TP/SP -> EP -> Ulysses CP -> activation checkpointing -> per-block compile -> FSDP2/HSDP (routed
-    experts first, over `efsdp`; where a model that casts at use has no data parallelism, mixed precision by
-    casts instead) -> batch check, in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm`
+    """Apply float8 (the decoder linears, through torchao) -> TP/SP -> EP -> Ulysses CP -> activation checkpointing
+    -> per-block compile -> FSDP2/HSDP (routed experts first, over `efsdp`; where a model that casts at use has no
+    data parallelism, mixed precision by casts instead) -> batch check, in place, to a whole model or to one pipeline stage of it (`pp.pipeline_llm`
     calls it per stage); returns the model.
 
     `dims` must have built its meshes (`dims.build_mesh()`); `compile=True` means `CompileOptions()`. `mesh` and

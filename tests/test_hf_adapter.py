@@ -141,10 +141,12 @@ def test_what_the_adapter_cannot_honour_is_refused_by_name():
     for family, degree, message in [
             ("deepseek_v3", dict(tp=2), "tp=2 is not available.*base_model_tp_plan uses \\['mla_kv_a_proj'\\]"),
             ("qwen3", dict(pp=2), "pp=2 is not available.*pipeline"),
-            ("qwen3", dict(tp=4), "tp=4 does not fit .*num_key_value_heads=2")]:
+            ("qwen3", dict(tp=4), "tp=4 does not fit .*num_key_value_heads=2"),
+            ("phi3", dict(tp=2), "tp=2 is not available.*dropout \\{'resid_pdrop': 0.1\\} under tp")]:
         with pytest.raises(ValueError, match=message):
             world = degree.get("tp", 1) * degree.get("pp", 1)
-            ParallelDims(**degree, dp_shard=1).resolve(world, HFConfig(hf_config(family)))
+            extra = dict(resid_pdrop=0.1) if family == "phi3" else {}
+            ParallelDims(**degree, dp_shard=1).resolve(world, HFConfig(hf_config(family, **extra)))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -344,6 +346,13 @@ def test_vl_images_are_checked_against_their_tokens():
     with pytest.raises(ValueError, match="hold 5 image tokens .* give 6 features"):
         first = int((ids == vl_cases.IMAGE).nonzero()[0])
         ours(torch.cat([ids[:first], ids[first + 1:]]), cu_seqlens=cu - torch.tensor([0, 1]), **media)
+    inside = int((ids == vl_cases.IMAGE).nonzero()[1])  # between the first image's first two tokens
+    with pytest.raises(ValueError, match="tokens \\[0, %d\\) holds 1 tokens .* a cut through an image" % inside):
+        ours(ids, cu_seqlens=torch.tensor([0, inside, len(ids)]), **media)
+    with pytest.raises(ValueError, match="pixel_values was given without image_grid_thw"):
+        ours(ids, cu_seqlens=cu, pixel_values=media["pixel_values"])
+    with pytest.raises(ValueError, match="qwen2_vl is a vision-language model the adapter does not place images for"):
+        HFCausalLM(HFConfig(transformers.Qwen2VLConfig(text_config=vl_cases.TEXT, vision_config=dict(depth=1))))
     video = vl_cases.images(seqs[4:])
     ids, cu = seqs[4][0], torch.tensor([0, len(seqs[4][0])])
     with pytest.raises(ValueError, match="hold 8 video tokens .* but no pixel_values_videos"):

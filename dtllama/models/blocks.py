@@ -369,7 +369,7 @@ class PretrainedModel(nn.Module):
         for a trainer that applies its own loss head (the torchtitan integration)."""
         return self._decode(input_ids, position_ids, cu_seqlens, max_seqlen, None, None)[0]
 
-    def check_media(self, input_ids: torch.Tensor, media: dict) -> None:
+    def check_media(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, media: dict) -> None:
         """Refuse images and videos (`MEDIA`) for a model without a vision tower; a vision-language
         model checks them against its image tokens. The batch check runs it on every rank before any collective."""
         given = sorted(k for k, v in media.items() if v is not None)
@@ -379,9 +379,9 @@ class PretrainedModel(nn.Module):
 
     def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask, media=None):
         """Validate (and pack a padded batch), then run the decoder: `(hidden [T, H], aux, the packed batch)`."""
-        self.check_media(input_ids, media or {})
         batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
                               attention_mask)
+        self.check_media(batch.input_ids, batch.cu_seqlens, media or {})
         h, aux = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return h, aux, batch
 

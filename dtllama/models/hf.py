@@ -53,6 +53,8 @@ HF_TP_STYLES = {
     "rowwise_split_input": P.RowwiseOfFull(), "replicated_with_grad_allreduce": P.HeadNorm(),
     "embedding_rowwise": P.VocabEmbeddingReplicated(),
 }
+# Vision-language families whose visual inputs `hf_vl` places (tested against transformers).
+VISION_MODEL_TYPES = ("qwen2_5_vl",)
 # Submodule class names of token mixers that are not attention.
 _NOT_ATTENTION = re.compile(r"Mamba|GatedDeltaNet|LinearAttention|ShortConv|Conv1d|RWKV|Lightning", re.I)
 
@@ -102,12 +104,17 @@ class HFConfig:
         """The layouts this model refuses, with the reason: pp, ep, and tp where transformers has no plan for it."""
         plan, limits = self.tp_plan, dict(self.LIMITS)
         unknown = sorted({style for style in (plan or {}).values() if style not in HF_TP_STYLES})
+        nested = sorted(k for k in plan or {} if "*" in k.removeprefix("layers.*."))
+        dropout = {k: v for k, v in self.text.to_dict().items()
+                   if (k.endswith("dropout") or k.endswith("pdrop")) and isinstance(v, (int, float)) and v}
         if not plan:
             limits["tp"] = (f"transformers has no tensor-parallel plan (base_model_tp_plan) for {self.model_type}; "
                             "use dp_shard / cp, or a native family")
-        elif unknown:
-            limits["tp"] = (f"{self.model_type}'s base_model_tp_plan uses {unknown}, which dtllama does not map "
-                            f"(it maps {sorted(HF_TP_STYLES)}); use dp_shard / cp")
+        elif unknown or nested:
+            limits["tp"] = (f"{self.model_type}'s base_model_tp_plan uses {unknown or nested}, which dtllama does not "
+                            f"map (it maps {sorted(HF_TP_STYLES)} on `layers.*.` paths); use dp_shard / cp")
+        elif dropout:  # each TP rank would drop other elements of the replicated residual stream
+            limits["tp"] = f"dropout {dropout} under tp (the residual stream is replicated): set them to 0"
         return limits
 
     @property
@@ -301,6 +308,10 @@ def _attention_path(layer: nn.Module, index: str, config: HFConfig) -> str:
 
 def _check_config(config: HFConfig) -> None:
     """Refuse by name what the fused head or the packed attention would not honour."""
+    if config.vision and config.model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"{config.model_type} is a vision-language model the adapter does not place images for "
+                         f"(it runs {list(VISION_MODEL_TYPES)}; Qwen3-VL's deepstack features, for one, would be "
+                         "dropped); train its text model, or use another trainer for it")
     for field, neutral in LOGIT_FIELDS.items():
         v = getattr(config.text, field, neutral)
         if v is not None and v != neutral:
@@ -389,16 +400,16 @@ class _Adapter:
     def cut(self, *args, **kwargs):
         raise ValueError(f"pipeline stages of {self.config.model_type}: {HFConfig.LIMITS['pp']}")
 
-    def check_media(self, input_ids: torch.Tensor, media: dict) -> None:
+    def check_media(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, media: dict) -> None:
         if not self.config.vision:
-            return super().check_media(input_ids, media)
-        check_images(self._vlm, input_ids, media)
+            return super().check_media(input_ids, cu_seqlens, media)
+        check_images(self._vlm, input_ids, cu_seqlens, media)
 
     def _decode(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels, attention_mask, media=None):
         media = media or {}
         batch = prepare_batch(input_ids, self.config.vocab_size, position_ids, cu_seqlens, max_seqlen, labels,
                               attention_mask)
-        self.check_media(batch.input_ids, media)
+        self.check_media(batch.input_ids, batch.cu_seqlens, media)
         x, pos = batch.input_ids, batch.position_ids
         if self.config.vision:  # images scattered into the embeddings before CP slices them
             x = merge_images(self._vlm, self.model.embed_tokens(x), x, media)

@@ -126,10 +126,11 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
         return t if inner is local else DTensor.from_local(inner, t.device_mesh, t.placements, run_check=False,
                                                            shape=t.shape, stride=t.stride())
     while type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        if len(names) != 1:
+        names, _ = t.__tensor_flatten__()  # the data, and maybe more (a precomputed float8 scale)
+        inner = next((getattr(t, n) for n in names if getattr(t, n).shape == t.shape), None)
+        if inner is None:
             break
-        t = getattr(t, names[0])
+        t = inner
     return t
 
 

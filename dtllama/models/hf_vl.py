@@ -44,7 +44,8 @@ def _check_kind(vlm, input_ids: torch.Tensor, media: dict, kind: Kind) -> None:
     token = getattr(vlm.config, kind.token)
     n_tokens = int((input_ids == token).sum())
     if (pixels is None) != (grid is None):
-        raise ValueError(f"{kind.pixels} and {kind.grid} come together (as the processor makes them); got one")
+        given, missing = (kind.pixels, kind.grid) if grid is None else (kind.grid, kind.pixels)
+        raise ValueError(f"{given} was given without {missing}: pass both, as the processor makes them")
     if pixels is None:
         if n_tokens:
             raise ValueError(f"input_ids hold {n_tokens} {kind.token.removesuffix('_token_id')} tokens (id {token}) "
@@ -61,15 +62,17 @@ def _check_kind(vlm, input_ids: torch.Tensor, media: dict, kind: Kind) -> None:
                          f"{kind.pixels} give {n_features} features; each item needs t*h*w/merge^2 tokens")
 
 
-def check_images(vlm, input_ids: torch.Tensor, media: dict) -> None:
+def check_images(vlm, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, media: dict) -> None:
     """Refuse what the model cannot place: pixels without grids, a grid whose patches are not the pixels' rows,
-    image or video tokens in `input_ids` that are not the features' count, a `second_per_grid_ts` not one per video."""
+    image or video tokens in `input_ids` that are not the features' count, a `second_per_grid_ts` not one per video,
+    a sequence of `cu_seqlens` that cuts through an image or a video."""
     for kind in KINDS:
         _check_kind(vlm, input_ids, media, kind)
     seconds, videos = media.get("second_per_grid_ts"), media.get("video_grid_thw")
     if seconds is not None and (videos is None or seconds.shape != (videos.shape[0],)):
         raise ValueError(f"second_per_grid_ts of shape {tuple(seconds.shape)}: one per video of video_grid_thw "
                          f"({0 if videos is None else videos.shape[0]})")
+    items_per_sequence(vlm, input_ids, cu_seqlens, media)
 
 
 def _features(vlm, kind: Kind, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -104,24 +107,25 @@ def _rows_of(per_item: list[int], first: int, n: int, span: str) -> int:
         count, k = count + per_item[k], k + 1
     if count != n:
         raise ValueError(f"the sequence at tokens {span} holds {n} tokens of images or videos that do not end at an "
-                         f"item's last ({per_item} tokens per item): a cut through an image or a video")
+                         f"item's last ({per_item} tokens per item): a cut through an image or a video; cut the "
+                         "packed batch between sequences only, each item's tokens whole in one")
     return k
 
 
-def mrope_positions(vlm, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                    media: dict) -> torch.Tensor:
-    """`[3, T]` mRoPE positions: a sequence without images or videos keeps its positions on all three rows; one
-    with them gets transformers' `get_rope_index` of it alone, with its own grid rows (and video seconds)."""
-    out = position_ids.expand(3, -1).clone()
-    kinds = [kind for kind in KINDS if media.get(kind.grid) is not None]
-    if not kinds:
-        return out
+def _token_types(vlm, input_ids: torch.Tensor) -> torch.Tensor:
     types = torch.zeros_like(input_ids, dtype=torch.int32)
     for kind in KINDS:
         types[input_ids == getattr(vlm.config, kind.token)] = kind.type_id
+    return types
+
+
+def items_per_sequence(vlm, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, media: dict) -> list[dict]:
+    """For each sequence of `cu_seqlens`, the `get_rope_index` arguments of its own images and videos (their grid
+    rows, the videos' seconds), or {} for a text-only sequence; a ValueError where a sequence cuts through one."""
+    kinds = [kind for kind in KINDS if media.get(kind.grid) is not None]
+    types = _token_types(vlm, input_ids)
     per_item = {kind: _tokens_per_item(vlm, media[kind.grid]).tolist() for kind in kinds}
-    next_item = dict.fromkeys(kinds, 0)
-    wants_types = "mm_token_type_ids" in inspect.signature(vlm.get_rope_index).parameters
+    next_item, out = dict.fromkeys(kinds, 0), []
     bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         kwargs = {}
@@ -132,6 +136,21 @@ def mrope_positions(vlm, input_ids: torch.Tensor, position_ids: torch.Tensor, cu
                 kwargs[kind.grid] = media[kind.grid][first:next_item[kind]]
                 if kind.type_id == 2 and media.get("second_per_grid_ts") is not None:
                     kwargs["second_per_grid_ts"] = media["second_per_grid_ts"][first:next_item[kind]]
+        out.append(kwargs)
+    return out
+
+
+def mrope_positions(vlm, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                    media: dict) -> torch.Tensor:
+    """`[3, T]` mRoPE positions: a sequence without images or videos keeps its positions on all three rows; one
+    with them gets transformers' `get_rope_index` of it alone, with its own grid rows (and video seconds)."""
+    out = position_ids.expand(3, -1).clone()
+    if all(media.get(kind.grid) is None for kind in KINDS):
+        return out
+    types = _token_types(vlm, input_ids)
+    wants_types = "mm_token_type_ids" in inspect.signature(vlm.get_rope_index).parameters
+    bounds = cu_seqlens.tolist()
+    for s, e, kwargs in zip(bounds[:-1], bounds[1:], items_per_sequence(vlm, input_ids, cu_seqlens, media)):
         if not kwargs:
             continue
         if wants_types:  # transformers 5.2x: token types (0 text, 1 image, 2 video) instead of vision-start tokens
@@ -140,4 +159,4 @@ def mrope_positions(vlm, input_ids: torch.Tensor, position_ids: torch.Tensor, cu
     return out
 
 
-__all__ = ["KINDS", "MEDIA", "check_images", "merge_images", "mrope_positions"]
+__all__ = ["KINDS", "MEDIA", "check_images", "items_per_sequence", "merge_images", "mrope_positions"]

@@ -13,7 +13,9 @@
   sharing the modules of `model`, whose forward is a pipeline stage's when `stage` is given;
 - `model.balanced_moe()`: the MoE blocks that balance by bias (`moe.MoEBlock`), whose counts `balance_experts`
   sums over ranks after each step;
-- `config.tp_widths()`: the SwiGLU widths TP splits, by field name (for the error naming valid degrees).
+- `config.tp_widths()`: the SwiGLU widths TP splits, by field name (for the error naming valid degrees);
+- `model.check_media(input_ids, cu_seqlens, media)`: the batch check's test of a batch's images and videos (a
+  model without a vision tower refuses any; `blocks.PretrainedModel` has it).
 
 The TP styles are plain descriptions (the model knows no mesh); `parallel/tp.py` maps each to a torch
 `ParallelStyle`. A new family declares these in its own file and needs no edit under `parallel/`.
