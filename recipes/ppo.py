@@ -127,6 +127,7 @@ def main(argv=None):
     if ckpt is not None:
         ckpt.wait()
     metrics.close()
+    watchdog.close()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -88,6 +88,7 @@ def main(argv=None):
     log(f"trained steps {start + 1}-{t.steps}: {tokens_seen} tokens in {elapsed:.1f} s "
         f"({tokens_seen / max(elapsed, 1e-9):.0f} tokens/s)")
     export(cfg, model, source, log)
+    watchdog.close()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -43,21 +43,29 @@ class Watchdog:
         self.timeout, self.interval, self.current = timeout, min(interval, timeout / 4), 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.store, self._lock = None, threading.Lock()
+        self.store, self._lock, self._stop, self._thread = None, threading.Lock(), threading.Event(), None
         self.attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if dist.is_initialized() and "MASTER_ADDR" in os.environ:
             self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                        timeout=dist.constants.default_pg_timeout)
             self._beat()
-            threading.Thread(target=self._beats, daemon=True, name="dtllama-heartbeat").start()
+            self._thread = threading.Thread(target=self._beats, daemon=True, name="dtllama-heartbeat")
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the heartbeat and drop the store connection, before the process group goes: a daemon thread still
+        inside a store call while the interpreter finalizes can abort the process at exit."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.interval + 5)
+        self._thread, self.store = None, None
 
     def _beat(self) -> None:
         with self._lock:  # the step's own beat and the thread's share one connection
             self.store.set(_KEY.format(attempt=self.attempt, rank=self.rank), f"{time.time()} {self.current}")
 
     def _beats(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self._stop.wait(self.interval):
             try:
                 self._beat()
             except Exception:  # noqa: BLE001 - the store went away: the job is ending
