@@ -84,7 +84,6 @@ def apply_float8(model: nn.Module, options: Float8Options, device_type: str) -> 
     f8.convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in names)
     for name in names:  # read back by `after_optimizer_step`, on the whole model or a pipeline rank's part of it
         model.get_submodule(name).precompute_scales = options.float8_all_gather and options.precompute_scales
-    model.float8 = options
     return model
 
 
